@@ -1,0 +1,89 @@
+"""`python train.py fit --config configs/cifar.yaml`: LightningCLI with uncdiff's run layout.
+
+A run lives in `trainer.default_root_dir` (the configs set it): checkpoints in `checkpoints/`,
+W&B files in `wandb/`, sample grids in `samples/`, and each invocation's full config as
+`config-<time>.yaml`. A new `fit` into a directory that already holds checkpoints is refused
+(resume with `--ckpt_path last` or pick another directory), so nothing is overwritten.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_args(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
+    """Let `--config cifar.yaml` name a file in configs/ when no such path exists here."""
+    out, expect = [], False
+    for arg in argv:
+        if expect or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if arg.startswith("--config=") else arg
+            if not Path(value).exists() and (config_dir / value).exists():
+                value = str(config_dir / value)
+            arg = f"--config={value}" if arg.startswith("--config=") else value
+        expect = arg == "--config"
+        out.append(arg)
+    return out
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes this invocation's config next to the run (never over an earlier one) and logs it."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams({"config": self.config.as_dict()})
+
+
+class UncdiffCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("save_config_kwargs", {"config_filename": f"config-{stamp}.yaml"})
+        kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Point the logger and checkpoints into the run directory unless set explicitly."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or "runs/default"
+        config.trainer.default_root_dir = root
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if hasattr(logger, "init_args") and "save_dir" in logger.init_args and logger.init_args.save_dir in (None, "."):
+                logger.init_args.save_dir = root
+        for callback in config.trainer.callbacks or []:
+            if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = str(Path(root) / "checkpoints")
+
+    def before_fit(self) -> None:
+        refuse_to_overwrite(self.trainer.checkpoint_callbacks, self.config.fit.get("ckpt_path"))
+
+
+def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:
+    """A fresh fit must not write over an earlier run's checkpoints."""
+    if ckpt_path is not None:
+        return
+    for callback in checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
+            existing = sorted(Path(callback.dirpath).glob("*.ckpt"))
+            if existing:
+                raise SystemExit(
+                    f"error: {callback.dirpath} already holds checkpoints of an earlier run "
+                    f"({existing[0].name}, ...). Resume it with --ckpt_path last, or start a new run "
+                    f"in another directory with --trainer.default_root_dir.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from uncdiff.module import DiffusionModule
+    from lightning.pytorch import LightningDataModule
+
+    if argv is None:  # rewrite sys.argv itself: LightningCLI warns when given both
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        argv = resolve_config_args(argv)
+    UncdiffCLI(DiffusionModule, LightningDataModule, subclass_mode_data=True, args=argv)

@@ -1,0 +1,171 @@
+"""Data modules: the scikit-learn digits (quickstart, offline) and CIFAR-10 (torchvision).
+
+Images are kept as uint8 `[N, C, H, W]` tensors and turned into floats in [-1, 1] on the device.
+Shuffling and sharding over DDP ranks is done by `ResumableSampler`, whose order is a function of
+(seed, epoch) and which can skip the part of an epoch a checkpoint had already trained on: that
+is what makes `--ckpt_path last` continue exactly, even from the middle of an epoch.
+"""
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled (or ordered) indices, split into equal disjoint shards, one per DDP rank.
+
+    The permutation of epoch e comes from a generator seeded with (seed, e). `skip` drops the
+    first indices of one epoch's shard (used once, when resuming mid-epoch).
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+        self.resume_epoch, self.resume_skip = -1, 0
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        skip = self.resume_skip if self.epoch == self.resume_epoch else 0
+        return max(self.size // world - skip, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._world()
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        per_rank = self.size // world
+        shard = order[rank * per_rank:(rank + 1) * per_rank]
+        if self.epoch == self.resume_epoch:
+            shard = shard[self.resume_skip:]
+        return iter(shard.tolist())
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared loading logic; subclasses fill `self.train_set` / `self.val_set` in `setup`.
+
+    `batch_size` is per process (Lightning's convention): with N GPUs the global batch is N times it.
+    """
+
+    train_set: Dataset
+    val_set: Dataset
+
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._resume: Optional[dict] = None
+
+    def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("uncdiff shards data itself: set trainer.use_distributed_sampler: false "
+                             "(train.py does this by default)")
+        sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=True)
+        if self._resume is not None:
+            sampler.resume_epoch = self._resume["epoch"]
+            sampler.resume_skip = self._resume["batches"] * self.batch_size
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, ResumableSampler(len(self.val_set), shuffle=False))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        return images.float() / 127.5 - 1.0, labels
+
+    def state_dict(self) -> dict:
+        """Where in the epoch training is: the next run skips the batches already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        return {"epoch": trainer.current_epoch,
+                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
+
+
+def to_uint8_images(images: torch.Tensor, size: int, max_value: float) -> torch.Tensor:
+    """Float `[N, C, h, w]` in [0, max_value] -> uint8 `[N, C, size, size]` (bilinear resize)."""
+    x = images.float() / max_value
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class DigitsDataModule(ImageDataModule):
+    """The 1797 8x8 handwritten digits that ship with scikit-learn, resized to `image_size`
+    (one channel). A fixed 10% is held out for validation. Needs no download."""
+
+    def __init__(self, image_size: int = 16, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 val_fraction: float = 0.1):
+        super().__init__(batch_size, num_workers, seed)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.image_size, self.val_fraction = image_size, val_fraction
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = to_uint8_images(torch.from_numpy(digits.images)[:, None], self.image_size, 16.0)
+        labels = torch.from_numpy(digits.target).long()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        n_val = max(int(len(images) * self.val_fraction), self.batch_size)
+        val, train = order[:n_val], order[n_val:]
+        self.train_set = TensorDataset(images[train], labels[train])
+        self.val_set = TensorDataset(images[val], labels[val])
+
+
+CIFAR_HELP = (
+    "CIFAR-10 is not in {root} and could not be downloaded ({error}). Download "
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on a machine with internet and "
+    "either put the .tar.gz file in {root}/ or extract it so that {root}/cifar-10-batches-py/ "
+    "holds data_batch_1..5 and test_batch; then run again (or set data.init_args.root)."
+)
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 through torchvision (downloaded to `root` on first use); test split for validation."""
+
+    def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 4, seed: int = 0,
+                 download: bool = True):
+        super().__init__(batch_size, num_workers, seed)
+        self.root, self.download = Path(root), download
+
+    def _dataset(self, train: bool, download: bool):
+        from torchvision.datasets import CIFAR10
+
+        try:
+            return CIFAR10(str(self.root), train=train, download=download)
+        except Exception as error:  # torchvision raises URLError / RuntimeError / OSError
+            raise FileNotFoundError(CIFAR_HELP.format(root=self.root, error=error)) from error
+
+    def prepare_data(self) -> None:
+        self._dataset(train=True, download=self.download)  # rank 0 only: download once
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        for name, train in (("train_set", True), ("val_set", False)):
+            ds = self._dataset(train=train, download=False)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            setattr(self, name, TensorDataset(images, torch.tensor(ds.targets)))

@@ -1,0 +1,139 @@
+"""The LightningModule: DDPM training (spec §1) with an EMA copy used for all sampling."""
+
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+from ema_pytorch import EMA
+
+from uncdiff.samplers import make_sampler, sample
+from uncdiff.schedule import NoiseSchedule
+from uncdiff.unet import UNet
+
+MAX_RANKS = 2**12
+MAX_STEPS = 2**28
+
+
+def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
+    """One RNG seed per (run seed, optimizer step, micro-batch, rank): training randomness is a
+    function of where the run is, not of its history, so a resumed run repeats it exactly."""
+    return ((seed * MAX_STEPS + step) * 4096 + batch_idx % 4096) * MAX_RANKS + rank
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains `UNet` to predict the noise of the DDPM forward process.
+
+    Args (the U-Net's are passed to `UNet`): `lr`/`warmup_steps` give Adam with linear warm-up;
+    `ema_*` configure ema-pytorch (decay, warm-up power, update cadence); `random_flip`
+    flips images horizontally on the device; `seed` fixes all training randomness per step.
+    `sampler`, `sample_steps` configure `sample()`'s defaults.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        base_channels: int = 128,
+        channel_mults: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        lr: float = 2e-4,
+        warmup_steps: int = 5000,
+        ema_decay: float = 0.9999,
+        ema_warmup_power: float = 1.0,
+        ema_update_every: int = 1,
+        random_flip: bool = True,
+        seed: int = 0,
+        sampler: str = "ddim",
+        sample_steps: int = 50,
+    ):
+        super().__init__()
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if lr <= 0 or warmup_steps < 0:
+            raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {lr}, {warmup_steps}")
+        self.save_hyperparameters()
+        self.net = UNet(image_size, in_channels, base_channels, channel_mults, num_res_blocks,
+                        attn_resolutions, dropout)
+        self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
+        make_sampler(self.schedule, sampler, steps=sample_steps)  # fail now on a bad sampler option
+        # include_online_model=False: the checkpoint holds the online weights once, under `net`.
+        self.ema = EMA(self.net, beta=ema_decay, power=ema_warmup_power, update_every=ema_update_every,
+                       update_after_step=0, include_online_model=False, use_foreach=True)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+    def diffusion_loss(self, net, x0: torch.Tensor) -> torch.Tensor:
+        """`mean((eps_theta(x_t, t) - eps)^2)`, t ~ U{0..T-1}, from the current global RNG."""
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        return (net(self.schedule.q_sample(x0, t, eps), t) - eps).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank))
+        if self.hparams.random_flip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        loss = self.diffusion_loss(self.net, x0)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with torch.random.fork_rng(devices=[x0.device] if x0.is_cuda else []):
+            torch.manual_seed(batch_idx)  # the same (t, eps) every validation: comparable losses
+            loss = self.diffusion_loss(self.ema.ema_model, x0)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # clip_grad_norm_ returns the pre-clip norm: logging it costs nothing extra.
+        max_norm = float("inf") if gradient_clip_val is None else gradient_clip_val
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError("only gradient_clip_algorithm='norm' is supported")
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
+        self.log("train/grad_norm", norm)
+
+    def on_train_start(self):
+        self._ema_step = self.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step != self._ema_step:  # once per optimizer step, not per micro-batch
+            self.ema.update()
+            self._ema_step = self.global_step
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        warmup = max(self.hparams.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def ema_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The EMA network in eval mode as a plain `eps_model(x, t)`."""
+        model = self.ema.ema_model
+        was_training = model.training
+        model.eval()
+        try:
+            return model(x, t)
+        finally:
+            model.train(was_training)
+
+    def sample(self, n: int, seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None,
+               batch_size: int = 256, progress: bool = False, **sampler_kwargs) -> torch.Tensor:
+        """`n` EMA samples in [-1, 1], `[n, C, H, W]`; sample i uses seed `seed + i`."""
+        sampler = make_sampler(self.schedule, sampler or self.hparams.sampler,
+                               steps=steps or self.hparams.sample_steps, **sampler_kwargs)
+        seeds = list(range(seed, seed + n))
+        out = [sample(self.ema_eps, sampler, self.image_shape, seeds[i:i + batch_size], device=self.device,
+                      progress=progress) for i in range(0, n, batch_size)]
+        return torch.cat(out)

@@ -1,0 +1,196 @@
+"""DDPM ancestral and DDIM samplers over a plain `eps_model(x, t)` callable (spec §2).
+
+A sampler is a descending list of training timesteps plus a pure `step(eps, t, t_prev, x_t,
+noise)`. The noise prediction is made by `sample()`, outside the step, and passed through an
+optional `hook(ctx) -> eps` first: that is where uncertainty estimation and guidance inspect or
+replace `eps` without knowing which sampler runs.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from uncdiff.schedule import NoiseSchedule
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SPACINGS = ("uniform", "quadratic")
+DDPM_VARIANCES = ("beta_tilde", "beta")
+MAX_SEED = 2**32
+
+
+class SampleNoise:
+    """Per-sample random streams: sample i with seed s draws the same numbers whatever the
+    batch it is in, the device, or the process that generates it.
+
+    Each named stream (`"sampler"`, `"uncertainty"`, ...) is independent, so an estimator that
+    draws perturbations never shifts the sampler's noise (estimation alone can't change images).
+    Numbers come from CPU generators and are moved to the target device.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        seeds = [int(s) for s in seeds]
+        bad = [s for s in seeds if not 0 <= s < MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must lie in [0, 2**32), got {bad[:3]}")
+        self.seeds = seeds
+        self.device = torch.device(device)
+        self._streams: dict[str, list[torch.Generator]] = {}
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def randn(self, shape: Sequence[int], stream: str = "sampler") -> torch.Tensor:
+        """Standard normal `[B, *shape]`, row b drawn from sample b's own generator."""
+        if stream not in self._streams:
+            offset = MAX_SEED * (len(self._streams) + 1)  # distinct, stable seed per stream
+            self._streams[stream] = [torch.Generator().manual_seed(s + offset) for s in self.seeds]
+        rows = [torch.randn(tuple(shape), generator=g) for g in self._streams[stream]]
+        return torch.stack(rows).to(self.device)
+
+    def initial(self, shape: Sequence[int]) -> torch.Tensor:
+        """x_T for every sample, from a stream of its own (`[B, *shape]`)."""
+        rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in self.seeds]
+        return torch.stack(rows).to(self.device)
+
+
+class Sampler(Protocol):
+    schedule: NoiseSchedule
+    timesteps: list[int]
+    clip: bool
+    stochastic: bool
+
+    def step(self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
+             noise: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int,
+               clip: bool) -> torch.Tensor:
+    """Clean-image estimate `(x_t - sqrt(1 - abar[t]) eps) / sqrt(abar[t])`, optionally clipped."""
+    a = schedule.abar_at(t)
+    x0 = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """`steps` training timesteps, descending. `uniform`: floor(i T / S); `quadratic`:
+    floor(linspace(0, sqrt(0.8 T), S)^2), both as in Song et al.'s DDIM code."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if spacing == "uniform":
+        ts = [i * num_timesteps // steps for i in range(steps)]
+    elif spacing == "quadratic":
+        ts = [int(v) for v in torch.linspace(0, (0.8 * num_timesteps) ** 0.5, steps, dtype=torch.float64) ** 2]
+        if len(set(ts)) != steps:
+            raise ValueError(f"quadratic spacing repeats timesteps at {steps} steps; use fewer steps or 'uniform'")
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return ts[::-1]
+
+
+class DDPMSampler:
+    """Ancestral sampling (Ho et al.), respaced uniformly when `steps < T`.
+
+    Step from t to t_prev with `beta = 1 - abar[t] / abar[t_prev]`: posterior mean of
+    q(x_{t_prev} | x_t, x0_hat) plus noise of variance `beta_tilde` (default) or `beta`.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: Optional[int] = None,
+                 variance: str = "beta_tilde", clip: bool = True):
+        if variance not in DDPM_VARIANCES:
+            raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
+        self.schedule = schedule
+        self.timesteps = spaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
+        self.variance = variance
+        self.clip = clip
+        self.stochastic = True
+
+    def step(self, eps, t, t_prev, x_t, noise=None):
+        a_t, a_prev = self.schedule.abar_at(t), self.schedule.abar_at(t_prev)
+        beta = 1 - a_t / a_prev
+        x0 = predict_x0(self.schedule, x_t, eps, t, self.clip)
+        mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x_t
+        if t_prev < 0:
+            return mean
+        var = beta * (1 - a_prev) / (1 - a_t) if self.variance == "beta_tilde" else beta
+        return mean + var**0.5 * noise
+
+
+class DDIMSampler:
+    """DDIM (Song et al.): `x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z`,
+    `sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')`.
+
+    With clipping, eps is re-derived from the clipped x0 so that the step stays on the line
+    through x_t and x0 (as in guided-diffusion).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0,
+                 spacing: str = "uniform", clip: bool = True):
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.schedule = schedule
+        self.timesteps = spaced_timesteps(schedule.num_timesteps, steps, spacing)
+        self.eta = eta
+        self.clip = clip
+        self.stochastic = eta > 0
+
+    def step(self, eps, t, t_prev, x_t, noise=None):
+        a_t, a_prev = self.schedule.abar_at(t), self.schedule.abar_at(t_prev)
+        x0 = predict_x0(self.schedule, x_t, eps, t, self.clip)
+        if self.clip:
+            eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        return x_prev + sigma * noise if sigma > 0 else x_prev
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
+def make_sampler(schedule: NoiseSchedule, name: str = "ddim", **kwargs) -> Sampler:
+    """Build a sampler by name ('ddpm' or 'ddim'); kwargs go to its constructor."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name](schedule, **kwargs)
+
+
+@dataclass
+class StepContext:
+    """What a hook sees before sampler step `index` (of `num_steps`) takes x_t from t to t_prev."""
+
+    index: int
+    num_steps: int
+    t: int
+    t_prev: int
+    x_t: torch.Tensor  # [B, C, H, W]
+    eps: torch.Tensor  # [B, C, H, W], the network's prediction at (x_t, t)
+    eps_model: EpsModel
+    sampler: Sampler
+    noise: SampleNoise
+
+
+Hook = Callable[[StepContext], torch.Tensor]
+
+
+@torch.no_grad()
+def sample(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
+           hook: Optional[Hook] = None, device: torch.device | str = "cpu",
+           progress: bool = False) -> torch.Tensor:
+    """Run `sampler` from x_T ~ N(0, I) for one image per seed; returns x_0 `[len(seeds), *shape]`.
+
+    `eps_model(x [B, C, H, W], t [B] long) -> eps [B, C, H, W]`. `hook(ctx) -> eps` may replace
+    the prediction before each step (it runs under no_grad; enable grad inside if needed).
+    """
+    noise = SampleNoise(seeds, device)
+    x = noise.initial(shape)
+    steps = sampler.timesteps
+    pairs = list(zip(steps, steps[1:] + [-1]))
+    for i, (t, t_prev) in enumerate(tqdm(pairs, desc="sampling", disable=not progress, leave=False)):
+        t_batch = torch.full((len(noise),), t, device=x.device, dtype=torch.long)
+        eps = eps_model(x, t_batch)
+        if hook is not None:
+            eps = hook(StepContext(i, len(pairs), t, t_prev, x, eps, eps_model, sampler, noise))
+        z = noise.randn(shape) if sampler.stochastic and t_prev >= 0 else None
+        x = sampler.step(eps, t, t_prev, x, z)
+    return x
