@@ -6,6 +6,7 @@ Shuffling and sharding over DDP ranks is done by `ResumableSampler`, whose order
 is what makes `--ckpt_path last` continue exactly, even from the middle of an epoch.
 """
 
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -13,6 +14,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+# Lightning warns about mid-epoch resumes unless the DataLoader itself is stateful; ours skips the
+# trained part of the epoch through the datamodule's state instead (see ImageDataModule.state_dict).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ResumableSampler(Sampler[int]):

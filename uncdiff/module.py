@@ -103,13 +103,11 @@ class DiffusionModule(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         self.log("train/grad_norm", norm)
 
-    def on_train_start(self):
-        self._ema_step = self.global_step
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.global_step != self._ema_step:  # once per optimizer step, not per micro-batch
-            self.ema.update()
-            self._ema_step = self.global_step
+    def optimizer_step(self, *args, **kwargs):
+        # Here, not in on_train_batch_end: ModelCheckpoint saves in its on_train_batch_end, which
+        # runs before the module's, and must see this step's EMA update.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update()
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
