@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import lightning as L
 import torch
-from ema_pytorch import EMA
+import ema_pytorch
 
 from uncdiff.samplers import make_sampler, sample
 from uncdiff.schedule import NoiseSchedule
@@ -12,6 +12,14 @@ from uncdiff.unet import UNet
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
+
+
+class EMA(ema_pytorch.EMA):
+    """ema-pytorch's EMA, made picklable (ddp_spawn, deepcopy): its `__new__` requires `model`,
+    which unpickling doesn't pass."""
+
+    def __new__(cls, model=None, *args, **kwargs):
+        return torch.nn.Module.__new__(cls)
 
 
 def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:

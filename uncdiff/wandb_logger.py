@@ -13,7 +13,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def has_api_key(host: str) -> bool:
@@ -66,3 +66,11 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(save_dir=save_dir, project=project, name=name, id=id, offline=offline,
                          log_model=log_model and not offline, tags=tags, group=group, entity=entity,
                          notes=notes)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Close the run, so a later fit in the same process (a notebook, a test) gets its own."""
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish()
+            self._experiment = None

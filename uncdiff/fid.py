@@ -1,0 +1,337 @@
+"""FID (spec/algorithms.md §6): feature extractors, cached real-data statistics, and an evaluator.
+
+The Fréchet distance itself, its DDP-synced sums and the "keep the real statistics across resets"
+logic are torchmetrics' `FrechetInceptionDistance`; this file only supplies what it lacks here:
+
+- feature extractors that take uint8-free float images in [-1, 1] and carry a `name` that is
+  recorded with every FID: `InceptionFeatures` (the standard torch-fidelity Inception-v3 pool3,
+  2048-d, for CIFAR-10) and `ClassifierFeatures` (a small CNN trained once on a small labelled
+  dataset such as the quickstart digits, where Inception features mean little);
+- caches on disk, so the expensive parts run once:
+    <cache_dir>/fid_classifiers/<dataset>-classifier-<hash>.pt   trained classifier (state dict)
+    <cache_dir>/fid_stats/<dataset>-<extractor name>.pt          real-feature sums (torchmetrics states)
+- `FIDEvaluator` (fake images in, float out, usable under DDP) and `fid_between(a, b, extractor)`.
+
+Images everywhere are float `[B, C, H, W]` in [-1, 1], C = 1 or 3.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+ImageBatches = Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]]
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    """Write then rename, so a concurrent reader (another rank, another run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_images(images: Tensor) -> None:
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"expected float images [B, C, H, W] in [-1, 1], got {images.dtype} {tuple(images.shape)}")
+
+
+# --------------------------------------------------------------------------------------- Inception
+
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+
+INCEPTION_HELP = (
+    "The FID Inception-v3 weights {problem}. Download {url} on a machine with internet and either "
+    "put it at {hub} (torch hub's cache, used when no path is given) or anywhere you like and pass "
+    "its path as `weights_path` (make_extractor('inception', weights_path=...))."
+)
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool3 features `[B, 2048]` with the torch-fidelity weights (the TF FID network
+    converted to PyTorch): the standard extractor for CIFAR-10 FID, via torchmetrics' wrapper.
+
+    `weights_path` loads a local copy of `weights-inception-2015-12-05-6726825d.pth`; without it the
+    file is taken from torch hub's cache, downloading it there if missing. `antialias=False` keeps
+    torch-fidelity's TF1-compatible 299x299 resize, so numbers are comparable with published FIDs.
+    """
+
+    num_features = 2048  # torchmetrics reads this instead of probing with a dummy image
+
+    def __init__(self, weights_path: Optional[str] = None, antialias: bool = False):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(INCEPTION_HELP.format(problem=f"are not at weights_path={weights_path!r}",
+                                                          url=INCEPTION_URL, hub=hub))
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=weights_path, antialias=antialias)
+        except Exception as error:  # URLError, HTTPError, OSError, a corrupt file...
+            where = f"could not be loaded from {weights_path!r}" if weights_path else f"are not in {hub} and could not be downloaded"
+            raise FileNotFoundError(INCEPTION_HELP.format(problem=f"{where} ({error})", url=INCEPTION_URL, hub=hub)) from error
+        self.name = "inception-v3-pool3" + ("-antialias" if antialias else "")
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        return super().train(False)  # a fixed feature extractor: never leaves eval mode
+
+    def forward(self, images: Tensor) -> Tensor:
+        """`[B, C, H, W]` in [-1, 1] -> `[B, 2048]`. Quantised to uint8 like a saved PNG; grey -> RGB."""
+        _check_images(images)
+        x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x)
+
+
+# ------------------------------------------------------------------------------ small classifier
+
+def _digits(image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from uncdiff.data import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=image_size)
+    dm.setup()
+    (train_x, train_y), (val_x, val_y) = dm.train_set.tensors, dm.val_set.tensors
+    to_float = lambda x, y: dm.on_after_batch_transfer((x, y), 0)  # the data module's own [-1, 1] scaling
+    return (*to_float(train_x, train_y), *to_float(val_x, val_y))
+
+
+# name -> image_size -> (train images, train labels, held-out images, held-out labels)
+LABELLED_DATASETS: dict[str, Callable[[int], tuple[Tensor, Tensor, Tensor, Tensor]]] = {"digits": _digits}
+
+
+def _classifier(in_channels: int, width: int, feature_dim: int, num_classes: int) -> nn.Sequential:
+    """conv x2 -> pool -> conv x2 -> pool to 4x4 -> `feature_dim` (penultimate, the FID features) -> logits."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
+        nn.Linear(feature_dim, num_classes),
+    )
+
+
+def train_classifier(settings: dict) -> dict:
+    """Train the classifier described by `settings` on CPU, deterministically (seeded init and
+    batch order, global RNG untouched). Returns a checkpoint dict: state dict, settings, held-out
+    accuracy and training seconds."""
+    s = settings
+    train_x, train_y, val_x, val_y = LABELLED_DATASETS[s["dataset"]](s["image_size"])
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s["seed"])
+        net = _classifier(train_x.shape[1], s["width"], s["feature_dim"], num_classes)
+        optimizer = torch.optim.Adam(net.parameters(), lr=s["lr"])
+        order_rng = torch.Generator().manual_seed(s["seed"])
+        for _ in range(s["epochs"]):
+            for batch in torch.randperm(len(train_x), generator=order_rng).split(s["batch_size"]):
+                loss = F.cross_entropy(net(train_x[batch]), train_y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    with torch.no_grad():
+        accuracy = (net(val_x).argmax(1) == val_y).float().mean().item()
+    return {"state_dict": net.state_dict(), "settings": dict(s), "num_classes": num_classes,
+            "in_channels": train_x.shape[1], "val_accuracy": accuracy, "val_size": len(val_x),
+            "train_seconds": time.perf_counter() - start}
+
+
+class ClassifierFeatures(nn.Module):
+    """Penultimate-layer features `[B, feature_dim]` of a small CNN trained on a labelled dataset
+    (for FID on small datasets such as the 16x16 digits). Trained once per settings and cached at
+    `<cache_dir>/fid_classifiers/<name>.pt`, `name = <dataset>-classifier-<hash of settings>`;
+    later constructions load it. `trained_now` says which happened; `val_accuracy` is its accuracy
+    on the dataset's held-out split."""
+
+    def __init__(self, dataset: str = "digits", image_size: int = 16, cache_dir: str = "cache", epochs: int = 15,
+                 lr: float = 1e-3, batch_size: int = 64, width: int = 32, feature_dim: int = 128, seed: int = 0):
+        super().__init__()
+        if dataset not in LABELLED_DATASETS:
+            raise ValueError(f"no labelled dataset {dataset!r} to train a classifier on; known: {sorted(LABELLED_DATASETS)}")
+        settings = dict(dataset=dataset, image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size,
+                        width=width, feature_dim=feature_dim, seed=seed, version=1)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.name = f"{dataset}-classifier-{digest}"
+        self.path = Path(cache_dir) / "fid_classifiers" / f"{self.name}.pt"
+
+        self.trained_now = False
+        if _world()[0] == 0 and not self.path.is_file():
+            _atomic_save(train_classifier(settings), self.path)
+            self.trained_now = True
+        _barrier()  # other ranks wait for rank 0's file
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+
+        self.image_size, self.num_features = image_size, feature_dim
+        self.val_accuracy, self.train_seconds = checkpoint["val_accuracy"], checkpoint["train_seconds"]
+        net = _classifier(checkpoint["in_channels"], width, feature_dim, checkpoint["num_classes"])
+        net.load_state_dict(checkpoint["state_dict"])
+        self.features, self.head = net[:-1], net[-1]
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ClassifierFeatures":
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """`[B, C, S, S]` in [-1, 1] (S = image_size) -> `[B, feature_dim]`."""
+        _check_images(images)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"{self.name} was trained on {self.image_size}x{self.image_size} images, "
+                             f"got {tuple(images.shape[-2:])}")
+        return self.features(images)
+
+
+# -------------------------------------------------------------------------------------- factory
+
+EXTRACTORS: dict[str, Callable[..., nn.Module]] = {
+    "inception": InceptionFeatures,
+    "digits-classifier": lambda **options: ClassifierFeatures(dataset="digits", **options),
+}
+
+
+def make_extractor(name: str, **options) -> nn.Module:
+    """'inception' (options: weights_path, antialias) or 'digits-classifier' (ClassifierFeatures'
+    options: cache_dir, image_size, epochs, ...). The result has `.name` and `.num_features`."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown FID feature extractor {name!r}; choose one of {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name](**options)
+
+
+# ------------------------------------------------------------------------- real statistics cache
+
+def _metric(extractor: nn.Module, **metric_kwargs) -> FrechetInceptionDistance:
+    # normalize=True: the extractor takes float images (torchmetrics only uses it to type its probe)
+    return FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=True, **metric_kwargs)
+
+
+def stats_path(cache_dir: str, dataset: str, extractor_name: str) -> Path:
+    """`<cache_dir>/fid_stats/<dataset>-<extractor name>.pt`."""
+    for part in (dataset, extractor_name):
+        if not re.fullmatch(r"[\w.+-]+", part):
+            raise ValueError(f"{part!r} cannot be part of a file name (use letters, digits, '.', '+', '-', '_')")
+    return Path(cache_dir) / "fid_stats" / f"{dataset}-{extractor_name}.pt"
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
+
+
+def compute_real_stats(extractor: nn.Module, real_images: Iterable[Tensor]) -> dict[str, Tensor]:
+    """torchmetrics' real-feature states (feature sum, sum of outer products, count; float64) over
+    all batches of `real_images` (float `[B, C, H, W]` in [-1, 1])."""
+    metric = _metric(extractor).to(_device(extractor))
+    for batch in real_images:
+        metric.update(batch.to(_device(extractor)), real=True)
+    return {k: getattr(metric, k).cpu() for k in REAL_STATES}
+
+
+def real_feature_stats(extractor: nn.Module, dataset: str, real_images: ImageBatches,
+                       cache_dir: str = "cache") -> tuple[dict[str, Tensor], bool]:
+    """The real-feature states for (dataset, extractor.name), from the cache file or computed once
+    and cached (on rank 0 under DDP; the other ranks wait and read the file). Returns (states,
+    computed_now). `dataset` must name the exact image set (e.g. 'cifar10-train', 'digits16-train'):
+    it is the cache key. `real_images` may be a callable, called only when computing."""
+    path = stats_path(cache_dir, dataset, extractor.name)
+    computed = False
+    if _world()[0] == 0 and not path.is_file():
+        batches = real_images() if callable(real_images) else real_images
+        stats = compute_real_stats(extractor, batches)
+        _atomic_save({**stats, "dataset": dataset, "extractor": extractor.name}, path)
+        computed = True
+    _barrier()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["extractor"] != extractor.name or saved["dataset"] != dataset:
+        raise ValueError(f"{path} holds statistics of ({saved['dataset']}, {saved['extractor']}), "
+                         f"not ({dataset}, {extractor.name}); delete it")
+    return {k: saved[k] for k in REAL_STATES}, computed
+
+
+def datamodule_images(datamodule, split: str = "train", batch_size: int = 500) -> Callable[[], Iterable[Tensor]]:
+    """Batches of a uncdiff data module's split (`train` or `val`) as float images in [-1, 1],
+    lazily (nothing is loaded until the cache needs it)."""
+
+    def batches() -> Iterable[Tensor]:
+        datamodule.setup("fit")
+        images, labels = getattr(datamodule, f"{split}_set").tensors
+        for i in range(0, len(images), batch_size):
+            yield datamodule.on_after_batch_transfer((images[i:i + batch_size], labels[i:i + batch_size]), 0)[0]
+
+    return batches
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+class FIDEvaluator(nn.Module):
+    """FID of generated images against the cached real statistics of `dataset`.
+
+    `update(fake)` any number of times (on every rank under DDP: torchmetrics sums the states over
+    ranks at `compute()`), `compute()` -> float, `reset()` drops the fake images and keeps the real
+    statistics. The real statistics are loaded by `prepare()`, which `update` calls if needed; call
+    it yourself after DDP is initialised (e.g. in a callback's `setup`). Only rank 0 holds them, so
+    the synced sums count each real image once. Move it with `.to(device)`.
+    `name` is the extractor's, to be logged next to every value (spec §6).
+    """
+
+    def __init__(self, extractor: nn.Module, dataset: str, real_images: ImageBatches, cache_dir: str = "cache",
+                 **metric_kwargs):
+        super().__init__()
+        self.metric = _metric(extractor, **metric_kwargs)
+        self.name, self.dataset, self.cache_dir = extractor.name, dataset, cache_dir
+        self._real_images = real_images
+        self.prepared = False
+
+    def prepare(self) -> bool:
+        """Load (or compute once and cache) the real statistics. Returns whether they were computed."""
+        stats, computed = real_feature_stats(self.metric.inception, self.dataset, self._real_images, self.cache_dir)
+        keep = _world()[0] == 0
+        for key, value in stats.items():
+            state = getattr(self.metric, key)
+            setattr(self.metric, key, (value if keep else torch.zeros_like(value)).to(state.device, state.dtype))
+        self.prepared = True
+        return computed
+
+    def update(self, fake_images: Tensor) -> None:
+        """`fake_images`: float `[B, C, H, W]` in [-1, 1]."""
+        if not self.prepared:
+            self.prepare()
+        self.metric.update(fake_images, real=False)
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+
+def fid_between(a: Tensor, b: Tensor, extractor: nn.Module, batch_size: int = 500) -> float:
+    """FID between two image sets, float `[N, C, H, W]` in [-1, 1] (no caching)."""
+    metric = _metric(extractor).to(_device(extractor))
+    for images, real in ((a, True), (b, False)):
+        for batch in images.split(batch_size):
+            metric.update(batch.to(_device(extractor)), real=real)
+    return float(metric.compute())

@@ -1,0 +1,287 @@
+"""Pixel-wise aleatoric uncertainty (spec §3) and the MC-Dropout baseline (spec §5a).
+
+Both estimators are hooks for `uncdiff.samplers.sample`: called before each sampler step with a
+`StepContext`, they record an uncertainty map `U_t [B, C, H, W]` on the steps of their window and
+return `ctx.eps` unchanged, so estimation alone never changes a sample.
+
+Step windows are fractions `(start, stop)` of the sampler's `n` steps: step index `i` is inside
+when `start * n <= i < stop * n` (see `window_steps`), so one setting scales with the step count.
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from uncdiff.samplers import EpsModel, StepContext, predict_x0
+from uncdiff.schedule import NoiseSchedule
+
+VARIANTS = ("centered", "sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# Option checks and step windows
+
+
+def check_window(name: str, window: Sequence[float]) -> tuple[float, float]:
+    """`(start, stop)` with `0 <= start < stop <= 1`, or a ValueError naming the option."""
+    try:
+        start, stop = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (start, stop) of step fractions, got {window!r}") from None
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= start < stop <= 1 (fractions of the sampler's steps), "
+                         f"got {window!r}")
+    return start, stop
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
+def check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    return None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
+
+
+def window_steps(window: tuple[float, float], num_steps: int) -> range:
+    """Step indices `i` with `start * n <= i < stop * n`, i.e. `ceil(start n) <= i < ceil(stop n)`.
+
+    The products are rounded to 9 decimals first so that float error can't move a boundary:
+    `(0, 0.15)` of 20 steps is exactly steps 0, 1, 2 (0.15 * 20 is 3.0000000000000004 in floats).
+    """
+    start, stop = window
+    return range(math.ceil(round(start * num_steps, 9)), math.ceil(round(stop * num_steps, 9)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The math of spec §3 as functions
+
+
+def evaluate_in_chunks(eps_model: EpsModel, x: torch.Tensor, t: int,
+                       chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`eps_model` on the rows of `x [N, C, H, W]` at training timestep `t`, at most `chunk_size`
+    rows per call (all at once when None)."""
+    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    if chunk_size is None or chunk_size >= x.shape[0]:
+        return eps_model(x, t_batch)
+    return torch.cat([eps_model(x[s:s + chunk_size], t_batch[s:s + chunk_size])
+                      for s in range(0, x.shape[0], chunk_size)])
+
+
+def renoise(x0_hat: torch.Tensor, z: torch.Tensor, abar: float) -> torch.Tensor:
+    """Spec §3 step 3: `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` for `x0_hat [B, C, H, W]`,
+    `z [B, M, C, H, W]`; returns the B*M copies as one batch `[B*M, C, H, W]` (image-major)."""
+    x = abar**0.5 * x0_hat[:, None] + (1 - abar) ** 0.5 * z.to(x0_hat)
+    return x.flatten(0, 1)
+
+
+def perturbed_eps(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
+                  schedule: NoiseSchedule, clip: bool, z: torch.Tensor,
+                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Spec §3 steps 2-4: `eps_i = eps_theta(x_t^i, t)`, `[B, M, C, H, W]`.
+
+    `abar` is `abar[t]` of the *training* timestep `t` (never the sampler's step counter), and the
+    re-noising uses the same `abar[t]` as the clean-image estimate.
+    """
+    x0_hat = predict_x0(schedule, x_t, eps_bar, t, clip)
+    x_i = renoise(x0_hat, z, schedule.abar_at(t))
+    return evaluate_in_chunks(eps_model, x_i, t, chunk_size).view(z.shape)
+
+
+def reduce_perturbations(eps_i: torch.Tensor, eps_bar: torch.Tensor, variant: str) -> torch.Tensor:
+    """Spec §3 step 5: `centered` = `mean_i (eps_i - eps_bar)^2`; `sample` = unbiased variance of
+    `eps_1..eps_M` around their own mean. `eps_i [B, M, C, H, W]`, `eps_bar [B, C, H, W]`."""
+    if variant == "centered":
+        return (eps_i - eps_bar[:, None]).pow(2).mean(1)
+    if variant == "sample":
+        return eps_i.var(1, correction=1)
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def aleatoric_map(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
+                  schedule: NoiseSchedule, clip: bool, z: torch.Tensor, variant: str = "centered",
+                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Pixel-wise aleatoric uncertainty `U_t [B, C, H, W]` at `x_t [B, C, H, W]` (spec §3).
+
+    `eps_bar = eps_theta(x_t, t)`; `t` is the training timestep; `clip` clips `x0_hat` to [-1, 1]
+    (pass the sampler's setting); `z [B, M, C, H, W]` are the perturbation draws. The B*M
+    perturbed copies are evaluated as one batch, split into chunks of at most `chunk_size` rows.
+    """
+    check_variant(variant)
+    eps_i = perturbed_eps(eps_model, x_t, eps_bar, t, schedule, clip, z, chunk_size)
+    return reduce_perturbations(eps_i, eps_bar, variant)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+
+
+class StepwiseUncertainty:
+    """Bookkeeping shared by the estimators that produce a map `U_t [B, C, H, W]` per step.
+
+    On the steps of `window` it accumulates the per-sample score `scores [B]` (spec §3:
+    `S_b = sum over window steps and c, h, w of U_t[b]`), the running sum of the maps
+    `maps [B, C, H, W]`, and, with `keep_maps`, every step's map (`step_maps [B, S, C, H, W]`
+    for the steps `step_indices`). These describe the latest sampling run: a new run starts when
+    the hook sees step index 0. `nfe` counts the network evaluations (image rows through a
+    network) the estimator spent since construction or `reset()`.
+
+    Subclasses implement `estimate(ctx) -> U [B, C, H, W]` (adding what they spend to `nfe`).
+    """
+
+    def __init__(self, window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False):
+        self.window = check_window("window", window)
+        self.keep_maps = bool(keep_maps)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all results and zero the evaluation counter."""
+        self.nfe = 0
+        self._start_run()
+
+    def _start_run(self) -> None:
+        self.maps: Optional[torch.Tensor] = None
+        self.step_indices: list[int] = []
+        self._step_maps: list[torch.Tensor] = []
+
+    def start(self, ctx: StepContext) -> None:
+        """Begin a new run's results at the sampler's first step."""
+        if ctx.index == 0:
+            self._start_run()
+
+    def in_window(self, ctx: StepContext) -> bool:
+        return ctx.index in window_steps(self.window, ctx.num_steps)
+
+    def record(self, ctx: StepContext, u: torch.Tensor) -> None:
+        """Add step `ctx.index`'s map `u [B, C, H, W]` to the run's results."""
+        u = u.detach()
+        self.maps = u.clone() if self.maps is None else self.maps + u
+        if self.keep_maps:
+            self._step_maps.append(u.clone())
+            self.step_indices.append(ctx.index)
+
+    @property
+    def scores(self) -> Optional[torch.Tensor]:
+        """`S_b [B]`: the sum over the window's steps and pixels of `U_t[b]`."""
+        return None if self.maps is None else self.maps.flatten(1).sum(1)
+
+    @property
+    def step_maps(self) -> Optional[torch.Tensor]:
+        """`[B, S, C, H, W]`, the maps of the window's steps (`step_indices`), with `keep_maps`."""
+        return torch.stack(self._step_maps, dim=1) if self._step_maps else None
+
+    def estimate(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        self.start(ctx)
+        if self.in_window(ctx):
+            self.record(ctx, self.estimate(ctx))
+        return ctx.eps
+
+
+class AleatoricUncertainty(StepwiseUncertainty):
+    """Spec §3 as a sampler hook: `U_t` from `num_perturbations` (M) re-noised copies of `x0_hat`.
+
+    The draws `z [B, M, C, H, W]` come from the per-sample stream `'uncertainty'` of the run's
+    `SampleNoise`, so a sample's uncertainty doesn't depend on the batch it was generated in and
+    never shifts the sampler's own noise. Costs M network evaluations per image on each window step.
+    """
+
+    def __init__(self, num_perturbations: int = 5, variant: str = "centered",
+                 chunk_size: Optional[int] = None, window: Sequence[float] = (0.0, 1.0),
+                 keep_maps: bool = False):
+        self.num_perturbations = check_count("num_perturbations", num_perturbations, 2)
+        self.variant = check_variant(variant)
+        self.chunk_size = check_chunk_size(chunk_size)
+        super().__init__(window, keep_maps)
+
+    def draw_perturbations(self, ctx: StepContext) -> torch.Tensor:
+        """`z [B, M, C, H, W]` for this step, from the per-sample `'uncertainty'` stream."""
+        return ctx.noise.randn((self.num_perturbations, *ctx.x_t.shape[1:]), stream="uncertainty").to(ctx.x_t)
+
+    def estimate(self, ctx: StepContext) -> torch.Tensor:
+        z = self.draw_perturbations(ctx)
+        self.nfe += z.shape[0] * z.shape[1]
+        return aleatoric_map(ctx.eps_model, ctx.x_t, ctx.eps, ctx.t, ctx.sampler.schedule, ctx.sampler.clip,
+                             z, self.variant, self.chunk_size)
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+@contextmanager
+def dropout_active(model: nn.Module, rate: Optional[float] = None) -> Iterator[None]:
+    """Only the dropout layers in train mode (every other layer in eval: norms use their running
+    statistics), optionally at dropout `rate`; all modes and rates are restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    drops = dropout_layers(model)
+    rates = [d.p for d in drops]
+    try:
+        model.eval()
+        for d in drops:
+            d.train()
+            if rate is not None:
+                d.p = rate
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for d, p in zip(drops, rates):
+            d.p = p
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG of the CPU and of `device` seeded with `seed`, and restored afterwards."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+class MCDropoutUncertainty(StepwiseUncertainty):
+    """Spec §5a as a sampler hook: `U_t` = unbiased variance of `num_passes` (M) evaluations of
+    `model(x_t, t)` with only its dropout layers active, batched as one B*M batch at the same x_t.
+
+    `model` is the network module itself (not a wrapper that forces eval mode); `dropout`
+    overrides the rate of every dropout layer during the passes (default: the model's own).
+    Dropout masks come from torch's global RNG, seeded from the batch's seeds and the step index
+    (and restored afterwards): reproducible for the same batch, but, unlike the aleatoric
+    estimator, not independent of which samples share the batch.
+    """
+
+    def __init__(self, model: nn.Module, num_passes: int = 5, dropout: Optional[float] = None,
+                 window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False,
+                 chunk_size: Optional[int] = None):
+        self.num_passes = check_count("num_passes", num_passes, 2)
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) or None (the model's own rate), got {dropout!r}")
+        if not dropout_layers(model):
+            raise ValueError("model has no dropout layers: MC-Dropout needs at least one nn.Dropout")
+        self.model, self.dropout = model, dropout
+        self.chunk_size = check_chunk_size(chunk_size)
+        super().__init__(window, keep_maps)
+
+    def estimate(self, ctx: StepContext) -> torch.Tensor:
+        b, m = ctx.x_t.shape[0], self.num_passes
+        x = ctx.x_t[:, None].expand(b, m, *ctx.x_t.shape[1:]).flatten(0, 1)
+        seed = hash((tuple(ctx.noise.seeds), ctx.index)) % 2**63
+        with dropout_active(self.model, self.dropout), seeded_rng(seed, x.device):
+            eps = evaluate_in_chunks(self.model, x, ctx.t, self.chunk_size)
+        self.nfe += b * m
+        return eps.view(b, m, *ctx.x_t.shape[1:]).var(1, correction=1)
