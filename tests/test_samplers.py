@@ -197,8 +197,6 @@ def test_quadratic_spacing_is_songs(steps):
     assert spaced_timesteps(T, steps, "quadratic") == song_quadratic(steps)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: torch.linspace rounds differently from Song's np.linspace; "
-                   "floor(v**2) then differs where v**2 is an exact integer (e.g. 287 vs 288 at 16 steps)")
 @pytest.mark.parametrize("steps", [16, 21, 26, 27])
 def test_quadratic_spacing_is_songs_at_exact_squares(steps):
     assert spaced_timesteps(T, steps, "quadratic") == song_quadratic(steps)
@@ -356,8 +354,6 @@ def test_stream_values_do_not_depend_on_which_stream_was_used_first():
     assert all(torch.equal(u, v) for u, v in zip(a_sampler, b_sampler))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: torch.Generator.manual_seed keeps only the low 32 bits, so the "
-                   "offsets s + k * 2**32 give every stream the same sequence as the initial noise")
 def test_noise_streams_are_independent():
     shape = (16, 16)
     noise = SampleNoise([3, 11])
@@ -436,7 +432,6 @@ def test_zero_steps_rejected_by_ddim(schedule):
         DDIMSampler(schedule, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: DDPMSampler uses `steps or T`, so steps=0 silently means 1000 steps")
 def test_zero_steps_rejected_by_ddpm(schedule):
     with pytest.raises(ValueError, match="steps"):
         DDPMSampler(schedule, steps=0)

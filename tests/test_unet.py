@@ -57,11 +57,27 @@ def test_single_level_and_grayscale_configs():
         assert net(x, torch.tensor([0, 999])).shape == x.shape
 
 
+def randomize_zero_layers(net):
+    """Ho et al. zero-initialise the layers closing each branch; give them weights so the
+    properties below don't depend on initialisation."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1 and not p.any():
+                nn.init.normal_(p, std=0.1)
+
+
+def test_zero_initialised_output_layers():
+    net = UNet(**TINY)
+    assert not net.head.weight.any() and not net.head.bias.any()
+    x = torch.randn(2, 3, 16, 16)
+    assert not net(x, torch.tensor([3, 500])).any()  # Ho et al.: the untrained net predicts 0
+
+
 def test_output_depends_on_t():
     torch.manual_seed(0)
     net = UNet(**TINY).eval()
     with torch.no_grad():
-        nn.init.normal_(net.head.weight, std=0.1)  # independent of how the head is initialised
+        randomize_zero_layers(net)
     x = torch.randn(1, 3, 16, 16).expand(3, -1, -1, -1)
     t = torch.tensor([0, 1, 999])
     with torch.no_grad():
@@ -88,6 +104,7 @@ def test_timestep_embedding_is_sinusoidal():
 def test_dropout_active_only_in_train_mode():
     torch.manual_seed(0)
     net = UNet(**TINY)
+    randomize_zero_layers(net)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
         net.eval()

@@ -6,9 +6,11 @@ optional `hook(ctx) -> eps` first: that is where uncertainty estimation and guid
 replace `eps` without knowing which sampler runs.
 """
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,9 +26,12 @@ class SampleNoise:
     """Per-sample random streams: sample i with seed s draws the same numbers whatever the
     batch it is in, the device, or the process that generates it.
 
-    Each named stream (`"sampler"`, `"uncertainty"`, ...) is independent, so an estimator that
-    draws perturbations never shifts the sampler's noise (estimation alone can't change images).
-    Numbers come from CPU generators and are moved to the target device.
+    Each named stream (`"initial"`, `"sampler"`, `"uncertainty"`, ...) is independent of the
+    others and of the order in which they are first used, so an estimator that draws
+    perturbations never shifts the sampler's noise (estimation alone can't change images).
+    Streams are numpy Philox generators keyed by (stream name, seed) through SeedSequence, so
+    distinct (seed, stream) pairs never share numbers (torch's CPU generator keeps only 32 bits
+    of its seed, which would make offset seeds collide).
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
@@ -36,23 +41,23 @@ class SampleNoise:
             raise ValueError(f"seeds must lie in [0, 2**32), got {bad[:3]}")
         self.seeds = seeds
         self.device = torch.device(device)
-        self._streams: dict[str, list[torch.Generator]] = {}
+        self._streams: dict[str, list[np.random.Generator]] = {}
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def randn(self, shape: Sequence[int], stream: str = "sampler") -> torch.Tensor:
-        """Standard normal `[B, *shape]`, row b drawn from sample b's own generator."""
+        """Standard normal float32 `[B, *shape]`, row b drawn from sample b's own stream."""
         if stream not in self._streams:
-            offset = MAX_SEED * (len(self._streams) + 1)  # distinct, stable seed per stream
-            self._streams[stream] = [torch.Generator().manual_seed(s + offset) for s in self.seeds]
-        rows = [torch.randn(tuple(shape), generator=g) for g in self._streams[stream]]
-        return torch.stack(rows).to(self.device)
+            key = zlib.crc32(stream.encode())
+            self._streams[stream] = [np.random.Generator(np.random.Philox(np.random.SeedSequence([key, s])))
+                                     for s in self.seeds]
+        rows = np.stack([g.standard_normal(tuple(shape), dtype=np.float32) for g in self._streams[stream]])
+        return torch.from_numpy(rows).to(self.device)
 
     def initial(self, shape: Sequence[int]) -> torch.Tensor:
-        """x_T for every sample, from a stream of its own (`[B, *shape]`)."""
-        rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in self.seeds]
-        return torch.stack(rows).to(self.device)
+        """x_T for every sample (`[B, *shape]`), from the stream "initial"."""
+        return self.randn(shape, stream="initial")
 
 
 class Sampler(Protocol):
@@ -81,7 +86,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -
     if spacing == "uniform":
         ts = [i * num_timesteps // steps for i in range(steps)]
     elif spacing == "quadratic":
-        ts = [int(v) for v in torch.linspace(0, (0.8 * num_timesteps) ** 0.5, steps, dtype=torch.float64) ** 2]
+        ts = [int(v) for v in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
         if len(set(ts)) != steps:
             raise ValueError(f"quadratic spacing repeats timesteps at {steps} steps; use fewer steps or 'uniform'")
     else:
@@ -101,7 +106,8 @@ class DDPMSampler:
         if variance not in DDPM_VARIANCES:
             raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
         self.schedule = schedule
-        self.timesteps = spaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
+        self.timesteps = spaced_timesteps(schedule.num_timesteps,
+                                          schedule.num_timesteps if steps is None else steps)
         self.variance = variance
         self.clip = clip
         self.stochastic = True

@@ -115,6 +115,13 @@ class UNet(nn.Module):
 
         self.norm_out = norm(ch)
         self.head = nn.Conv2d(ch, in_channels, 3, padding=1)
+        # Ho et al. initialise the layers that close each residual branch, and the output, to zero.
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                zero_(module.conv2)
+            elif isinstance(module, Attention):
+                zero_(module.proj)
+        zero_(self.head)
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Input of the last conv `head`: `[B, base_channels, H, W]`."""
@@ -135,6 +142,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x, t))
+
+
+def zero_(layer: nn.Module) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
 
 
 def run_level(level: Level, h, temb, skips: list, pop: bool = False):
@@ -161,7 +173,7 @@ def check_unet_config(image_size: int, base_channels: int, channel_mults: Sequen
     missing = set(attn_resolutions) - resolutions
     if missing:
         raise ValueError(f"attn_resolutions {sorted(missing)} are not among the U-Net's resolutions {sorted(resolutions)}")
-    if base_channels % 2:
-        raise ValueError(f"base_channels must be even (sinusoidal embedding), got {base_channels}")
+    if base_channels % 2 or base_channels < 4:
+        raise ValueError(f"base_channels must be even and >= 4 (sinusoidal embedding), got {base_channels}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
