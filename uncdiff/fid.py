@@ -3,7 +3,7 @@
 The Fréchet distance itself, its DDP-synced sums and the "keep the real statistics across resets"
 logic are torchmetrics' `FrechetInceptionDistance`; this file only supplies what it lacks here:
 
-- feature extractors that take uint8-free float images in [-1, 1] and carry a `name` that is
+- feature extractors that take float images in [-1, 1] and carry a `name` that is
   recorded with every FID: `InceptionFeatures` (the standard torch-fidelity Inception-v3 pool3,
   2048-d, for CIFAR-10) and `ClassifierFeatures` (a small CNN trained once on a small labelled
   dataset such as the quickstart digits, where Inception features mean little);
@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 ImageBatches = Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]]
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -58,7 +59,8 @@ def _check_images(images: Tensor) -> None:
 
 # --------------------------------------------------------------------------------------- Inception
 
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+# weights-inception-2015-12-05-6726825d.pth on torch-fidelity's GitHub releases
+INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
 
 INCEPTION_HELP = (
@@ -81,8 +83,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: Optional[str] = None, antialias: bool = False):
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
         hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         if weights_path is not None and not Path(weights_path).is_file():
             raise FileNotFoundError(INCEPTION_HELP.format(problem=f"are not at weights_path={weights_path!r}",
@@ -91,8 +91,10 @@ class InceptionFeatures(nn.Module):
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=weights_path, antialias=antialias)
         except Exception as error:  # URLError, HTTPError, OSError, a corrupt file...
-            where = f"could not be loaded from {weights_path!r}" if weights_path else f"are not in {hub} and could not be downloaded"
-            raise FileNotFoundError(INCEPTION_HELP.format(problem=f"{where} ({error})", url=INCEPTION_URL, hub=hub)) from error
+            where = (f"could not be loaded from {weights_path!r}" if weights_path
+                     else f"are not in {hub} and could not be downloaded")
+            problem = f"{where} ({type(error).__name__}: {error})"
+            raise FileNotFoundError(INCEPTION_HELP.format(problem=problem, url=INCEPTION_URL, hub=hub)) from error
         self.name = "inception-v3-pool3" + ("-antialias" if antialias else "")
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
@@ -142,20 +144,26 @@ def train_classifier(settings: dict) -> dict:
     s = settings
     train_x, train_y, val_x, val_y = LABELLED_DATASETS[s["dataset"]](s["image_size"])
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(s["seed"])
-        net = _classifier(train_x.shape[1], s["width"], s["feature_dim"], num_classes)
-        optimizer = torch.optim.Adam(net.parameters(), lr=s["lr"])
-        order_rng = torch.Generator().manual_seed(s["seed"])
-        for _ in range(s["epochs"]):
-            for batch in torch.randperm(len(train_x), generator=order_rng).split(s["batch_size"]):
-                loss = F.cross_entropy(net(train_x[batch]), train_y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    with torch.no_grad():
-        accuracy = (net(val_x).argmax(1) == val_y).float().mean().item()
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    # One thread: the net is too small to gain from more (under CPU contention they cost 10x), and
+    # a fixed thread count keeps the float reductions, hence the weights, reproducible.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s["seed"])
+            net = _classifier(train_x.shape[1], s["width"], s["feature_dim"], num_classes)
+            optimizer = torch.optim.Adam(net.parameters(), lr=s["lr"])
+            order_rng = torch.Generator().manual_seed(s["seed"])
+            for _ in range(s["epochs"]):
+                for batch in torch.randperm(len(train_x), generator=order_rng).split(s["batch_size"]):
+                    loss = F.cross_entropy(net(train_x[batch]), train_y[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            with torch.no_grad():
+                accuracy = (net(val_x).argmax(1) == val_y).float().mean().item()
+    finally:
+        torch.set_num_threads(threads)
     return {"state_dict": net.state_dict(), "settings": dict(s), "num_classes": num_classes,
             "in_channels": train_x.shape[1], "val_accuracy": accuracy, "val_size": len(val_x),
             "train_seconds": time.perf_counter() - start}
@@ -168,13 +176,15 @@ class ClassifierFeatures(nn.Module):
     later constructions load it. `trained_now` says which happened; `val_accuracy` is its accuracy
     on the dataset's held-out split."""
 
-    def __init__(self, dataset: str = "digits", image_size: int = 16, cache_dir: str = "cache", epochs: int = 15,
-                 lr: float = 1e-3, batch_size: int = 64, width: int = 32, feature_dim: int = 128, seed: int = 0):
+    def __init__(self, dataset: str = "digits", image_size: int = 16, cache_dir: str = "cache", epochs: int = 20,
+                 lr: float = 1e-3, batch_size: int = 64, width: int = 16, feature_dim: int = 128, seed: int = 0):
         super().__init__()
         if dataset not in LABELLED_DATASETS:
-            raise ValueError(f"no labelled dataset {dataset!r} to train a classifier on; known: {sorted(LABELLED_DATASETS)}")
+            raise ValueError(f"no labelled dataset {dataset!r} to train a classifier on; "
+                             f"known: {sorted(LABELLED_DATASETS)}")
         settings = dict(dataset=dataset, image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size,
-                        width=width, feature_dim=feature_dim, seed=seed, version=1)
+                        width=width, feature_dim=feature_dim, seed=seed,
+                        version=1)  # bump when _classifier or train_classifier change: new name, new file
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
         self.name = f"{dataset}-classifier-{digest}"
         self.path = Path(cache_dir) / "fid_classifiers" / f"{self.name}.pt"
