@@ -19,7 +19,7 @@ class SampleGrid(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        images = pl_module.sample(self.num_samples, seed=self.seed, sampler=self.sampler, steps=self.steps)
+        images = pl_module.sample(self.num_samples, seed=self.seed, sampler=self.sampler, steps=self.steps).images
         grid = make_grid((images.float().cpu() + 1) / 2, nrow=int(self.num_samples**0.5 + 0.5), padding=1)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ import lightning as L
 import torch
 import ema_pytorch
 
-from uncdiff.samplers import make_sampler, sample
+from uncdiff.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
+from uncdiff.samplers import make_sampler
+from uncdiff.uncertain_sampling import SampleResult, generate, make_estimator
 from uncdiff.schedule import NoiseSchedule
 from uncdiff.unet import UNet
 
@@ -69,6 +71,7 @@ class DiffusionModule(L.LightningModule):
         self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
         make_sampler(self.schedule, sampler, steps=sample_steps)  # fail now on a bad sampler option
         # include_online_model=False: the checkpoint holds the online weights once, under `net`.
+        self.laplace: Optional[LastLayerLaplace] = None  # BayesDiff's posterior, once fitted
         self.ema = EMA(self.net, beta=ema_decay, power=ema_warmup_power, update_every=ema_update_every,
                        update_after_step=0, include_online_model=False, use_foreach=True)
 
@@ -123,23 +126,64 @@ class DiffusionModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    @torch.no_grad()
-    def ema_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The EMA network in eval mode as a plain `eps_model(x, t)`."""
+    def sample(self, n: int = 64, seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None,
+               estimator: str = "none", guidance: Optional[dict] = None, seeds: Optional[Sequence[int]] = None,
+               batch_size: int = 256, progress: bool = False, estimator_options: Optional[dict] = None,
+               **sampler_kwargs) -> SampleResult:
+        """Generate with the EMA network, optionally estimating pixel-wise uncertainty and guiding.
+
+        - `sampler` ('ddpm' | 'ddim'), `steps` and `sampler_kwargs` (eta, spacing, clip, variance)
+          build the sampler; defaults from the module's hparams.
+        - `estimator`: 'none' | 'aleatoric' | 'mc_dropout' | 'bayesdiff' (needs `fit_laplace`
+          first), its options in `estimator_options` (e.g. `num_perturbations`, `window`).
+        - `guidance`: options of `UncertaintyGuidance` (rule, sign, lam, threshold, quantile,
+          window, ...); guided sampling estimates with the aleatoric estimator.
+        - sample i uses seed `seed + i`, or `seeds[i]` when given: the same image whatever the
+          batch size or process count.
+
+        Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
+        """
+        options = dict(estimator_options or {})
+        if guidance is not None:
+            if estimator not in ("none", "aleatoric"):
+                raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
+            hook = make_estimator("guided", **options, **guidance)
+        elif estimator == "mc_dropout":
+            hook = make_estimator("mc_dropout", model=self.ema.ema_model, **options)
+        elif estimator == "bayesdiff":
+            if self.laplace is None:
+                raise ValueError("estimator='bayesdiff' needs a fitted Laplace posterior: call fit_laplace() "
+                                 "or load a checkpoint that holds one")
+            hook = make_estimator("bayesdiff", net=self.ema.ema_model, laplace=self.laplace.to(self.device), **options)
+        else:
+            hook = make_estimator(estimator, **options)
+        sampler_obj = make_sampler(self.schedule, sampler or self.hparams.sampler,
+                                   steps=steps or self.hparams.sample_steps, **sampler_kwargs)
+        seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
         model = self.ema.ema_model
         was_training = model.training
         model.eval()
         try:
-            return model(x, t)
+            eps_model = hook.eps_model if estimator == "bayesdiff" else model
+            return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size, progress)
         finally:
             model.train(was_training)
 
-    def sample(self, n: int, seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None,
-               batch_size: int = 256, progress: bool = False, **sampler_kwargs) -> torch.Tensor:
-        """`n` EMA samples in [-1, 1], `[n, C, H, W]`; sample i uses seed `seed + i`."""
-        sampler = make_sampler(self.schedule, sampler or self.hparams.sampler,
-                               steps=steps or self.hparams.sample_steps, **sampler_kwargs)
-        seeds = list(range(seed, seed + n))
-        out = [sample(self.ema_eps, sampler, self.image_shape, seeds[i:i + batch_size], device=self.device,
-                      progress=progress) for i in range(0, n, batch_size)]
-        return torch.cat(out)
+    def fit_laplace(self, images, num_images: int = 1000, **options) -> None:
+        """Fit BayesDiff's last-layer Laplace posterior (spec §5b) on the EMA network from training
+        images (`[N, C, H, W]` in [-1, 1] or an iterable of such batches); stored in checkpoints."""
+        model = self.ema.ema_model
+        was_training = model.training
+        model.eval()
+        try:
+            self.laplace = fit_last_layer_laplace(model, images, self.schedule, num_images=num_images, **options)
+        finally:
+            model.train(was_training)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.laplace is not None:
+            checkpoint["bayesdiff_laplace"] = self.laplace.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "bayesdiff_laplace" in checkpoint:
+            self.laplace = LastLayerLaplace.from_state_dict(checkpoint["bayesdiff_laplace"])

@@ -1,0 +1,86 @@
+"""The LightningModule: learning on real data, the user-facing sample() entry point, checkpoints."""
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import tiny_model_kwargs
+from uncdiff.data import DigitsDataModule
+from uncdiff.module import DiffusionModule
+
+
+class LossHistory(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_loss_falls_on_digits_within_a_few_hundred_steps():
+    torch.manual_seed(0)
+    model = DiffusionModule(**tiny_model_kwargs(image_size=16, base_channels=16, attn_resolutions=(), dropout=0.0, lr=2e-3,
+                                                warmup_steps=20, random_flip=False))
+    history = LossHistory()
+    trainer = L.Trainer(accelerator="cpu", max_steps=200, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0, callbacks=[history])
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
+    first, last = sum(history.losses[:20]) / 20, sum(history.losses[-40:]) / 40
+    assert first > 0.5  # an untrained zero-output net has loss E[eps^2] = 1
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DiffusionModule(**tiny_model_kwargs())
+    with torch.no_grad():  # give the zero-initialised layers weights so samples depend on the net
+        for p in m.ema.ema_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def test_sample_is_seeded_per_image_and_estimation_does_not_change_images(model):
+    plain = model.sample(5, seed=10, sampler="ddpm", steps=6, batch_size=2)
+    assert plain.images.shape == (5, 1, 8, 8) and plain.maps is None and plain.nfe == 5 * 6
+    again = model.sample(n=3, seeds=[12, 13, 14], sampler="ddpm", steps=6, batch_size=3)
+    torch.testing.assert_close(again.images, plain.images[2:])
+    est = model.sample(5, seed=10, sampler="ddpm", steps=6, estimator="aleatoric",
+                       estimator_options={"num_perturbations": 3})
+    torch.testing.assert_close(est.images, plain.images)
+    assert est.maps.shape == (5, 1, 8, 8) and est.scores.shape == (5,) and (est.scores > 0).all()
+    assert est.nfe == 5 * 6 * (1 + 3)
+    model.ema.ema_model.train()
+    mc = model.sample(2, sampler="ddim", steps=4, estimator="mc_dropout")
+    assert (mc.scores > 0).all()
+    assert model.ema.ema_model.training  # the network's mode is restored
+
+
+def test_guided_sampling_changes_images_and_reports_cost(model):
+    plain = model.sample(3, sampler="ddim", steps=10)
+    guided = model.sample(3, sampler="ddim", steps=10, guidance={"rule": "posterior", "window": (0.0, 0.3)})
+    assert not torch.allclose(guided.images, plain.images)
+    assert guided.nfe > plain.nfe and guided.scores.shape == (3,)
+
+
+def test_bad_estimator_options_name_the_option(model):
+    with pytest.raises(ValueError, match="estimator"):
+        model.sample(2, estimator="dropout")
+    with pytest.raises(ValueError, match="num_perturbations"):
+        model.sample(2, estimator="aleatoric", estimator_options={"num_perturbations": 1})
+    with pytest.raises(ValueError, match="fit_laplace"):
+        model.sample(2, estimator="bayesdiff")
+
+
+def test_laplace_travels_with_the_checkpoint(model, tmp_path):
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    model.fit_laplace(images, num_images=6)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    torch.testing.assert_close(loaded.laplace.var_W, model.laplace.var_W)
+    result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff",
+                           estimator_options={"skip": 1, "num_draws": 2})
+    assert result.scores.shape == (2,) and (result.scores > 0).all()
