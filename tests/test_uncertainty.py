@@ -207,6 +207,9 @@ def test_mc_dropout_positive_variance_with_dropout():
 def test_mc_dropout_on_unet_groupnorm():
     net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                attn_resolutions=(4,), dropout=0.1)
+    with torch.no_grad():  # give Ho's zero-initialised layers weights, so outputs depend on the net
+        for param in net.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     ctx = make_ctx(net.eval(), b=2)
     est = MCDropoutUncertainty(net, num_passes=3)
     est(ctx)

@@ -1,0 +1,197 @@
+"""Uncertainty guidance (spec §4) against independent truths: finite differences for the gradient
+rule, the posterior formula evaluated by hand, and trajectory properties of the hook."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uncdiff.guidance import (UncertaintyGuidance, calibrate_threshold_table, load_table, posterior_eps,
+                              save_table, uncertainty_gradient)
+from uncdiff.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
+from uncdiff.schedule import NoiseSchedule
+from uncdiff.uncertainty import AleatoricUncertainty, aleatoric_map
+
+KERNEL = torch.tensor([[0.1, -0.3, 0.2], [0.4, 0.9, -0.2], [0.05, 0.3, -0.1]], dtype=torch.float64)
+
+
+def smooth_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Nonlinear, spatially mixing, t-dependent predictor (single channel, any float dtype)."""
+    k = KERNEL.to(x)[None, None]
+    scale = 0.5 + t.to(x.dtype)[:, None, None, None] / 1000
+    return torch.tanh(F.conv2d(x, k, padding=1)) * scale + 0.2 * x**2
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule("linear", 1000)
+
+
+@pytest.mark.parametrize("variant", ["centered", "sample"])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_gradient_matches_central_differences(schedule, variant, chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    b, m, t = 2, 3, 600
+    x_t = torch.randn(b, 1, 3, 3, generator=gen, dtype=torch.float64)
+    eps_bar = smooth_eps(x_t, torch.full((b,), t))
+    z = torch.randn(b, m, 1, 3, 3, generator=gen, dtype=torch.float64)
+
+    def total_u(e):  # U summed over pixels, per image, as a function of eps_bar alone (z, x_t fixed)
+        return aleatoric_map(smooth_eps, x_t, e, t, schedule, False, z, variant).sum((1, 2, 3))
+
+    u, grad, rows = uncertainty_gradient(smooth_eps, x_t, eps_bar, t, schedule, False, z, variant, chunk_size)
+    torch.testing.assert_close(u, aleatoric_map(smooth_eps, x_t, eps_bar, t, schedule, False, z, variant))
+    assert rows == (b * m if chunk_size is None else 2 * b * m)
+    h = 1e-6
+    fd = torch.zeros_like(eps_bar)
+    for idx in range(eps_bar.numel()):
+        d = torch.zeros(eps_bar.numel(), dtype=torch.float64)
+        d[idx] = h
+        d = d.view_as(eps_bar)
+        img = idx // eps_bar[0].numel()  # images are independent: d U_img / d eps_bar[img]
+        fd.view(-1)[idx] = (total_u(eps_bar + d)[img] - total_u(eps_bar - d)[img]) / (2 * h)
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_needs_a_differentiable_model(schedule):
+    no_grad_eps = torch.no_grad()(smooth_eps)
+    x = torch.randn(1, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        uncertainty_gradient(no_grad_eps, x, smooth_eps(x, torch.full((1,), 500)), 500, schedule, False,
+                             torch.randn(1, 2, 1, 3, 3))
+
+
+def test_posterior_rule_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    b, m = 2, 3
+    eps_i = torch.randn(b, m, 1, 2, 2, generator=gen, dtype=torch.float64)
+    eps_bar = torch.randn(b, 1, 2, 2, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[[[1, 0], [1, 1]]], [[[0, 1], [1, 0]]]], dtype=torch.bool)
+    abar = 0.37
+    out = posterior_eps(eps_i, eps_bar, abar, mask)
+    for bi in range(b):
+        for h in range(2):
+            for w in range(2):
+                values = [eps_i[bi, i, 0, h, w].item() for i in range(m)] + [eps_bar[bi, 0, h, w].item()]
+                mean = sum(values) / len(values)
+                sigma2 = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+                mu = (sum(values[:m]) / sigma2) / (m / sigma2 + 1 / abar)  # sum over the M perturbations
+                expected = mu if mask[bi, 0, h, w] else eps_bar[bi, 0, h, w].item()
+                assert out[bi, 0, h, w].item() == pytest.approx(expected, rel=1e-12)
+
+
+class Recorder:
+    """Wraps a hook and records, per step, x_t, the network's eps and the eps the hook returned."""
+
+    def __init__(self, hook=None):
+        self.hook, self.steps = hook, []
+
+    def __call__(self, ctx):
+        out = ctx.eps if self.hook is None else self.hook(ctx)
+        self.steps.append((ctx.x_t.clone(), ctx.eps.clone(), out.clone()))
+        return out
+
+
+@pytest.mark.parametrize("rule", ["gradient", "posterior"])
+def test_guidance_changes_only_its_window(schedule, rule):
+    sampler = DDIMSampler(schedule, steps=10)
+    seeds, shape = [0, 1, 2], (1, 4, 4)
+    plain, guided = Recorder(), Recorder(UncertaintyGuidance(num_perturbations=3, rule=rule, lam=5.0,
+                                                             window=(0.4, 0.6), quantile=0.5))
+    sample(smooth_eps, sampler, shape, seeds, hook=plain)
+    sample(smooth_eps, sampler, shape, seeds, hook=guided)
+    for i, ((x_p, _, out_p), (x_g, eps_g, out_g)) in enumerate(zip(plain.steps, guided.steps)):
+        if i <= 4:  # before the first guided step's update x_t is the same
+            assert torch.equal(x_p, x_g), i
+        else:
+            assert not torch.equal(x_p, x_g), i
+        if i in (4, 5):  # the guidance window: steps 0.4*10 <= i < 0.6*10
+            assert not torch.equal(out_g, eps_g), i
+        else:
+            assert torch.equal(out_g, eps_g), i
+
+
+def test_percentile_mask_guides_the_most_uncertain_pixels(schedule):
+    sampler = DDIMSampler(schedule, steps=10, clip=False)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    ctx = StepContext(0, 10, sampler.timesteps[0], sampler.timesteps[1], x, smooth_eps(x, torch.full((2,), 900)),
+                      smooth_eps, sampler, SampleNoise([0, 1]))
+    guide = UncertaintyGuidance(num_perturbations=4, window=(0.0, 0.5), keep_maps=True)
+    out = guide(ctx)
+    changed = out != ctx.eps
+    u = guide.step_maps[:, 0]
+    # q = 0.95 of 16 values interpolates between the two largest: only each image's maximum is above it
+    assert changed.flatten(1).sum(1).tolist() == [1, 1]
+    assert torch.equal(changed.flatten(1).float().argmax(1), u.flatten(1).argmax(1))
+    z = SampleNoise([0, 1]).randn((4, 1, 4, 4), stream="uncertainty")  # the same draws, independently
+    _, grad, _ = uncertainty_gradient(smooth_eps, x, ctx.eps, ctx.t, schedule, False, z)
+    torch.testing.assert_close(out, ctx.eps + changed * grad)
+
+
+def test_guided_run_reports_the_unguided_maps_up_to_its_first_update(schedule):
+    sampler = DDIMSampler(schedule, steps=10)
+    est = AleatoricUncertainty(num_perturbations=3, keep_maps=True)
+    guide = UncertaintyGuidance(num_perturbations=3, window=(0.3, 0.6), keep_maps=True)
+    sample(smooth_eps, sampler, (1, 4, 4), [4, 5], hook=est)
+    sample(smooth_eps, sampler, (1, 4, 4), [4, 5], hook=guide)
+    assert guide.step_indices == list(range(10))
+    torch.testing.assert_close(guide.step_maps[:, :4], est.step_maps[:, :4])  # same x_t, same z
+    assert not torch.allclose(guide.step_maps[:, 5:], est.step_maps[:, 5:])
+    assert guide.nfe == est.nfe == 10 * 2 * 3
+
+
+@pytest.mark.parametrize("make", [lambda s: DDPMSampler(s, steps=8), lambda s: DDIMSampler(s, steps=8, eta=1.0)])
+def test_guidance_works_under_any_sampler(schedule, make):
+    sampler = make(schedule)
+    plain = sample(smooth_eps, sampler, (1, 4, 4), [0, 1])
+    guided = sample(smooth_eps, sampler, (1, 4, 4), [0, 1], hook=UncertaintyGuidance(num_perturbations=2, lam=3.0))
+    assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
+
+
+def test_table_threshold(schedule, tmp_path):
+    sampler = DDIMSampler(schedule, steps=5)
+    shape, seeds = (1, 4, 4), list(range(40))
+    table = calibrate_threshold_table(smooth_eps, sampler, shape, seeds, quantile=0.8, num_perturbations=3,
+                                      batch_size=16)
+    assert table.shape == (5, 1, 4, 4)
+    maps = AleatoricUncertainty(num_perturbations=3, keep_maps=True)
+    sample(smooth_eps, sampler, shape, seeds, hook=maps)
+    above = (maps.step_maps > table[None]).float().mean(0)  # per step and position, over the samples
+    assert above.mean().item() == pytest.approx(0.2, abs=0.02)
+    assert torch.equal(table[1, 0, 2, 3], torch.quantile(maps.step_maps[:, 1, 0, 2, 3], 0.8))
+
+    save_table(tmp_path / "tau.pt", table, {"quantile": 0.8, "steps": 5, "num_perturbations": 3})
+    loaded, settings = load_table(tmp_path / "tau.pt")
+    assert torch.equal(loaded, table) and settings["quantile"] == 0.8
+
+    plain = sample(smooth_eps, sampler, shape, [0, 1])
+    never = UncertaintyGuidance(threshold="table", table=torch.full((5, 1, 4, 4), math.inf), window=(0, 1))
+    assert torch.equal(sample(smooth_eps, sampler, shape, [0, 1], hook=never), plain)
+    guided = UncertaintyGuidance(threshold="table", table=table, window=(0, 1), lam=3.0)
+    assert not torch.equal(sample(smooth_eps, sampler, shape, [0, 1], hook=guided), plain)
+    wrong = UncertaintyGuidance(threshold="table", table=table[:3])
+    with pytest.raises(ValueError, match="table"):
+        sample(smooth_eps, sampler, shape, [0], hook=wrong)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(rule="momentum"), "rule"),
+    (dict(sign=0), "sign"),
+    (dict(sign=2), "sign"),
+    (dict(lam=-1.0), "lam"),
+    (dict(threshold="otsu"), "threshold"),
+    (dict(quantile=1.0), "quantile"),
+    (dict(quantile=0.0), "quantile"),
+    (dict(threshold="table"), "table"),
+    (dict(table=torch.zeros(2, 1, 4, 4)), "table"),
+    (dict(threshold="table", table=torch.zeros(4, 4)), "table"),
+    (dict(num_perturbations=1), "num_perturbations"),
+    (dict(variant="x"), "variant"),
+    (dict(window=(0.2, 0.1)), "window"),
+    (dict(estimate_window=(0.0, 2.0)), "estimate_window"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_validation_names_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        UncertaintyGuidance(**kwargs)

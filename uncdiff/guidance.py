@@ -1,0 +1,232 @@
+"""Uncertainty-guided sampling (spec §4) as a sampler hook, and its threshold calibration.
+
+On the steps of the guidance window the hook replaces `eps_bar` by a guided `eps_tilde` and lets
+the ordinary sampler step run, so it works unchanged under DDPM, DDIM or any later sampler.
+Outside the window it is the plain estimator (`AleatoricUncertainty`): it returns `eps_bar`.
+"""
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from uncdiff.samplers import EpsModel, Sampler, StepContext, predict_x0
+from uncdiff.schedule import NoiseSchedule
+from uncdiff.uncertainty import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
+                                 perturbed_eps, reduce_perturbations, renoise, window_steps)
+
+RULES = ("gradient", "posterior")
+THRESHOLDS = ("percentile", "table")
+
+
+def uncertainty_gradient(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
+                         schedule: NoiseSchedule, clip: bool, z: torch.Tensor, variant: str = "centered",
+                         chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`U_t [B, C, H, W]` and `dU/d eps_bar [B, C, H, W]` with `U = sum over pixels of U_t` per image.
+
+    `U` is taken as a function of `eps_bar` alone, with `x_t` and the draws `z` held fixed: the
+    derivative flows through `x0_hat -> x_t^i -> eps_theta` *and*, for the `centered` variant,
+    through the direct `- eps_bar` in `(eps_i - eps_bar)^2` (the total derivative, spec §4).
+    Images are independent, so the gradient of the batch sum is every image's own gradient.
+
+    With all B*M perturbed rows in one chunk this is M forward passes and one backward. With
+    smaller chunks, only one chunk's graph is held at a time: a first pass without graph gives
+    `eps_i` and `dU/d eps_i`, and each chunk is then recomputed with its graph and
+    back-propagated (2M forward passes). Returns `(U, grad, rows evaluated)`.
+
+    `eps_model` must be differentiable (not wrapped in `torch.no_grad`).
+    """
+    b, m = z.shape[:2]
+    rows = b * m
+    eps_bar = eps_bar.detach()
+    with torch.enable_grad():
+        if chunk_size is None or chunk_size >= rows:
+            e = eps_bar.clone().requires_grad_(True)
+            eps_i = perturbed_eps(eps_model, x_t, e, t, schedule, clip, z)
+            require_grad(eps_i)
+            u = reduce_perturbations(eps_i, e, variant)
+            (grad,) = torch.autograd.grad(u.sum(), e)
+            return u.detach(), grad, rows
+
+        with torch.no_grad():
+            eps_i = perturbed_eps(eps_model, x_t, eps_bar, t, schedule, clip, z, chunk_size)
+        eps_i.requires_grad_(True)
+        e = eps_bar.clone().requires_grad_(True)
+        u = reduce_perturbations(eps_i, e, variant)
+        # dU/d eps_i, and the direct term of the centered variant (None for `sample`)
+        g_rows, direct = torch.autograd.grad(u.sum(), (eps_i, e), allow_unused=True)
+        g_rows = g_rows.flatten(0, 1)
+        t_batch = torch.full((rows,), t, device=x_t.device, dtype=torch.long)
+        e = eps_bar.clone().requires_grad_(True)
+        for s in range(0, rows, chunk_size):
+            # x0_hat and the re-noising are cheap: rebuilt per chunk so each backward frees its graph
+            x_i = renoise(predict_x0(schedule, x_t, e, t, clip), z, schedule.abar_at(t))[s:s + chunk_size]
+            out = eps_model(x_i, t_batch[s:s + chunk_size])
+            require_grad(out)
+            out.backward(g_rows[s:s + chunk_size])
+        grad = e.grad if direct is None else e.grad + direct
+        return u.detach(), grad, 2 * rows
+
+
+def require_grad(eps: torch.Tensor) -> None:
+    if not eps.requires_grad:
+        raise RuntimeError("rule='gradient' needs a differentiable eps_model, but it returned a tensor without "
+                           "a graph: is it wrapped in torch.no_grad() (as DiffusionModule.ema_eps is)? Pass the "
+                           "network itself in eval mode.")
+
+
+def posterior_eps(eps_i: torch.Tensor, eps_bar: torch.Tensor, abar: float, mask: torch.Tensor) -> torch.Tensor:
+    """Spec §4 `posterior` rule: `eps_tilde = m * mu + (1 - m) * eps_bar` with
+    `sigma2` = unbiased variance over `{eps_1..eps_M, eps_bar}` and
+    `mu = (sum_i eps_i / sigma2) / (M / sigma2 + 1 / abar)`, the sum over the M perturbations of
+    each image (not over the batch). Computed as `sum_i eps_i / (M + sigma2 / abar)`, the same value
+    multiplied through by `sigma2`, which stays finite where `sigma2 = 0`.
+    `eps_i [B, M, C, H, W]`, `eps_bar` and `mask` `[B, C, H, W]`."""
+    m = eps_i.shape[1]
+    sigma2 = torch.cat([eps_i, eps_bar[:, None]], dim=1).var(1, correction=1)
+    mu = eps_i.sum(1) / (m + sigma2 / abar)
+    mask = mask.to(eps_bar.dtype)
+    return mask * mu + (1 - mask) * eps_bar
+
+
+def percentile_threshold(u: torch.Tensor, quantile: float) -> torch.Tensor:
+    """`tau_b [B, 1, 1, 1]`: the `quantile` of image b's own C*H*W values of `u [B, C, H, W]`."""
+    return torch.quantile(u.flatten(1).float(), quantile, dim=1).view(-1, 1, 1, 1).to(u.dtype)
+
+
+class UncertaintyGuidance:
+    """Spec §4 as a sampler hook; also reports scores and maps like `AleatoricUncertainty`.
+
+    On the steps of `window` (fractions of the sampler's steps; default the first 3 of 20):
+    compute `U_t` (spec §3, `num_perturbations` draws z from the per-sample `'uncertainty'`
+    stream, reused inside the gradient), the mask `m = 1[U_t > tau]` (`threshold='percentile'`:
+    `tau_b` is the `quantile` of image b's own values; `'table'`: `tau = table[step]`, a
+    `[steps, C, H, W]` tensor from `calibrate_threshold_table`), and return
+    - `rule='gradient'`: `eps_bar + sign * lam * m * dU/d eps_bar` (see `uncertainty_gradient`);
+    - `rule='posterior'`: `posterior_eps`.
+    On the steps of `estimate_window` it records `U_t` into `scores`/`maps` (the estimator it owns,
+    `self.estimator`, does this; on guided steps the map computed for guidance is recorded, at
+    `eps_bar`, before the update). Outside the guidance window `eps_bar` is returned unchanged.
+    """
+
+    def __init__(self, num_perturbations: int = 5, variant: str = "centered", rule: str = "gradient",
+                 sign: int = 1, lam: float = 1.0, threshold: str = "percentile", quantile: float = 0.95,
+                 table: Optional[torch.Tensor] = None, window: Sequence[float] = (0.0, 0.15),
+                 estimate_window: Sequence[float] = (0.0, 1.0), chunk_size: Optional[int] = None,
+                 keep_maps: bool = False):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+        if not float(lam) >= 0 or float(lam) == float("inf"):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+        if threshold == "table":
+            if table is None:
+                raise ValueError("threshold='table' needs a table (see calibrate_threshold_table / load_table)")
+            if not isinstance(table, torch.Tensor) or table.dim() != 4:
+                raise ValueError(f"table must be a tensor [steps, C, H, W], got {getattr(table, 'shape', table)!r}")
+        elif table is not None:
+            raise ValueError("table is only used with threshold='table'")
+        self.window = check_window("window", window)
+        self.rule, self.sign, self.lam = rule, int(sign), float(lam)
+        self.threshold, self.quantile, self.table = threshold, float(quantile), table
+        self.estimator = AleatoricUncertainty(num_perturbations, check_variant(variant), check_chunk_size(chunk_size),
+                                              check_window("estimate_window", estimate_window), keep_maps)
+
+    # the estimator's results, so this hook reads like any other estimator
+    def reset(self) -> None:
+        self.estimator.reset()
+
+    @property
+    def nfe(self) -> int:
+        return self.estimator.nfe
+
+    @property
+    def scores(self) -> Optional[torch.Tensor]:
+        return self.estimator.scores
+
+    @property
+    def maps(self) -> Optional[torch.Tensor]:
+        return self.estimator.maps
+
+    @property
+    def step_maps(self) -> Optional[torch.Tensor]:
+        return self.estimator.step_maps
+
+    @property
+    def step_indices(self) -> list[int]:
+        return self.estimator.step_indices
+
+    def in_window(self, ctx: StepContext) -> bool:
+        return ctx.index in window_steps(self.window, ctx.num_steps)
+
+    def mask(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """`m = 1[U_t > tau]`, `[B, C, H, W]` bool."""
+        if self.threshold == "percentile":
+            return u > percentile_threshold(u, self.quantile)
+        if self.table.shape[0] != ctx.num_steps or self.table.shape[1:] != u.shape[1:]:
+            raise ValueError(f"threshold table has shape {tuple(self.table.shape)} but this run needs "
+                             f"[{ctx.num_steps}, {', '.join(map(str, u.shape[1:]))}] (steps, C, H, W)")
+        return u > self.table[ctx.index].to(u)
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        est = self.estimator
+        if not self.in_window(ctx):
+            return est(ctx)
+        est.start(ctx)
+        z = est.draw_perturbations(ctx)
+        schedule, clip = ctx.sampler.schedule, ctx.sampler.clip
+        if self.rule == "gradient":
+            u, grad, rows = uncertainty_gradient(ctx.eps_model, ctx.x_t, ctx.eps, ctx.t, schedule, clip, z,
+                                                 est.variant, est.chunk_size)
+        else:
+            eps_i = perturbed_eps(ctx.eps_model, ctx.x_t, ctx.eps, ctx.t, schedule, clip, z, est.chunk_size)
+            u, rows = reduce_perturbations(eps_i, ctx.eps, est.variant), eps_i.shape[0] * eps_i.shape[1]
+        est.nfe += rows
+        if est.in_window(ctx):
+            est.record(ctx, u)
+        m = self.mask(u, ctx)
+        if self.rule == "gradient":
+            return ctx.eps + (self.sign * self.lam) * m.to(grad.dtype) * grad
+        return posterior_eps(eps_i, ctx.eps, schedule.abar_at(ctx.t), m)
+
+
+def quantile_over_samples(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile along dim 0 with linear interpolation (as `torch.quantile`, which refuses
+    inputs over 2^24 elements)."""
+    s = x.sort(dim=0).values
+    pos = q * (x.shape[0] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, x.shape[0] - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
+                              quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
+                              chunk_size: Optional[int] = None, batch_size: int = 256,
+                              device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (spec §3)
+    over unguided samples, one per seed (spec §4, `threshold='table'`). Use it with the same
+    sampler, step count, variant and number of perturbations."""
+    from uncdiff.uncertain_sampling import generate  # generate's factory imports this module
+
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    est = AleatoricUncertainty(num_perturbations, variant, chunk_size, keep_maps=True)
+    maps = generate(eps_model, sampler, shape, seeds, est, device, batch_size, progress).step_maps
+    return torch.stack([quantile_over_samples(maps[:, i], quantile) for i in range(maps.shape[1])])
+
+
+def save_table(path, table: torch.Tensor, settings: Mapping) -> None:
+    """Save a threshold table with the settings it was made with (quantile, sampler, steps,
+    num_perturbations, variant, seeds, ...: plain Python values)."""
+    torch.save({"table": table.detach().cpu(), "settings": dict(settings)}, path)
+
+
+def load_table(path) -> tuple[torch.Tensor, dict]:
+    """`(table [steps, C, H, W], settings)` as saved by `save_table`."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["table"], state["settings"]
