@@ -241,3 +241,41 @@ def test_mc_dropout_validation_names_the_option(kwargs, option):
 def test_mc_dropout_needs_dropout_layers():
     with pytest.raises(ValueError, match="dropout"):
         MCDropoutUncertainty(nn.Conv2d(1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# generate() and make_estimator()
+
+
+def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
+    from uncdiff.uncertain_sampling import generate
+
+    calls = []
+
+    def counted(x, t):
+        calls.append(x.shape[0])
+        return toy_eps(x, t)
+
+    sampler = DDPMSampler(schedule, steps=5)
+    est = AleatoricUncertainty(num_perturbations=3, keep_maps=True, window=(0.0, 0.6))
+    together = generate(counted, sampler, (1, 4, 4), [5, 6, 7], est, batch_size=3)
+    assert sum(calls) == together.nfe == 3 * 5 + 3 * 3 * 3  # 5 steps, M = 3 on steps 0, 1, 2
+    apart = generate(toy_eps, sampler, (1, 4, 4), [5, 6, 7], est, batch_size=2)
+    torch.testing.assert_close(apart.images, together.images)
+    torch.testing.assert_close(apart.scores, together.scores)
+    assert together.step_maps.shape == (3, 3, 1, 4, 4) and together.step_indices == [0, 1, 2]
+    plain = generate(toy_eps, sampler, (1, 4, 4), [5, 6, 7])
+    assert torch.equal(plain.images, together.images) and plain.maps is None and plain.nfe == 15
+
+
+def test_make_estimator_names_bad_options():
+    from uncdiff.uncertain_sampling import make_estimator
+
+    assert make_estimator("none") is None
+    assert isinstance(make_estimator("aleatoric", num_perturbations=3), AleatoricUncertainty)
+    with pytest.raises(ValueError, match="estimator"):
+        make_estimator("ensemble")
+    with pytest.raises(ValueError, match="num_perturbation"):
+        make_estimator("aleatoric", num_perturbation=3)
+    with pytest.raises(ValueError, match="model"):
+        make_estimator("mc_dropout")
