@@ -195,3 +195,15 @@ def test_table_threshold(schedule, tmp_path):
 def test_validation_names_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         UncertaintyGuidance(**kwargs)
+
+
+def test_gradient_leaves_the_network_parameters_alone(schedule):
+    net = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    x = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    model = lambda x, t: torch.tanh(net(x))
+    z = torch.randn(2, 3, 1, 3, 3, dtype=torch.float64)
+    eps = model(x, None).detach()
+    _, one, _ = uncertainty_gradient(model, x, eps, 300, schedule, False, z)
+    _, chunked, _ = uncertainty_gradient(model, x, eps, 300, schedule, False, z, chunk_size=2)
+    torch.testing.assert_close(chunked, one)
+    assert net.weight.grad is None and net.bias.grad is None

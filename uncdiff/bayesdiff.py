@@ -54,8 +54,9 @@ class LastLayerLaplace:
         total = total_sq = 0.0
         for s in range(0, num_heads, heads_per_chunk):
             k = min(heads_per_chunk, num_heads - s)
-            w = self.weight + self.var_W.sqrt() * torch.randn((k, *self.weight.shape), generator=generator)
-            b = self.bias + self.var_b.sqrt() * torch.randn((k, *self.bias.shape), generator=generator)
+            z_w = torch.randn((k, *self.weight.shape), generator=generator).to(self.weight)
+            z_b = torch.randn((k, *self.bias.shape), generator=generator).to(self.bias)
+            w, b = self.weight + self.var_W.sqrt() * z_w, self.bias + self.var_b.sqrt() * z_b
             out = self._conv(h, w.flatten(0, 1), b.flatten()).double()  # heads stacked as output channels
             out = out.view(h.shape[0], k, self.weight.shape[0], *out.shape[2:])
             total = total + out.sum(1)

@@ -56,14 +56,15 @@ def uncertainty_gradient(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.
         g_rows, direct = torch.autograd.grad(u.sum(), (eps_i, e), allow_unused=True)
         g_rows = g_rows.flatten(0, 1)
         t_batch = torch.full((rows,), t, device=x_t.device, dtype=torch.long)
-        e = eps_bar.clone().requires_grad_(True)
+        grad = torch.zeros_like(eps_bar) if direct is None else direct
         for s in range(0, rows, chunk_size):
-            # x0_hat and the re-noising are cheap: rebuilt per chunk so each backward frees its graph
+            # x0_hat and the re-noising are cheap: rebuilt per chunk so each chunk's graph is freed.
+            # autograd.grad, not backward: the network's parameters get no .grad as a side effect.
+            e = eps_bar.clone().requires_grad_(True)
             x_i = renoise(predict_x0(schedule, x_t, e, t, clip), z, schedule.abar_at(t))[s:s + chunk_size]
             out = eps_model(x_i, t_batch[s:s + chunk_size])
             require_grad(out)
-            out.backward(g_rows[s:s + chunk_size])
-        grad = e.grad if direct is None else e.grad + direct
+            grad = grad + torch.autograd.grad(out, e, grad_outputs=g_rows[s:s + chunk_size])[0]
         return u.detach(), grad, 2 * rows
 
 

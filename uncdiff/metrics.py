@@ -16,7 +16,8 @@ def sparsification_curve(uncertainty: torch.Tensor, error: torch.Tensor,
     `[num_fractions]` float64. Ties in uncertainty are broken by position (stable sort).
     """
     if uncertainty.shape != error.shape:
-        raise ValueError(f"uncertainty {tuple(uncertainty.shape)} and error {tuple(error.shape)} must have the same shape")
+        raise ValueError(f"uncertainty {tuple(uncertainty.shape)} and error {tuple(error.shape)} "
+                         "must have the same shape")
     if num_fractions < 1:
         raise ValueError(f"num_fractions must be >= 1, got {num_fractions}")
     u, e = uncertainty.flatten().double(), error.flatten().double()
