@@ -12,7 +12,7 @@ from torch import nn
 
 from uncdiff.samplers import DDIMSampler, StepContext
 from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import check_chunk_size, check_count, evaluate_in_chunks
+from uncdiff.uncertainty import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
 
 MOMENT_ESTIMATORS = ("spec", "regression")
 
@@ -194,7 +194,7 @@ class FeatureCachingEps:
         return None
 
 
-class BayesDiffUncertainty:
+class BayesDiffUncertainty(StepwiseUncertainty):
     """Spec §5b as a hook for DDIM with `eta = 0` and `clip=False` (clipping x0 makes the step
     non-affine, so the moment propagation below would not describe it; other samplers are errors).
 
@@ -224,7 +224,7 @@ class BayesDiffUncertainty:
 
     `maps [B, C, H, W]` = `Var[x_0]` after the run (the variance after the latest step during it),
     `scores` its sum over c, h, w; with `keep_maps`, `step_maps [B, n, C, H, W]` holds `Var` after
-    each step. Sample with `self.eps_model` so its features are reused; with any other eps_model
+    each step (the bookkeeping of `StepwiseUncertainty`, whose window is every step here). Sample with `self.eps_model` so its features are reused; with any other eps_model
     the features are recomputed (one extra pass per UQ step, counted in `nfe`).
     """
 
@@ -238,25 +238,7 @@ class BayesDiffUncertainty:
         self.chunk_size = check_chunk_size(chunk_size)
         self.eps_model = FeatureCachingEps(net)
         self.laplace = laplace
-        self.keep_maps = bool(keep_maps)
-        self.reset()
-
-    def reset(self) -> None:
-        self.nfe = 0
-        self._start_run()
-
-    def _start_run(self) -> None:
-        self.maps: Optional[torch.Tensor] = None
-        self.step_indices: list[int] = []
-        self._step_maps: list[torch.Tensor] = []
-
-    @property
-    def scores(self) -> Optional[torch.Tensor]:
-        return None if self.maps is None else self.maps.flatten(1).sum(1)
-
-    @property
-    def step_maps(self) -> Optional[torch.Tensor]:
-        return torch.stack(self._step_maps, dim=1) if self._step_maps else None
+        super().__init__((0.0, 1.0), keep_maps)
 
     def is_uq_step(self, index: int, num_steps: int) -> bool:
         return index % self.skip == 0 and index < num_steps - 1
@@ -302,7 +284,7 @@ class BayesDiffUncertainty:
             self._var = kx**2 * self._var + 2 * kx * ke * cov + ke**2 * (var_eps + spread)
         else:
             self._var = kx**2 * self._var
-        self.maps = self._var
+        self.maps = self._var  # not a sum over steps: the variance of the latest state
         if self.keep_maps:
             self._step_maps.append(self._var)
             self.step_indices.append(ctx.index)
