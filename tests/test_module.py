@@ -82,5 +82,5 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt")
     torch.testing.assert_close(loaded.laplace.var_W, model.laplace.var_W)
     result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff",
-                           estimator_options={"skip": 1, "num_draws": 2})
+                           estimator_options={"skip": 1, "num_draws": 2, "moments": "regression"})
     assert result.scores.shape == (2,) and (result.scores > 0).all()
