@@ -84,3 +84,10 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
     result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff",
                            estimator_options={"skip": 1, "num_draws": 2, "moments": "regression"})
     assert result.scores.shape == (2,) and (result.scores > 0).all()
+
+
+def test_gradient_guidance_works_under_inference_mode(model):
+    """Lightning runs validation (and so the callbacks) under inference_mode."""
+    with torch.inference_mode():
+        guided = model.sample(2, sampler="ddim", steps=10, guidance={"rule": "gradient"})
+    assert torch.isfinite(guided.images).all()

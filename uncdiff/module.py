@@ -165,7 +165,11 @@ class DiffusionModule(L.LightningModule):
         model.eval()
         try:
             eps_model = hook.eps_model if estimator == "bayesdiff" else model
-            return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size, progress)
+            # Lightning validates under inference_mode, where the gradient guidance rule can't
+            # re-enable autograd: leave it here (generate itself runs under no_grad).
+            with torch.inference_mode(False):
+                return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size,
+                                progress)
         finally:
             model.train(was_training)
 
