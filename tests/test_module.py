@@ -91,3 +91,19 @@ def test_gradient_guidance_works_under_inference_mode(model):
     with torch.inference_mode():
         guided = model.sample(2, sampler="ddim", steps=10, guidance={"rule": "gradient"})
     assert torch.isfinite(guided.images).all()
+
+
+def test_table_threshold_from_a_calibration_file(model, tmp_path):
+    from uncdiff.guidance import calibrate_threshold_table, save_table
+    from uncdiff.samplers import make_sampler
+
+    sampler = make_sampler(model.schedule, "ddim", steps=6)
+    table = calibrate_threshold_table(model.ema.ema_model.eval(), sampler, model.image_shape, range(8),
+                                      quantile=0.9, num_perturbations=2)
+    assert table.shape == (6, 1, 8, 8)
+    save_table(tmp_path / "tau.pt", table, {"steps": 6, "quantile": 0.9})
+    guided = model.sample(2, sampler="ddim", steps=6,
+                          guidance={"threshold": "table", "table": str(tmp_path / "tau.pt"), "rule": "posterior"})
+    assert torch.isfinite(guided.images).all()
+    with pytest.raises(ValueError, match="calibrated"):
+        model.sample(2, sampler="ddim", steps=5, guidance={"threshold": "table", "table": str(tmp_path / "tau.pt")})

@@ -1,5 +1,6 @@
 """The LightningModule: DDPM training (spec §1) with an EMA copy used for all sampling."""
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
@@ -7,6 +8,7 @@ import torch
 import ema_pytorch
 
 from uncdiff.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
+from uncdiff.guidance import load_table
 from uncdiff.samplers import make_sampler
 from uncdiff.uncertain_sampling import SampleResult, generate, make_estimator
 from uncdiff.schedule import NoiseSchedule
@@ -137,16 +139,27 @@ class DiffusionModule(L.LightningModule):
         - `estimator`: 'none' | 'aleatoric' | 'mc_dropout' | 'bayesdiff' (needs `fit_laplace`
           first), its options in `estimator_options` (e.g. `num_perturbations`, `window`).
         - `guidance`: options of `UncertaintyGuidance` (rule, sign, lam, threshold, quantile,
-          window, ...); guided sampling estimates with the aleatoric estimator.
+          window, ...); guided sampling estimates with the aleatoric estimator. With
+          `threshold='table'`, `table` may be the path of a file from `save_table`.
         - sample i uses seed `seed + i`, or `seeds[i]` when given: the same image whatever the
           batch size or process count.
 
         Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
         """
         options = dict(estimator_options or {})
+        sampler_obj = make_sampler(self.schedule, sampler or self.hparams.sampler,
+                                   steps=steps or self.hparams.sample_steps, **sampler_kwargs)
         if guidance is not None:
             if estimator not in ("none", "aleatoric"):
                 raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
+            guidance = dict(guidance)
+            if isinstance(guidance.get("table"), (str, Path)):  # a file from calibrate_threshold_table
+                table, settings = load_table(guidance["table"])
+                if table.shape[0] != len(sampler_obj.timesteps) or table.shape[1:] != self.image_shape:
+                    raise ValueError(f"threshold table {guidance['table']} was calibrated for {settings}, shape "
+                                     f"{tuple(table.shape)}; this run has {len(sampler_obj.timesteps)} steps of "
+                                     f"{self.image_shape} images")
+                guidance["table"] = table.to(self.device)
             hook = make_estimator("guided", **options, **guidance)
         elif estimator == "mc_dropout":
             hook = make_estimator("mc_dropout", model=self.ema.ema_model, **options)
@@ -157,8 +170,6 @@ class DiffusionModule(L.LightningModule):
             hook = make_estimator("bayesdiff", net=self.ema.ema_model, laplace=self.laplace.to(self.device), **options)
         else:
             hook = make_estimator(estimator, **options)
-        sampler_obj = make_sampler(self.schedule, sampler or self.hparams.sampler,
-                                   steps=steps or self.hparams.sample_steps, **sampler_kwargs)
         seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
         model = self.ema.ema_model
         was_training = model.training
