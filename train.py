@@ -1,6 +1,20 @@
-"""Train and sample uncdiff models: `python train.py fit --config configs/quickstart.yaml`."""
+"""Train and sample uncdiff models.
 
-from uncdiff.cli import main
+    python train.py fit --config configs/quickstart.yaml      # LightningCLI (uncdiff/cli.py)
+    python train.py sample --checkpoint CKPT --out DIR ...     # uncdiff/sample_cmd.py
+    python train.py evaluate --checkpoint CKPT --out DIR ...   # uncdiff/evaluate_cmd.py
+"""
+
+import sys
+
+COMMANDS = {"sample": "uncdiff.sample_cmd", "evaluate": "uncdiff.evaluate_cmd"}
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        import importlib
+
+        importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
+    else:
+        from uncdiff.cli import main
+
+        main()

@@ -1,0 +1,248 @@
+"""The output directory of a sampling run: what `train.py sample` writes and how it resumes.
+
+    run.json                     the settings that define the run, and what ran it (informational)
+    samples/<seed>.png           the image (8-bit; grey or RGB)
+    samples/<seed>_map.npy       its uncertainty map, float32 [C, H, W] (the estimator's, see SampleResult)
+    samples/<seed>_map.png       heatmap of the map summed over channels, scaled to the map's own maximum
+    records/chunk-<k>.json       written after chunk k's files: its seeds, scores, network evaluations, seconds
+    manifest.csv                 one row per sample (seed, files, score, kept), written when all chunks are done
+    grid.png, dropped.png        the first 64 samples, and the dropped ones (highest score first),
+                                 each as image | heatmap pairs
+
+The seeds are cut into fixed chunks of `batch_size` consecutive seeds, and a chunk is always
+generated as one batch: its results do not depend on how many processes share the work or on
+interruptions (even MC-Dropout's, whose dropout masks depend on the batch). Every file is written
+under a temporary name and renamed, the chunk's record last: a chunk is finished exactly when its
+record exists, and a re-run generates only the chunks without one.
+"""
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from uncdiff.run_inputs import InputError
+
+GRID_SAMPLES = 64
+
+
+@dataclass
+class Chunk:
+    index: int
+    seeds: list[int]
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}`, for naming the settings that differ."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '(not set)')!r} there, {b.get(k, '(not set)')!r} here"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(not set)") != b.get(k, "(not set)")]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader (or a re-run) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 `[H, W]` or `[H, W, 3]` -> PNG file contents."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """`[..., C, H, W]` in [-1, 1] -> uint8 (the same quantisation as the FID extractors')."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def heatmap(map_: torch.Tensor) -> np.ndarray:
+    """`[C, H, W]` uncertainty -> uint8 RGB `[H, W, 3]`: the channel sum scaled to its own maximum, magma."""
+    from matplotlib import colormaps
+
+    u = map_.double().sum(0).clamp(min=0)
+    u = u / u.max() if u.max() > 0 else u
+    return (colormaps["magma"](u.numpy())[..., :3] * 255).round().astype(np.uint8)
+
+
+def pair_grid(images: list[np.ndarray], maps: list[Optional[np.ndarray]], per_row: int = 8) -> np.ndarray:
+    """Cells of `image | heatmap` (image alone when there is no map), `per_row` cells a row, 1-pixel
+    gaps, upscaled so that a cell is at least 32 pixels high. uint8 RGB."""
+    h, w = images[0].shape[:2]
+    scale = max(1, -(-32 // h))
+    rgb = lambda a: np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+    cells = [np.concatenate([rgb(i), np.full((h, 1, 3), 255, np.uint8), m], axis=1) if m is not None else rgb(i)
+             for i, m in zip(images, maps)]
+    cw = cells[0].shape[1]
+    rows = -(-len(cells) // per_row)
+    grid = np.full((rows * (h + 2), min(len(cells), per_row) * (cw + 2), 3), 255, np.uint8)
+    for n, cell in enumerate(cells):
+        r, c = divmod(n, per_row)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (cw + 2) + 1:c * (cw + 2) + 1 + cw] = cell
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+class SampleStore:
+    """One run's output directory (layout in the module docstring). `settings` is a JSON-able dict
+    with at least `seeds: {start, count}`, `batch_size`, `save_maps` and `drop_fraction`."""
+
+    def __init__(self, root: str | Path, settings: dict):
+        self.root, self.settings = Path(root), settings
+        start, count = settings["seeds"]["start"], settings["seeds"]["count"]
+        bs = settings["batch_size"]
+        seeds = list(range(start, start + count))
+        self.chunks = [Chunk(k, seeds[i:i + bs]) for k, i in enumerate(range(0, count, bs))]
+
+    # ------------------------------------------------------------------------------ checking
+
+    def check(self) -> str:
+        """'new' (nothing there, or an empty directory), 'resume' (run.json holds these settings);
+        raises InputError for a directory of another run or one that isn't a sample directory."""
+        if not self.root.exists():
+            return "new"
+        if not self.root.is_dir():
+            raise InputError(f"output path {self.root} exists and is not a directory")
+        run = self.root / "run.json"
+        if not run.is_file():
+            if any(self.root.iterdir()):
+                raise InputError(f"output directory {self.root} is not empty and holds no run.json: it is not a "
+                                 f"uncdiff sample directory; choose another --out")
+            return "new"
+        try:
+            old = json.loads(run.read_text())["settings"]
+        except (ValueError, KeyError) as error:
+            raise InputError(f"{run} is unreadable ({error}); choose another --out") from None
+        diff = settings_differences(old, self.settings)
+        if diff:
+            raise InputError(f"output directory {self.root} holds another run (its run.json differs in "
+                             f"{len(diff)} setting(s): " + "; ".join(diff) + "). Repeat that run's exact "
+                             f"command to resume it, or choose another --out.")
+        return "resume"
+
+    def create(self, info: dict) -> None:
+        """Make the directories and write run.json (kept as it is when resuming)."""
+        (self.root / "samples").mkdir(parents=True, exist_ok=True)
+        (self.root / "records").mkdir(exist_ok=True)
+        run = self.root / "run.json"
+        if not run.is_file():
+            write_atomic(run, json.dumps({"settings": self.settings, **info}, indent=2).encode())
+
+    # ------------------------------------------------------------------------------ progress
+
+    def record_path(self, chunk: Chunk) -> Path:
+        return self.root / "records" / f"chunk-{chunk.index:06d}.json"
+
+    def missing(self) -> list[Chunk]:
+        return [c for c in self.chunks if not self.record_path(c).is_file()]
+
+    def done_samples(self) -> int:
+        return sum(len(c.seeds) for c in self.chunks if self.record_path(c).is_file())
+
+    # ------------------------------------------------------------------------------ writing
+
+    def files(self, seed: int) -> dict:
+        has_maps = self.settings["save_maps"] and self.settings["estimator"] != "none"
+        return {"image": f"samples/{seed:06d}.png",
+                "map": f"samples/{seed:06d}_map.npy" if has_maps else "",
+                "heatmap": f"samples/{seed:06d}_map.png" if has_maps else ""}
+
+    def write_chunk(self, chunk: Chunk, images: torch.Tensor, maps: Optional[torch.Tensor],
+                    scores: Optional[torch.Tensor], nfe: int, seconds: float) -> None:
+        """Chunk `chunk`'s files: `images [B, C, H, W]` in [-1, 1], `maps [B, C, H, W]`, `scores [B]`;
+        the record (seeds, scores, nfe, seconds) last."""
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        for b, seed in enumerate(chunk.seeds):
+            files = self.files(seed)
+            image = pixels[b, ..., 0] if pixels.shape[-1] == 1 else pixels[b]
+            write_atomic(self.root / files["image"], png_bytes(image))
+            if files["map"]:
+                from io import BytesIO
+
+                buffer = BytesIO()
+                np.save(buffer, maps[b].float().numpy())
+                write_atomic(self.root / files["map"], buffer.getvalue())
+                write_atomic(self.root / files["heatmap"], png_bytes(heatmap(maps[b])))
+        record = {"chunk": chunk.index, "seeds": chunk.seeds,
+                  "scores": None if scores is None else [float(s) for s in scores],
+                  "nfe": int(nfe), "seconds": float(seconds)}
+        write_atomic(self.record_path(chunk), json.dumps(record).encode())
+
+    def records(self) -> list[dict]:
+        return [json.loads(self.record_path(c).read_text()) for c in self.chunks]
+
+    def finish(self) -> dict:
+        """All chunks done: write manifest.csv (filtering by `drop_fraction`), grid.png, dropped.png.
+        Returns the run's summary (also written as summary.json)."""
+        from uncdiff.metrics import keep_best
+
+        records = self.records()
+        seeds = [s for r in records for s in r["seeds"]]
+        has_scores = records[0]["scores"] is not None
+        scores = torch.tensor([s for r in records for s in r["scores"]], dtype=torch.float64) if has_scores else None
+        p = self.settings["drop_fraction"]
+        kept = keep_best(scores, p) if (has_scores and p) else torch.ones(len(seeds), dtype=torch.bool)
+
+        lines = [["index", "seed", "image", "map", "heatmap", "score", "kept"]]
+        for i, seed in enumerate(seeds):
+            f = self.files(seed)
+            lines.append([i, seed, f["image"], f["map"], f["heatmap"],
+                          repr(float(scores[i])) if has_scores else "", int(kept[i])])
+        write_atomic(self.root / "manifest.csv", "".join(",".join(map(str, row)) + "\n" for row in lines).encode())
+
+        self.write_grid("grid.png", seeds[:GRID_SAMPLES])
+        dropped = [seeds[i] for i in torch.argsort(scores, descending=True, stable=True).tolist() if not kept[i]] \
+            if has_scores else []
+        if dropped:
+            self.write_grid("dropped.png", dropped[:GRID_SAMPLES])
+        summary = {"samples": len(seeds), "kept": int(kept.sum()), "dropped": len(seeds) - int(kept.sum()),
+                   "nfe_per_image": sum(r["nfe"] for r in records) / len(seeds),
+                   "seconds_per_image": sum(r["seconds"] for r in records) / len(seeds)}
+        write_atomic(self.root / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+    def write_grid(self, name: str, seeds: list[int]) -> None:
+        images, maps = [], []
+        for seed in seeds:
+            f = self.files(seed)
+            images.append(np.asarray(Image.open(self.root / f["image"])))
+            maps.append(np.asarray(Image.open(self.root / f["heatmap"])) if f["heatmap"] else None)
+        write_atomic(self.root / name, png_bytes(pair_grid(images, maps)))
+
+    # ------------------------------------------------------------------------------ reading
+
+    def manifest(self) -> list[dict]:
+        with open(self.root / "manifest.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def load_images(self) -> torch.Tensor:
+        """All samples, in seed order, as float `[N, C, H, W]` in [-1, 1] (from the PNGs)."""
+        pixels = [np.asarray(Image.open(self.root / self.files(s)["image"])) for c in self.chunks for s in c.seeds]
+        x = torch.from_numpy(np.stack(pixels))
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        return x.float() / 127.5 - 1
+
+    def load_scores(self) -> Optional[torch.Tensor]:
+        records = self.records()
+        if records[0]["scores"] is None:
+            return None
+        return torch.tensor([s for r in records for s in r["scores"]], dtype=torch.float64)
