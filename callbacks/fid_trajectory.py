@@ -1,0 +1,229 @@
+"""FID of unguided, guided and uncertainty-filtered EMA samples during training (spec §6), logged as
+`val/fid/unguided`, `val/fid/guided`, `val/fid/filtered` so W&B draws their trajectories."""
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import lightning as L
+import torch
+from tqdm.auto import tqdm
+
+from callbacks.sampling import (check_estimator, check_every_n_epochs, check_fraction, check_guidance,
+                                check_positive, check_sampler, due, gather_rows, sample_in_batches, shard)
+from uncdiff.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
+from uncdiff.metrics import keep_best
+from uncdiff.uncertain_sampling import make_estimator
+
+KINDS = ("unguided", "guided", "filtered")
+
+
+def dataset_key(datamodule, image_shape, split: str) -> str:
+    """The real-statistics cache key of a uncdiff data module's split: its class name without
+    'DataModule', lower-cased, and the image size, e.g. 'digits-16x16-train', 'cifar10-32x32-train'."""
+    stem = type(datamodule).__name__.removesuffix("DataModule").lower()
+    return f"{stem}-{image_shape[-2]}x{image_shape[-1]}-{split}"
+
+
+class FIDTrajectory(L.Callback):
+    """At the end of validation (every `every_n_epochs` epochs, see `callbacks.sampling.due`),
+    generate `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1`,
+    unguided (scored by `estimator`) and guided (`guidance`, spec §4) from the same seeds, and log
+    the FID against cached real-data statistics of
+    - `unguided`: all unguided samples;
+    - `guided`: all guided samples;
+    - `filtered`: the unguided samples without the `fraction_dropped` with the highest score
+      (spec §3; decided over all ranks' scores).
+    Also logged: `val/fid/seconds` (the whole evaluation), `val/fid/sampling_seconds` and
+    `val/fid/feature_seconds` (features and the Fréchet distances).
+
+    Under DDP every rank generates a contiguous share of the seeds and adds its images' features
+    to torchmetrics' sums, which are summed over ranks; each seed gives the same image whatever the
+    number of processes, so the three sets do not depend on it (with the aleatoric estimator,
+    whose scores, like the images, are per seed; MC-Dropout's depend on the batch). The values are
+    logged on every rank (identical after the sync), so `ModelCheckpoint(monitor='val/fid/...')`
+    works under DDP; loggers write from rank 0 only.
+
+    Options:
+    - `sampler`, `steps`, `sampler_options` (e.g. `{eta: 0.0}`): the sampler of both sets;
+    - `estimator` ('aleatoric' | 'mc_dropout' | 'bayesdiff'), `estimator_options`: the scores;
+    - `guidance`: `UncertaintyGuidance` options (rule, sign, lam, window, quantile, ...). The guided
+      run records uncertainty only on its guidance steps (where it is computed anyway), unless
+      `guidance` sets `estimate_window`; this never changes the images;
+    - `extractor` ('inception' | 'digits-classifier') and `extractor_options` (e.g.
+      `{weights_path: /path/to/weights-inception-2015-12-05-6726825d.pth}`); the digits classifier
+      is cached in `cache_dir` and gets the model's image size unless told otherwise;
+    - real statistics: the data module's `real_split`, cached at
+      `<cache_dir>/fid_stats/<dataset>-<extractor name>.pt` with `dataset` by default
+      `dataset_key(...)`; computed once (on rank 0), then read;
+    - `batch_size`: images per `sample()` call; `progress`: a tqdm bar on rank 0;
+    - `save_images`: also write each rank's seeds, images and scores to
+      `<default_root_dir>/fid/step_<global step>/rank<r>.pt` (for checks; large for big N).
+
+    The extractor's name, the dataset key and the sampling options are logged as the run's
+    config key `fid`, so every FID value says what it measured.
+    """
+
+    def __init__(self, num_samples: int = 10_000, every_n_epochs: int = 1, seed: int = 0, sampler: str = "ddim",
+                 steps: int = 20, sampler_options: Optional[dict] = None, estimator: str = "aleatoric",
+                 estimator_options: Optional[dict] = None, guidance: Optional[dict] = None,
+                 fraction_dropped: float = 1 / 6, extractor: str = "inception",
+                 extractor_options: Optional[dict] = None, dataset: Optional[str] = None,
+                 real_split: str = "train", cache_dir: str = "cache", batch_size: int = 256,
+                 progress: bool = True, save_images: bool = False):
+        self.num_samples = check_positive("num_samples", num_samples)
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (a covariance needs two samples), got {num_samples}")
+        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
+        self.seed, self.sampler, self.steps = int(seed), sampler, int(steps)
+        self.sampler_options = check_sampler(sampler, steps, sampler_options)
+        self.estimator, self.estimator_options = estimator, check_estimator(estimator, estimator_options)
+        self.guidance = check_guidance(guidance)
+        # the guided run records its map only where guidance computes it anyway: no extra cost
+        self.guided_options = {"estimate_window": make_estimator("guided", **self.guidance).window, **self.guidance}
+        self.fraction_dropped = check_fraction("fraction_dropped", fraction_dropped)
+        if extractor not in EXTRACTORS:
+            raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
+        self.extractor, self.extractor_options = extractor, dict(extractor_options or {})
+        weights = self.extractor_options.get("weights_path")
+        if weights is not None and not Path(weights).is_file():
+            raise FileNotFoundError(f"extractor_options.weights_path={weights!r} is not a file")
+        if real_split not in ("train", "val"):
+            raise ValueError(f"real_split must be 'train' or 'val', got {real_split!r}")
+        self.dataset, self.real_split, self.cache_dir = dataset, real_split, cache_dir
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.progress, self.save_images = progress, save_images
+        self.evaluators: Optional[dict[str, FIDEvaluator]] = None
+        self.config: dict = {}
+
+    # ------------------------------------------------------------------------------ setup
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build the extractor and the three evaluators, and load (or compute once and cache) the
+        real statistics, on every rank: DDP is initialised here."""
+        if stage not in ("fit", "validate") or self.evaluators is not None or trainer.limit_val_batches == 0:
+            return  # nothing to evaluate (e.g. validation switched off)
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError("FIDTrajectory needs the trainer's datamodule (its real images): "
+                             "pass one to fit/validate")
+        options = dict(self.extractor_options)
+        if self.extractor == "digits-classifier":
+            options.setdefault("cache_dir", self.cache_dir)
+            options.setdefault("image_size", pl_module.image_shape[-1])
+        extractor = make_extractor(self.extractor, **options)
+        dataset = self.dataset or dataset_key(datamodule, pl_module.image_shape, self.real_split)
+        real = datamodule_images(datamodule, self.real_split)
+        self.evaluators = {kind: FIDEvaluator(extractor, dataset, real, self.cache_dir) for kind in KINDS}
+        for evaluator in self.evaluators.values():
+            evaluator.prepare()  # the first computes and caches when needed; the others read the file
+        self.config = {"extractor": extractor.name, "extractor_options": options, "dataset": dataset,
+                       "real_stats": str(stats_path(self.cache_dir, dataset, extractor.name)),
+                       "num_samples": self.num_samples, "seed": self.seed, "sampler": self.sampler,
+                       "steps": self.steps, "sampler_options": self.sampler_options, "estimator": self.estimator,
+                       "estimator_options": self.estimator_options, "guidance": self.guided_options,
+                       "fraction_dropped": self.fraction_dropped}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"fid": self.config})
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not due(trainer, self.every_n_epochs):
+            return
+        values, seconds = self.evaluate(trainer, pl_module)
+        for kind, value in values.items():
+            # identical on every rank (torchmetrics summed the states over ranks): no sync needed
+            pl_module.log(f"val/fid/{kind}", value, sync_dist=False)
+        for name, value in seconds.items():
+            pl_module.log(f"val/fid/{name}", value, sync_dist=False)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict, dict]:
+        """The three FIDs and the time spent: `({kind: fid}, {'seconds', 'sampling_seconds',
+        'feature_seconds'})`. A collective: every rank must call it."""
+        if self.evaluators is None:
+            self.setup(trainer, pl_module, "validate")
+        device = pl_module.device
+        clock = Clock(device)
+        for evaluator in self.evaluators.values():
+            evaluator.to(device).reset()
+        n, rank, world = self.num_samples, trainer.global_rank, trainer.world_size
+        local = shard(n, rank, world)
+        seeds = [self.seed + i for i in local]
+        bar = tqdm(total=2 * len(seeds), desc=f"FID: {2 * n} samples on {world} process(es), rank 0's share",
+                   unit="img", leave=False, disable=not (self.progress and trainer.is_global_zero))
+        common = dict(sampler=self.sampler, steps=self.steps, **self.sampler_options)
+
+        unguided, scores = [], []
+        for _, result in clock.time("sampling", sample_in_batches(
+                pl_module, seeds, self.batch_size, bar, estimator=self.estimator,
+                estimator_options=self.estimator_options, **common)):
+            with clock.timing("features"):
+                self.evaluators["unguided"].update(result.images.to(device))
+            unguided.append(result.images)
+            scores.append(result.scores)
+        guided = []
+        for _, result in clock.time("sampling", sample_in_batches(
+                pl_module, seeds, self.batch_size, bar, guidance=self.guided_options, **common)):
+            with clock.timing("features"):
+                self.evaluators["guided"].update(result.images.to(device))
+            if self.save_images:
+                guided.append(result.images)
+        bar.close()
+
+        with clock.timing("features"):
+            local_scores = torch.cat(scores) if scores else torch.zeros(0)
+            keep = keep_best(gather_rows(trainer, local_scores.float(), n, device), self.fraction_dropped)
+            local_keep = keep[local.start:local.stop]
+            kept = torch.cat(unguided)[local_keep] if unguided else torch.zeros(0)
+            for batch in kept.split(self.batch_size):
+                self.evaluators["filtered"].update(batch.to(device))
+            values = {kind: self.evaluators[kind].compute() for kind in KINDS}
+        if self.save_images:
+            self._save(trainer, seeds, unguided, guided, local_scores, local_keep)
+        seconds = {"seconds": clock.total(), "sampling_seconds": clock.seconds["sampling"],
+                   "feature_seconds": clock.seconds["features"]}
+        return values, seconds
+
+    def _save(self, trainer, seeds, unguided, guided, scores, keep) -> None:
+        path = Path(trainer.default_root_dir) / "fid" / f"step_{trainer.global_step:08d}" / f"rank{trainer.global_rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        empty = lambda parts: torch.cat(parts) if parts else torch.zeros(0)
+        torch.save({"seeds": torch.tensor(seeds, dtype=torch.long), "unguided": empty(unguided),
+                    "guided": empty(guided), "scores": scores, "kept": keep}, path)
+
+
+class Clock:
+    """Wall-clock seconds per named phase (synchronising CUDA so that queued work is counted)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = {"sampling": 0.0, "features": 0.0}
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def total(self) -> float:
+        return self._now() - self.start
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        start = self._now()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += self._now() - start
+
+    def time(self, phase: str, items: Iterable) -> Iterator:
+        """Iterate `items`, counting the time spent producing each one as `phase`."""
+        items = iter(items)
+        while True:
+            with self.timing(phase):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item

@@ -1,0 +1,146 @@
+"""What the sampling callbacks share: their schedule, option checks, and generation split over
+DDP ranks (each rank its share of the seeds, results gathered in seed order)."""
+
+import inspect
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from uncdiff.bayesdiff import BayesDiffUncertainty
+from uncdiff.samplers import make_sampler
+from uncdiff.schedule import NoiseSchedule
+from uncdiff.uncertain_sampling import SampleResult, make_estimator
+
+SCORE_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
+
+# The callbacks log values that are already identical on every rank (computed from gathered or
+# synced data) with sync_dist=False; Lightning's advice to sync them would only add a collective.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/(fid|uncertainty)/")
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+def check_every_n_epochs(every_n_epochs: int) -> int:
+    if isinstance(every_n_epochs, bool) or int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
+        raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+    return int(every_n_epochs)
+
+
+def due(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """Whether a sampling callback runs at this validation's end: in `fit`, when
+    `(current_epoch + 1) % every_n_epochs == 0` (ModelCheckpoint's and check_val_every_n_epoch's
+    rule, so a checkpoint monitoring a logged value sees it); always in `trainer.validate`;
+    never in the sanity check."""
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn != "fit":
+        return True
+    return (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+# ------------------------------------------------------------------------------- option checks
+
+def check_sampler(sampler: str, steps: int, sampler_options: Optional[dict]) -> dict:
+    """Build the sampler once on the default schedule so a bad option fails now, naming it."""
+    options = dict(sampler_options or {})
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    try:
+        make_sampler(NoiseSchedule(), sampler, steps=steps, **options)
+    except TypeError as error:  # an unknown keyword: say it's one of sampler_options
+        raise ValueError(f"sampler_options {sorted(options)} don't fit sampler {sampler!r}: {error}") from None
+    return options
+
+
+def check_guidance(guidance: Optional[dict]) -> dict:
+    """`UncertaintyGuidance` options (spec §4), checked by building one."""
+    options = dict(guidance or {})
+    try:
+        make_estimator("guided", **options)
+    except ValueError as error:
+        raise ValueError(f"guidance: {error}") from None
+    return options
+
+
+def check_estimator(estimator: str, estimator_options: Optional[dict]) -> dict:
+    """A per-sample score estimator of `DiffusionModule.sample` and its options, checked now
+    (the model-bound ones against stand-ins: an `nn.Dropout`, or by option names for BayesDiff)."""
+    options = dict(estimator_options or {})
+    if estimator not in SCORE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {SCORE_ESTIMATORS} (it scores the samples), got {estimator!r}")
+    try:
+        if estimator == "aleatoric":
+            make_estimator("aleatoric", **options)
+        elif estimator == "mc_dropout":
+            make_estimator("mc_dropout", model=nn.Dropout(), **options)
+        else:
+            params = set(inspect.signature(BayesDiffUncertainty).parameters) - {"net", "laplace"}
+            unknown = sorted(set(options) - params)
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown} for estimator 'bayesdiff'; it takes {sorted(params)}")
+    except ValueError as error:
+        raise ValueError(f"estimator_options: {error}") from None
+    return options
+
+
+def check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- seeds over ranks
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of the indices 0..n-1, `ceil(n / world)` per rank (the last
+    ranks may get fewer or none), so that concatenating the ranks' shares gives 0..n-1 in order."""
+    per_rank = -(-n // world)
+    return range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))
+
+
+def gather_rows(trainer: L.Trainer, local: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """Every rank's `local [n_r, ...]` (its `shard` of n rows), concatenated in rank order:
+    `[n, ...]` on the CPU, on every rank. Moved to `device` for the collective (NCCL needs CUDA)."""
+    world = trainer.world_size
+    if world == 1:
+        return local.cpu()
+    per_rank = -(-n // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = trainer.strategy.all_gather(padded.to(device))  # [world, per_rank, ...]
+    return gathered.flatten(0, 1)[:n].cpu()
+
+
+def sample_in_batches(pl_module: L.LightningModule, seeds: Sequence[int], batch_size: int, progress=None,
+                      **sample_kwargs) -> Iterator[tuple[Sequence[int], SampleResult]]:
+    """`pl_module.sample(seeds=batch, **sample_kwargs)` for successive batches of `seeds`, yielding
+    `(batch seeds, result)` and advancing the tqdm bar `progress` by the batch size.
+
+    Runs outside inference mode (Lightning validates under `torch.inference_mode`, in which
+    guidance's gradient cannot be taken); the sampler itself turns gradients off where it can.
+    """
+    for i in range(0, len(seeds), batch_size):
+        batch = list(seeds[i:i + batch_size])
+        with torch.inference_mode(False):
+            result = pl_module.sample(seeds=batch, batch_size=len(batch), **sample_kwargs)
+        if progress is not None:
+            progress.update(len(batch))
+        yield batch, result
+
+
+def log_figure(trainer: L.Trainer, key: str, path, caption: str) -> None:
+    """Log a saved PNG to every W&B logger of the run (rank 0 only, by WandbLogger itself)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [str(path)], step=trainer.global_step, caption=[caption])
