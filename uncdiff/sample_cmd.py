@@ -38,7 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="output directory (created; a re-run of the same command resumes)")
     g.add_argument("--config", help="the run's config (default: the newest config-*.yaml in its run directory)")
     g.add_argument("--data", choices=("digits", "cifar10"), help="the training data, instead of the run's config")
-    g.add_argument("--data-root", default="data", help="where CIFAR-10 lies (with --data cifar10)")
+    g.add_argument("--data-root", default="data", help="where CIFAR-10 lies (with --data cifar10; default data)")
     g.add_argument("--laplace-images", type=int,
                    help="BayesDiff: fit the Laplace posterior on this many training images (default: the "
                         "checkpoint's own posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt")
@@ -50,49 +50,59 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, with_counts: bool = True) -> None:
-    """Sampler, estimator and guidance options (`build_settings` reads them)."""
-    g = parser.add_argument_group("sampler")
-    if with_counts:
-        g.add_argument("--n", type=int, default=64, help="number of samples (seeds seed..seed+n-1)")
-        g.add_argument("--seed", type=int, default=0, help="seed of the first sample")
+def add_sampler_arguments(parser: argparse.ArgumentParser, n: int = 64, steps: Optional[int] = None) -> None:
+    """Seeds, batch and sampler: both commands."""
+    g = parser.add_argument_group("samples and sampler")
+    g.add_argument("--n", type=int, default=n, help=f"number of samples, seeds seed..seed+n-1 (default {n})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first sample (default 0)")
     g.add_argument("--batch-size", type=int, default=256,
-                   help="samples per batch; also the unit of work and of resuming, so part of the run's settings")
+                   help="samples per batch (default 256); also the unit of work and of resuming, so part of the "
+                        "run's settings")
     g.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the checkpoint's")
-    g.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's sample_steps)")
+    g.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps or 'the checkpoint sample_steps'})")
     g.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     g.add_argument("--spacing", choices=("uniform", "quadratic"), help="DDIM timestep spacing (default uniform)")
     g.add_argument("--variance", choices=("beta_tilde", "beta"), help="DDPM variance (default beta_tilde)")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip x0 to [-1, 1] (default on; off for BayesDiff, which needs affine steps)")
+
+
+def add_estimator_arguments(parser: argparse.ArgumentParser, choose: bool = True) -> None:
+    """Estimator options; `choose` adds --estimator (evaluate runs them all)."""
     g = parser.add_argument_group("uncertainty")
-    g.add_argument("--estimator", default="aleatoric", help=f"one of {', '.join(ESTIMATOR_CHOICES)}")
+    if choose:
+        g.add_argument("--estimator", default="aleatoric", help=f"one of {', '.join(ESTIMATOR_CHOICES)} (default aleatoric)")
     g.add_argument("--M", type=int, help="perturbations (aleatoric, guided) or dropout passes (mc_dropout); default 5")
-    g.add_argument("--variant", choices=("centered", "sample"), default="centered", help="aleatoric map (spec §3)")
+    g.add_argument("--variant", choices=("centered", "sample"), default="centered", help="aleatoric map (spec §3; default centered)")
     g.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
-                   help="steps whose maps are summed into the score, as fractions of the steps")
+                   help="steps whose maps are summed into the score, as fractions of the steps (default 0 1)")
     g.add_argument("--dropout", type=float, help="MC-Dropout rate (default: the model's own)")
-    g.add_argument("--bayesdiff-draws", type=int, default=10, help="BayesDiff: draws S per UQ step")
-    g.add_argument("--bayesdiff-skip", type=int, default=5, help="BayesDiff: UQ every k-th step")
+    g.add_argument("--bayesdiff-draws", type=int, default=10, help="BayesDiff: draws S per UQ step (default 10)")
+    g.add_argument("--bayesdiff-skip", type=int, default=5, help="BayesDiff: UQ every k-th step (default 5)")
     g.add_argument("--bayesdiff-moments", choices=("spec", "regression"), default="spec")
-    if with_counts:
-        g.add_argument("--drop-fraction", type=float,
-                       help="filtering: mark the fraction p with the highest scores as dropped in the manifest "
-                            "(default 1/6 with an estimator)")
+    g.add_argument("--drop-fraction", type=float,
+                   help="filtering: mark the fraction p with the highest scores as dropped (default 1/6)")
+
+
+def add_guidance_arguments(parser: argparse.ArgumentParser, choose: bool = True) -> None:
+    """Guidance options; `choose` adds --guidance and --guidance-sign (evaluate runs them all)."""
     g = parser.add_argument_group("guidance (spec §4; uses the aleatoric estimator)")
-    g.add_argument("--guidance", choices=GUIDANCE_CHOICES, default="none", help="update rule")
-    g.add_argument("--guidance-sign", type=int, default=1, help="gradient rule: +1 or -1")
-    g.add_argument("--guidance-lam", type=float, default=1.0, help="gradient rule: step size lambda")
-    g.add_argument("--guidance-quantile", type=float, default=0.95, help="percentile threshold q")
+    if choose:
+        g.add_argument("--guidance", choices=GUIDANCE_CHOICES, default="none", help="update rule (default none)")
+        g.add_argument("--guidance-sign", type=int, default=1, help="gradient rule: +1 or -1 (default +1)")
+    g.add_argument("--guidance-lam", type=float, default=1.0, help="gradient rule: step size lambda (default 1)")
+    g.add_argument("--guidance-quantile", type=float, default=0.95, help="percentile threshold q (default 0.95)")
     g.add_argument("--guidance-window", type=float, nargs=2, default=(0.0, 0.15), metavar=("START", "STOP"),
                    help="guided steps, as fractions of the steps (default: the first 3 of 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py sample", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train.py sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    add_sampling_arguments(parser)
+    add_sampler_arguments(parser)
+    add_estimator_arguments(parser)
+    add_guidance_arguments(parser)
     return parser
 
 
@@ -262,10 +272,11 @@ def run_info(command: list[str], inputs: ModelInputs) -> dict:
 
 # ------------------------------------------------------------------------------------ generation
 
-def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool = True,
-                 desc: str = "sampling") -> Optional[dict]:
+def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool = True, desc: str = "sampling",
+                 warm_up: bool = False) -> Optional[dict]:
     """Generate the missing chunks of `store` on all processes; rank 0 then writes the manifest and
-    grids and returns the run's summary (the other ranks return None)."""
+    grids and returns the run's summary (the other ranks return None). `warm_up` first samples one
+    image untimed (lazy initialisation), so that seconds per image compare across runs."""
     from tqdm.auto import tqdm
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -281,7 +292,10 @@ def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool 
               f"on {world} process(es)", flush=True)
     bar = tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not (progress and rank == 0))
     kwargs = sample_kwargs(store.settings)
-    for chunk in todo[rank::world]:
+    mine = todo[rank::world]
+    if mine and warm_up:
+        module.sample(seeds=mine[0].seeds[:1], **kwargs)
+    for chunk in mine:
         start = time.perf_counter()
         result = module.sample(seeds=chunk.seeds, batch_size=len(chunk.seeds), **kwargs)
         store.write_chunk(chunk, result.images, result.maps, result.scores, result.nfe, time.perf_counter() - start)

@@ -102,6 +102,38 @@ def pair_grid(images: list[np.ndarray], maps: list[Optional[np.ndarray]], per_ro
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
+def check_output_dir(root: Path, settings: dict) -> str:
+    """'new' (nothing there, or an empty directory) or 'resume' (its run.json holds these very
+    settings); an InputError for a directory of another run, or one that holds something else."""
+    if not root.exists():
+        return "new"
+    if not root.is_dir():
+        raise InputError(f"output path {root} exists and is not a directory")
+    run = root / "run.json"
+    if not run.is_file():
+        if any(root.iterdir()):
+            raise InputError(f"output directory {root} is not empty and holds no run.json: it is not a uncdiff "
+                             f"output directory; choose another --out")
+        return "new"
+    try:
+        old = json.loads(run.read_text())["settings"]
+    except (ValueError, KeyError) as error:
+        raise InputError(f"{run} is unreadable ({error}); choose another --out") from None
+    diff = settings_differences(old, settings)
+    if diff:
+        raise InputError(f"output directory {root} holds another run (its run.json differs in {len(diff)} "
+                         f"setting(s): " + "; ".join(diff) + "). Repeat that run's exact command to resume it, "
+                         f"or choose another --out.")
+    return "resume"
+
+
+def create_output_dir(root: Path, settings: dict, info: dict) -> None:
+    """Make `root` and write its run.json: `settings` (compared on resume) and `info` (what ran it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "run.json").is_file():
+        write_atomic(root / "run.json", json.dumps({"settings": settings, **info}, indent=2).encode())
+
+
 class SampleStore:
     """One run's output directory (layout in the module docstring). `settings` is a JSON-able dict
     with at least `seeds: {start, count}`, `batch_size`, `save_maps` and `drop_fraction`."""
@@ -116,36 +148,14 @@ class SampleStore:
     # ------------------------------------------------------------------------------ checking
 
     def check(self) -> str:
-        """'new' (nothing there, or an empty directory), 'resume' (run.json holds these settings);
-        raises InputError for a directory of another run or one that isn't a sample directory."""
-        if not self.root.exists():
-            return "new"
-        if not self.root.is_dir():
-            raise InputError(f"output path {self.root} exists and is not a directory")
-        run = self.root / "run.json"
-        if not run.is_file():
-            if any(self.root.iterdir()):
-                raise InputError(f"output directory {self.root} is not empty and holds no run.json: it is not a "
-                                 f"uncdiff sample directory; choose another --out")
-            return "new"
-        try:
-            old = json.loads(run.read_text())["settings"]
-        except (ValueError, KeyError) as error:
-            raise InputError(f"{run} is unreadable ({error}); choose another --out") from None
-        diff = settings_differences(old, self.settings)
-        if diff:
-            raise InputError(f"output directory {self.root} holds another run (its run.json differs in "
-                             f"{len(diff)} setting(s): " + "; ".join(diff) + "). Repeat that run's exact "
-                             f"command to resume it, or choose another --out.")
-        return "resume"
+        """See `check_output_dir`."""
+        return check_output_dir(self.root, self.settings)
 
     def create(self, info: dict) -> None:
         """Make the directories and write run.json (kept as it is when resuming)."""
-        (self.root / "samples").mkdir(parents=True, exist_ok=True)
+        create_output_dir(self.root, self.settings, info)
+        (self.root / "samples").mkdir(exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
-        run = self.root / "run.json"
-        if not run.is_file():
-            write_atomic(run, json.dumps({"settings": self.settings, **info}, indent=2).encode())
 
     # ------------------------------------------------------------------------------ progress
 

@@ -1,0 +1,96 @@
+"""`train.py evaluate` end to end on a tiny checkpoint trained in the test, with tiny counts: the
+report and its tables, the cost in network evaluations against the spec's formulas, resuming
+without generating anything, and bad inputs failing before anything is written.
+
+(The experiments' numbers are tested against known truths in test_evaluation.py.)
+"""
+
+import csv
+import json
+
+import pytest
+
+from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
+from uncdiff.evaluate_cmd import main
+from uncdiff.module import DiffusionModule
+
+STEPS, M, N = 4, 2, 12
+ARGS = ["--n", str(N), "--batch-size", "6", "--steps", str(STEPS), "--M", str(M), "--laplace-images", "32",
+        "--bayesdiff-skip", "2", "--bayesdiff-draws", "3", "--ause-images", "8", "--subset-seeds", "3",
+        "--seed-groups", "2", "--accelerator", "cpu", "--no-progress"]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(root / "eval"), "--fid-cache", str(root / "cache"),
+            *ARGS]
+    main([*argv, "--wandb"])
+    return root / "eval", argv
+
+
+def test_report_has_every_experiment(evaluation, tiny_checkpoint):
+    out, _ = evaluation
+    report = (out / "report.md").read_text()
+    for heading in ("## (a) Filtering", "## (b) Guided versus unguided", "## (c) Pixel-wise uncertainty",
+                    "## (d) Cost", "measured better"):
+        assert heading in report
+    for plot in ("filtering.png", "guidance.png", "sparsification.png", "cost.png", "aleatoric_dropped.png"):
+        assert (out / plot).stat().st_size > 0 and f"]({plot})" in report
+    filtering = read_csv(out / "filtering.csv")
+    assert [r["estimator"] for r in filtering] == ["aleatoric", "mc_dropout", "bayesdiff"]
+    assert all(int(r["kept"]) == N - round(N / 6) and float(r["fid_random_std"]) > 0 for r in filtering)
+    guidance = read_csv(out / "guidance.csv")
+    assert [r["set"] for r in guidance] == ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior",
+                                            "sign +1 vs -1"]
+    assert guidance[-1]["better_sign"] in ("+1", "-1")
+    assert [r["estimator"] for r in read_csv(out / "sparsification.csv")] == ["aleatoric", "mc_dropout", "random",
+                                                                               "oracle"]
+    assert list((out / "wandb").glob("offline-run-*"))  # logged (offline in tests)
+    assert tiny_checkpoint.with_name("last.ckpt.laplace-32.pt").is_file()  # fitted once, next to the checkpoint
+
+
+def test_cost_follows_the_spec(evaluation):
+    out, _ = evaluation
+    nfe = {r["method"]: float(r["nfe_per_image"]) for r in read_csv(out / "cost.csv")}
+    assert nfe["plain"] == STEPS
+    assert nfe["aleatoric"] == nfe["mc_dropout"] == STEPS * (1 + M)  # M extra passes on every step (§3, §5a)
+    # guided: window (0, 0.15) of 4 steps = step 0: M forward passes for U and its gradient, estimation elsewhere
+    assert nfe["guided-gradient-plus"] == nfe["guided-posterior"] == STEPS * (1 + M)
+    # BayesDiff (§5b): UQ on steps 0 and 2 (every 2nd, not the last); draws (3) on those after the first
+    assert nfe["bayesdiff"] == STEPS + 3
+
+
+def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
+    out, argv = evaluation
+    calls = []
+    monkeypatch.setattr(DiffusionModule, "sample", lambda self, *a, **k: calls.append(k))
+    before = json.loads((out / "run.json").read_text())
+    main(argv)
+    assert calls == []
+    assert capsys.readouterr().out.count(f"{N} already written, 0 to generate") == 7
+    assert json.loads((out / "run.json").read_text()) == before
+
+
+def tree(path):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--subset-seeds", "1"], "--subset-seeds must be >= 2"),
+    (["--M", "1"], "num_perturbations must be an integer >= 2"),
+    (["--drop-fraction", "1.0"], "--drop-fraction must lie in (0, 1)"),
+    (["--n", "10"], "holds another run"),
+])
+def test_bad_input_fails_before_writing(evaluation, change, message):
+    out, argv = evaluation
+    before = tree(out.parent)
+    with pytest.raises(SystemExit) as error:
+        main([*argv, *change])
+    assert message in str(error.value.code)
+    assert tree(out.parent) == before

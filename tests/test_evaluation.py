@@ -1,0 +1,101 @@
+"""The experiments of the evaluation report (uncdiff/evaluation.py) against known truths:
+
+- filtering by a known quality measure (the distance to the nearest real image) beats random
+  subsets, filtering by a random score does not;
+- a guided set that is a noisier copy of the unguided one measures worse, an identical one within
+  the spread;
+- with the exact noise predictor of a known image, deterministic DDIM from the middle of the
+  schedule gives the image back (so `denoise_from` noises at the right step and runs the rest).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import uncdiff.fid as fid
+from uncdiff.evaluation import FeatureFID, compare, denoise_from, filtering_row, guidance_row, sign_outcome
+from uncdiff.fid import compute_real_stats
+from uncdiff.samplers import make_sampler
+from uncdiff.schedule import NoiseSchedule
+
+
+class Pixels(nn.Module):
+    """Pixels as FID features."""
+
+    name, num_features = "pixels", 64
+
+    def forward(self, images):
+        return images.flatten(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train_x, _, val_x, _ = fid.LABELLED_DATASETS["digits"](8)
+    return train_x, val_x
+
+
+@pytest.fixture(scope="module")
+def feature_fid(digits):
+    train_x, _ = digits
+    return FeatureFID(compute_real_stats(Pixels(), [train_x]))
+
+
+def degraded(val_x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Held-out digits, each with Gaussian noise of its own level in [0, 0.8]: samples of graded quality."""
+    gen = torch.Generator().manual_seed(seed)
+    level = torch.rand(len(val_x), 1, 1, 1, generator=gen) * 0.8
+    return (val_x + level * torch.randn(val_x.shape, generator=gen)).clamp(-1, 1)
+
+
+def test_filtering_by_a_quality_measure_beats_random_and_a_random_score_does_not(digits, feature_fid):
+    train_x, val_x = digits
+    images = degraded(val_x)
+    features = images.flatten(1).double()
+    distance = torch.cdist(images.flatten(1), train_x.flatten(1)).min(1).values  # higher = worse
+    random = torch.rand(len(images), generator=torch.Generator().manual_seed(1))  # not 0: `degraded`'s levels
+    good = filtering_row("distance", features, distance, 1 / 6, range(20), feature_fid)
+    noise = filtering_row("random", features, random, 1 / 6, range(20), feature_fid)
+    assert good["kept"] == noise["kept"] == len(images) - round(len(images) / 6)
+    assert good["fid_kept"] < good["fid_random_mean"] - 2 * good["fid_random_std"]
+    assert good["verdict"] == "better than random"
+    assert noise["verdict"] != "better than random"
+    assert noise["fid_random_mean"] == good["fid_random_mean"]  # the same random subsets of the same set
+
+
+def test_guided_versus_unguided_verdicts(digits, feature_fid):
+    _, val_x = digits
+    clean = val_x.flatten(1).double()
+    noisy = degraded(val_x, seed=2).flatten(1).double()
+    worse = guidance_row("noisier", noisy, clean, 3, feature_fid)
+    assert worse["difference"] > 0 and worse["verdict"] == "worse than unguided"
+    same = guidance_row("same", clean, clean, 3, feature_fid)
+    assert same["difference"] == 0 and same["verdict"].startswith("within the spread")
+    sign = sign_outcome(same, worse, clean, noisy, 3, feature_fid)  # '+1' is the clean set here
+    assert sign["better_sign"] == "+1" and sign["verdict"] == "+1 better"
+
+
+def test_compare_needs_more_than_twice_the_spread():
+    assert compare(-2.1, 1.0) == "better" and compare(2.1, 1.0) == "worse"
+    assert compare(-1.9, 1.0).startswith("within") and compare(1.0, None) == "no spread to judge by"
+
+
+def test_feature_fid_is_torchmetrics_fid(digits):
+    train_x, val_x = digits
+    expected = fid.fid_between(train_x, val_x, Pixels())
+    assert FeatureFID(compute_real_stats(Pixels(), [train_x]))(val_x.flatten(1).double()) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_denoising_from_the_middle_with_the_exact_predictor_returns_the_image(steps):
+    schedule = NoiseSchedule("linear", 1000)
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+
+    def exact_eps(x, t):  # the noise that takes x0 to x at t: DDIM (eta = 0) then lands on x0
+        a = schedule.abar(t)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    seen = []
+    out = denoise_from(exact_eps, make_sampler(schedule, "ddim", steps=steps), x0, [0, 1, 2],
+                       hook=lambda ctx: seen.append(ctx.index) or ctx.eps)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert seen == list(range(steps // 2, steps))  # the second half, with the sampler's own step indices

@@ -1,0 +1,336 @@
+"""`python train.py evaluate`: the paper's experiments on one checkpoint, written as a report.
+
+    python train.py evaluate --checkpoint runs/quickstart/checkpoints/last.ckpt --out eval/quick --n 1000
+
+(a) filtering: FID of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random
+subsets (mean ± std over --subset-seeds); (b) guided versus unguided FID from the same seeds, for
+the gradient rule with both signs and the posterior rule, over --seed-groups; (c) AUSE / AURG of
+the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each method.
+
+Each sample set is a `train.py sample` run in <out>/sets/<name> (so all processes generate it,
+and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it),
+computes the experiments and writes <out>/report.md, one CSV per experiment and the plots, and
+logs the tables to W&B with --wandb. Every input is checked before <out> is created.
+"""
+
+import argparse
+import inspect
+import shutil
+import sys
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from uncdiff.run_inputs import InputError, dataset_key
+from uncdiff.sample_cmd import (ModelInputs, add_estimator_arguments, add_guidance_arguments, add_model_arguments,
+                                add_sampler_arguments, attach_laplace, build_settings, estimator_hook,
+                                generate_run, make_fabric, prepare_model, run_info)
+from uncdiff.sample_store import SampleStore, check_output_dir, create_output_dir, write_atomic
+
+EXPERIMENTS = ("filtering", "guidance", "ause", "cost")
+FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
+# sample set -> how its options differ from the command's (see `set_arguments`)
+SETS = {
+    "plain": {"estimator": "none", "drop_fraction": None, "M": None},
+    "aleatoric": {"estimator": "aleatoric"},
+    "mc_dropout": {"estimator": "mc_dropout"},
+    "bayesdiff": {"estimator": "bayesdiff", "clip": False, "M": None},
+    "guided-gradient-plus": {"guidance": "gradient", "guidance_sign": 1},
+    "guided-gradient-minus": {"guidance": "gradient", "guidance_sign": -1},
+    "guided-posterior": {"guidance": "posterior"},
+}
+GUIDED = [name for name in SETS if name.startswith("guided")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    g = parser.add_argument_group("experiments")
+    g.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS,
+                   help="which to run (default all)")
+    g.add_argument("--filtering-estimators", nargs="+", default=list(FILTERING_ESTIMATORS),
+                   choices=FILTERING_ESTIMATORS, help="estimators of the filtering experiment (default all)")
+    g.add_argument("--subset-seeds", type=int, default=20, help="random subsets per filtering FID (default 20)")
+    g.add_argument("--seed-groups", type=int, default=3,
+                   help="seed groups the guided/unguided FIDs are repeated over (default 3)")
+    g.add_argument("--ause-images", type=int, default=100, help="held-out images for AUSE / AURG (default 100)")
+    g.add_argument("--ause-fractions", type=int, default=50, help="points of the sparsification curves (default 50)")
+    g.add_argument("--save-maps", action="store_true", help="also write every sample's map and heatmap")
+    g = parser.add_argument_group("FID")
+    g.add_argument("--extractor", choices=("auto", "inception", "digits-classifier"), default="auto",
+                   help="FID features (default: digits-classifier for digits, inception otherwise)")
+    g.add_argument("--inception-weights", help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
+    g.add_argument("--fid-cache", default="cache", help="cache of real statistics and classifiers (default cache)")
+    g = parser.add_argument_group("logging")
+    g.add_argument("--wandb", action="store_true", help="also log the report's tables and plots to W&B")
+    g.add_argument("--wandb-project", default="uncdiff-evaluate")
+    add_sampler_arguments(parser, n=1000, steps=20)
+    add_estimator_arguments(parser, choose=False)
+    add_guidance_arguments(parser, choose=False)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+@dataclass
+class Plan:
+    """Everything `_run` needs, checked."""
+
+    root: Path
+    settings: dict
+    stores: dict[str, SampleStore]
+    extractor: str
+    dataset: str
+    notes: list[str] = field(default_factory=list)
+
+
+def set_names(args) -> list[str]:
+    names = []
+    if "filtering" in args.experiments:
+        names += list(args.filtering_estimators)
+    if "guidance" in args.experiments:
+        names += ["plain", *GUIDED]
+    if "cost" in args.experiments:
+        names = ["plain", *names] if names else list(SETS)
+    return [n for n in SETS if n in names]
+
+
+def set_arguments(args, name: str, dropout: float) -> Namespace:
+    options = {"estimator": "aleatoric", "guidance": "none", "guidance_sign": 1}
+    options.update(SETS[name])
+    if name == "mc_dropout":
+        options["dropout"] = dropout
+    return Namespace(**{**vars(args), **options})
+
+
+def plan_evaluation(args, inputs: ModelInputs) -> Plan:
+    """Check every option and build the settings of the run and of each sample set. Writes nothing."""
+    if args.subset_seeds < 2:
+        raise InputError(f"--subset-seeds must be >= 2 (a spread needs two subsets), got {args.subset_seeds}")
+    if not 1 <= args.seed_groups <= args.n // 2:
+        raise InputError(f"--seed-groups must lie in [1, n/2], got {args.seed_groups} with --n {args.n}")
+    if args.ause_images < 1 or args.ause_fractions < 2:
+        raise InputError("--ause-images must be >= 1 and --ause-fractions >= 2")
+    if args.drop_fraction is not None and not 0.0 < args.drop_fraction < 1.0:
+        raise InputError(f"--drop-fraction must lie in (0, 1), got {args.drop_fraction}")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise InputError(f"--inception-weights: no file at {args.inception_weights}")
+    from uncdiff.data import DigitsDataModule
+
+    digits = isinstance(inputs.datamodule, DigitsDataModule)
+    extractor = args.extractor if args.extractor != "auto" else ("digits-classifier" if digits else "inception")
+    if extractor == "digits-classifier" and not digits:
+        raise InputError("--extractor digits-classifier is for models of the digits data")
+    notes = []
+    dropout = args.dropout
+    if dropout is None:
+        dropout = inputs.module.hparams.dropout or 0.1
+        if not inputs.module.hparams.dropout:
+            notes.append("The model was trained without dropout; MC-Dropout ran with rate 0.1 (set --dropout).")
+    root = Path(args.out)
+    stores = {}
+    for name in set_names(args):
+        set_args = set_arguments(args, name, dropout)
+        settings = build_settings(set_args, inputs.module, inputs.sha256,
+                                  inputs.laplace if name == "bayesdiff" else None, save_maps=args.save_maps)
+        stores[name] = SampleStore(root / "sets" / name, settings)
+    settings = {"format": 1, "checkpoint_sha256": inputs.sha256, "experiments": sorted(args.experiments),
+                "sets": {name: s.settings for name, s in stores.items()},
+                "subset_seeds": args.subset_seeds, "seed_groups": args.seed_groups,
+                "ause": {"images": args.ause_images, "fractions": args.ause_fractions},
+                "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule)}}
+    check_output_dir(root, settings)
+    for store in stores.values():
+        store.check()
+    return Plan(root, settings, stores, extractor, dataset_key(inputs.datamodule), notes)
+
+
+# --------------------------------------------------------------------------------------- running
+
+def make_fid_extractor(args, plan: Plan, module, device):
+    from uncdiff.fid import make_extractor
+
+    if plan.extractor == "inception":
+        extractor = make_extractor("inception", weights_path=args.inception_weights)
+    else:
+        extractor = make_extractor("digits-classifier", image_size=module.hparams.image_size,
+                                   cache_dir=args.fid_cache)
+    return extractor.to(device)
+
+
+def set_features(store: SampleStore, extractor) -> torch.Tensor:
+    """FID features of a finished set, extracted once and cached as features-<extractor>.pt."""
+    from uncdiff.evaluation import extract_features
+
+    path = store.root / f"features-{extractor.name}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    features = extract_features(extractor, store.load_images())
+    from io import BytesIO
+
+    buffer = BytesIO()
+    torch.save(features, buffer)
+    write_atomic(path, buffer.getvalue())
+    return features
+
+
+def held_out_images(datamodule, count: int) -> torch.Tensor:
+    from uncdiff.fid import datamodule_images
+
+    images = torch.cat(list(datamodule_images(datamodule, "val")()))
+    return images[:count]
+
+
+def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
+    from uncdiff.evaluation import sparsification_inputs, sparsification_row
+    from uncdiff.samplers import make_sampler
+
+    settings = plan.stores["aleatoric"].settings if "aleatoric" in plan.stores else \
+        build_settings(set_arguments(args, "aleatoric", 0.1), module, plan.settings["checkpoint_sha256"], None)
+    sampler = dict(settings["sampler"])
+    sampler = make_sampler(module.schedule, sampler.pop("name"), **sampler)
+    images = held_out_images(datamodule, args.ause_images).to(module.device)
+    seeds = list(range(len(images)))
+    model = module.ema.ema_model.eval()
+    errors = None
+    for name in ("aleatoric", "mc_dropout"):
+        s = plan.stores.get(name)
+        options = s.settings["estimator_options"] if s else \
+            build_settings(set_arguments(args, name, 0.1), module, "", None)["estimator_options"]
+        hook = estimator_hook(module, name, options, None)
+        result = sparsification_inputs(model, sampler, images, seeds, hook, batch_size=args.batch_size)
+        row, curve = sparsification_row(name, result.maps, result.errors, args.ause_fractions)
+        report.sparsification.append(row)
+        report.curves[name] = curve
+        errors = result.errors  # the same for both: estimation never changes the denoised image
+    random = torch.rand(errors.shape, generator=torch.Generator().manual_seed(0))
+    for name, maps in (("random", random), ("oracle", errors)):
+        row, curve = sparsification_row(name, maps, errors, args.ause_fractions)
+        report.sparsification.append(row)
+        report.curves[name] = curve
+    report.header["AUSE images"] = f"{len(images)} held-out images, denoised from step {len(sampler.timesteps) // 2}" \
+                                   f" of {len(sampler.timesteps)}"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
+    from uncdiff.evaluation import FeatureFID, cost_rows, filtering_row, guidance_row, sign_outcome
+    from uncdiff.guidance import UncertaintyGuidance
+    from uncdiff.report import Report
+
+    module = inputs.module
+    clipped = [s.settings for n, s in plan.stores.items() if n != "bayesdiff"]
+    any_set = (clipped or [s.settings for s in plan.stores.values()])[0]
+    default_sign = inspect.signature(UncertaintyGuidance).parameters["sign"].default
+    checkpoint = torch.load(inputs.checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    report = Report(header={
+        "checkpoint": f"{inputs.checkpoint} (step {checkpoint.get('global_step', '?')}, sha256 {inputs.sha256[:12]})",
+        "data": plan.dataset,
+        "FID features": f"{extractor.name}" + (f" (held-out accuracy {extractor.val_accuracy:.3f})"
+                                               if hasattr(extractor, "val_accuracy") else ""),
+        "sampler": ", ".join(f"{k}={v}" for k, v in any_set["sampler"].items() if k != "clip")
+        + " (x0 clipped, except BayesDiff's)",
+        "samples per set": f"{args.n} (seeds {args.seed}..{args.seed + args.n - 1}), batch {args.batch_size}",
+        "random subsets (seeds)": args.subset_seeds, "seed groups": args.seed_groups,
+        "M (perturbations / passes)": 5 if args.M is None else args.M,
+        "default gradient sign": f"{default_sign:+d} (UncertaintyGuidance)",
+        "device": f"{device_name(fabric.device)} x {fabric.world_size} process(es)",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python train.py evaluate", *args.argv]),
+    }, notes=list(plan.notes))
+    fid = FeatureFID(real_stats, fabric.device)
+    features = {name: set_features(store, extractor) for name, store in plan.stores.items()}
+    drop = next((s.settings["drop_fraction"] for s in plan.stores.values() if s.settings["drop_fraction"]), 1 / 6)
+    report.header["drop fraction"] = f"{drop:.4g}"
+
+    if "filtering" in args.experiments:
+        for name in args.filtering_estimators:
+            report.filtering.append(filtering_row(name, features[name], plan.stores[name].load_scores(), drop,
+                                                  range(args.subset_seeds), fid))
+        if "bayesdiff" in args.filtering_estimators:
+            report.notes.append("BayesDiff's set is sampled without x0 clipping (its variance propagation needs "
+                                "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
+                                "its random baseline is drawn from its own set.")
+    if "guidance" in args.experiments:
+        for name in GUIDED:
+            report.guidance.append(guidance_row(name, features[name], features["plain"], args.seed_groups, fid))
+        plus, minus = report.guidance[0], report.guidance[1]
+        report.sign = sign_outcome(plus, minus, features["guided-gradient-plus"], features["guided-gradient-minus"],
+                                   args.seed_groups, fid)
+    if "ause" in args.experiments:
+        run_sparsification(args, plan, module, inputs.datamodule, report)
+    if "cost" in args.experiments:
+        report.cost = cost_rows(summaries)
+    same = [n for n in ("aleatoric", "mc_dropout") if n in features and "plain" in features]
+    for name in same:
+        identical = torch.equal(plan.stores[name].load_images(), plan.stores["plain"].load_images())
+        report.notes.append(f"The {name} set's images are {'identical to' if identical else 'NOT identical to'} "
+                            f"the plain set's (estimation alone never changes a sample).")
+    report.notes.append("FIDs of a few hundred or thousand samples are biased upwards: compare numbers within "
+                        "one table, not with published 50k-sample FIDs.")
+    report.notes.append("Verdicts: a difference counts when it exceeds 2 standard deviations. Filtering: the kept "
+                        "set's difference to the random subsets' mean, against 2 std x sqrt(1 + 1/K) of the K "
+                        "random subsets' FIDs (the kept set is one more draw); guidance: the paired per-group "
+                        "differences' mean against 2 standard errors. With few groups or subsets the spread is "
+                        "itself uncertain: read the verdicts as rough.")
+    for name, file in (("aleatoric", "dropped.png"), ("aleatoric", "grid.png")):
+        if name in plan.stores and (plan.stores[name].root / file).is_file():
+            target = f"{name}_{file}"
+            shutil.copyfile(plan.stores[name].root / file, plan.root / target)
+            caption = {"dropped.png": "Samples dropped by the aleatoric score (highest first)",
+                       "grid.png": "The first samples of the aleatoric set"}[file]
+            report.images.append((caption, target))
+    return report
+
+
+def _run(fabric, args, inputs: ModelInputs, plan: Plan, info: dict) -> None:
+    from uncdiff.fid import datamodule_images, real_feature_stats
+    from uncdiff.report import log_to_wandb, write_report
+
+    module = inputs.module.to(fabric.device)
+    if fabric.is_global_zero:
+        create_output_dir(plan.root, plan.settings, info)
+    fabric.barrier()
+    if "bayesdiff" in plan.stores:
+        attach_laplace(fabric, inputs)
+    # the extractor and the real statistics first: rank 0 makes them, the others wait and read them
+    extractor = make_fid_extractor(args, plan, module, fabric.device)
+    real_stats, _ = real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid_cache)
+    summaries = {}
+    for name, store in plan.stores.items():
+        summaries[name] = generate_run(fabric, module, store, info, progress=not args.no_progress, desc=name,
+                                       warm_up=True)
+    if not fabric.is_global_zero:
+        return
+    report = build_report(args, plan, inputs, summaries, extractor, real_stats, fabric)
+    written = write_report(plan.root, report)
+    print(f"report: {plan.root / 'report.md'} ({', '.join(p.name for p in written[:-1])} and plots)")
+    if args.wandb:
+        print(f"W&B run: {log_to_wandb(plan.root, args.wandb_project, report)}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        inputs = prepare_model(args, needs_laplace="filtering" in args.experiments
+                               and "bayesdiff" in args.filtering_estimators, needs_data=True)
+        plan = plan_evaluation(args, inputs)
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    make_fabric(args).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The paper's experiments (spec §6) as functions of generated images, scores and features: no
+files, no Lightning. `train.py evaluate` (uncdiff/evaluate_cmd.py) feeds them and
+`uncdiff/report.py` writes what they return.
+
+- filtering: FID of the set kept by an estimator's scores versus random subsets of the same size;
+- guidance: FID of guided versus unguided samples from the same starting noise, over seed groups;
+- sparsification: AUSE / AURG of pixel-wise uncertainty when denoising noised real images;
+- cost: network evaluations and seconds per image.
+
+Every comparison carries its spread and a plain verdict (`compare`): a difference counts only
+when it is larger than twice its standard deviation.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from uncdiff.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
+from uncdiff.samplers import EpsModel, SampleNoise, Sampler, StepContext
+
+SPREAD = 2.0  # a difference is reported as real when it exceeds SPREAD standard deviations
+
+
+def compare(difference: float, std: Optional[float], better: str = "better", worse: str = "worse") -> str:
+    """Verdict on a difference of FIDs (lower is better) with standard deviation `std`."""
+    if std is None or not std == std:
+        return "no spread to judge by"
+    if difference < -SPREAD * std:
+        return better
+    if difference > SPREAD * std:
+        return worse
+    return f"within the spread (difference within ±{SPREAD:g} std)"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    v = torch.tensor(list(values), dtype=torch.float64)
+    return float(v.mean()), float(v.std()) if len(v) > 1 else None
+
+
+# ------------------------------------------------------------------------------------------ FID
+
+class _Features(nn.Module):
+    """Identity "extractor": lets torchmetrics' FID take features that were extracted once."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class FeatureFID:
+    """FID of a feature set `[N, D]` against real statistics (torchmetrics' states from
+    `uncdiff.fid.real_feature_stats`), with torchmetrics' own sums and Fréchet distance. Features
+    are extracted once per sample set, so the FID of any subset costs no network pass. Never syncs
+    across processes (it runs on one rank)."""
+
+    def __init__(self, real_stats: dict[str, Tensor], device: torch.device | str = "cpu"):
+        dim = real_stats["real_features_sum"].numel()
+        self.metric = FrechetInceptionDistance(feature=_Features(dim), reset_real_features=False, normalize=True,
+                                               sync_on_compute=False).to(device)
+        self.device = torch.device(device)
+        for key, value in real_stats.items():
+            state = getattr(self.metric, key)
+            setattr(self.metric, key, value.to(state.device, state.dtype))
+
+    def __call__(self, features: Tensor) -> float:
+        self.metric.reset()
+        for batch in features.split(4096):
+            self.metric.update(batch.to(self.device, torch.float64), real=False)
+        return float(self.metric.compute())
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """`[N, D]` float64 features of float images `[N, C, H, W]` in [-1, 1], on the extractor's device."""
+    device = next(iter(extractor.parameters()), torch.empty(0)).device
+    return torch.cat([extractor(b.to(device)).double().cpu() for b in images.split(batch_size)])
+
+
+# ------------------------------------------------------------------------------------ filtering
+
+def filtering_row(name: str, features: Tensor, scores: Tensor, drop_fraction: float, subset_seeds: Sequence[int],
+                  fid: Callable[[Tensor], float]) -> dict:
+    """Spec §6 filtering for one estimator: drop the `drop_fraction` with the highest `scores [N]`,
+    FID of the kept set versus random subsets of the same size (one per seed)."""
+    keep = keep_best(scores, drop_fraction)
+    kept = int(keep.sum())
+    random = [fid(features[idx]) for idx in random_subsets(len(scores), kept, subset_seeds)]
+    mean, std = mean_std(random)
+    kept_fid = fid(features[keep])
+    # The kept set is judged like one more draw next to K random ones: its difference to their mean
+    # has standard deviation std * sqrt(1 + 1/K) (prediction interval), not std.
+    spread = std * (1 + 1 / len(random)) ** 0.5 if std is not None else None
+    return {"estimator": name, "samples": len(scores), "kept": kept, "fid_all": fid(features),
+            "fid_kept": kept_fid, "fid_random_mean": mean, "fid_random_std": std, "subsets": len(random),
+            "z": (kept_fid - mean) / std if std else None,
+            "verdict": compare(kept_fid - mean, spread, "better than random", "worse than random")}
+
+
+# ------------------------------------------------------------------------------------- guidance
+
+def seed_groups(n: int, groups: int) -> list[Tensor]:
+    """`groups` contiguous index groups of (nearly) equal size covering 0..n-1."""
+    if not 1 <= groups <= n // 2:
+        raise ValueError(f"seed groups must be in [1, n/2] so that each has 2 samples or more, got {groups} for n={n}")
+    return list(torch.arange(n).tensor_split(groups))
+
+
+def guidance_row(name: str, guided: Tensor, unguided: Tensor, groups: int, fid: Callable[[Tensor], float]) -> dict:
+    """Guided versus unguided FID from the same seeds (`[N, D]` features, row i = seed i in both):
+    the whole set, and per seed group with the paired difference's mean and standard error."""
+    parts = seed_groups(len(guided), groups)
+    g = [fid(guided[idx]) for idx in parts]
+    u = [fid(unguided[idx]) for idx in parts]
+    diff_mean, diff_std = mean_std([a - b for a, b in zip(g, u)])
+    se = diff_std / len(parts) ** 0.5 if diff_std is not None else None
+    full_g, full_u = fid(guided), fid(unguided)
+    return {"set": name, "samples": len(guided), "fid": full_g, "fid_unguided": full_u,
+            "difference": full_g - full_u, "group_fid_mean": mean_std(g)[0], "group_fid_std": mean_std(g)[1],
+            "group_difference_mean": diff_mean, "group_difference_se": se, "groups": len(parts),
+            "verdict": compare(diff_mean, se, "better than unguided", "worse than unguided")}
+
+
+def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features: Tensor, groups: int,
+                 fid: Callable[[Tensor], float]) -> dict:
+    """Which gradient sign measured better (spec §4: the default must be that one): paired over
+    the seed groups like `guidance_row`, `minus` taking the place of the unguided set."""
+    row = guidance_row("+1 vs -1", plus_features, minus_features, groups, fid)
+    better = "+1" if plus["fid"] < minus["fid"] else "-1"
+    return {"better_sign": better, "fid_plus": plus["fid"], "fid_minus": minus["fid"],
+            "difference": row["difference"], "group_difference_mean": row["group_difference_mean"],
+            "group_difference_se": row["group_difference_se"],
+            "verdict": compare(row["group_difference_mean"], row["group_difference_se"],
+                               "+1 better", "-1 better")}
+
+
+# ------------------------------------------------------------------------------- sparsification
+
+@torch.no_grad()
+def denoise_from(eps_model: EpsModel, sampler: Sampler, x0: Tensor, seeds: Sequence[int], hook=None,
+                 start: Optional[int] = None) -> Tensor:
+    """Spec §6 AUSE set-up: noise real images `x0 [B, C, H, W]` to the sampler's step `start`
+    (default the middle) with per-sample noise (stream 'initial'), then run the remaining steps,
+    calling `hook` as `uncdiff.samplers.sample` does (same step indices, so estimator windows mean
+    the same). Returns the denoised `[B, C, H, W]`."""
+    steps = sampler.timesteps
+    pairs = list(zip(steps, steps[1:] + [-1]))
+    start = len(pairs) // 2 if start is None else start
+    noise = SampleNoise(seeds, x0.device)
+    t_start = torch.full((len(x0),), pairs[start][0], device=x0.device, dtype=torch.long)
+    x = sampler.schedule.q_sample(x0, t_start, noise.initial(x0.shape[1:]))
+    for i in range(start, len(pairs)):
+        t, t_prev = pairs[i]
+        eps = eps_model(x, torch.full((len(x0),), t, device=x0.device, dtype=torch.long))
+        if hook is not None:
+            eps = hook(StepContext(i, len(pairs), t, t_prev, x, eps, eps_model, sampler, noise))
+        z = noise.randn(x0.shape[1:]) if sampler.stochastic and t_prev >= 0 else None
+        x = sampler.step(eps, t, t_prev, x, z)
+    return x
+
+
+@dataclass
+class Sparsification:
+    """Per-pixel uncertainty maps and squared errors of denoised real images, `[N, C, H, W]`."""
+
+    maps: Tensor
+    errors: Tensor
+    nfe: int
+
+
+def sparsification_inputs(eps_model: EpsModel, sampler: Sampler, images: Tensor, seeds: Sequence[int], hook,
+                          batch_size: int = 256) -> Sparsification:
+    """Denoise `images` from the middle of the schedule with the estimator `hook`, whose maps are
+    summed over the steps it runs; error = `(denoised - image)^2` per pixel."""
+    maps, errors, nfe = [], [], 0
+    for i in range(0, len(images), batch_size):
+        x0 = images[i:i + batch_size]
+        hook.reset()  # the run starts mid-schedule, where hooks don't reset themselves
+        x = denoise_from(eps_model, sampler, x0, seeds[i:i + batch_size], hook)
+        maps.append(hook.maps.cpu())
+        errors.append((x - x0).pow(2).cpu())
+        nfe += hook.nfe
+    return Sparsification(torch.cat(maps), torch.cat(errors), nfe)
+
+
+def sparsification_row(name: str, maps: Tensor, errors: Tensor, num_fractions: int = 50) -> tuple[dict, Tensor]:
+    """AUSE / AURG (spec §6) and the sparsification curve `[num_fractions]`."""
+    ause, aurg = ause_aurg(maps, errors, num_fractions)
+    _, curve = sparsification_curve(maps, errors, num_fractions)
+    return {"estimator": name, "pixels": maps.numel(), "rmse_all": float(curve[0]), "ause": ause, "aurg": aurg}, curve
+
+
+# ----------------------------------------------------------------------------------------- cost
+
+def cost_rows(summaries: dict[str, dict], reference: str = "plain") -> list[dict]:
+    """Network evaluations and seconds per image of each sample set, and their ratios to `reference`."""
+    base = summaries.get(reference)
+    rows = []
+    for name, s in summaries.items():
+        row = {"method": name, "nfe_per_image": s["nfe_per_image"], "seconds_per_image": s["seconds_per_image"]}
+        if base:
+            row["nfe_ratio"] = s["nfe_per_image"] / base["nfe_per_image"]
+            row["time_ratio"] = s["seconds_per_image"] / base["seconds_per_image"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,207 @@
+"""The evaluation report: Markdown, one CSV per experiment, plots, and W&B tables when logging.
+Formats what `uncdiff.evaluation` computed; computes nothing itself."""
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+@dataclass
+class Report:
+    header: dict  # label -> value, shown first
+    filtering: list[dict] = field(default_factory=list)
+    guidance: list[dict] = field(default_factory=list)
+    sign: Optional[dict] = None
+    sparsification: list[dict] = field(default_factory=list)
+    curves: dict = field(default_factory=dict)  # estimator -> RMSE curve [F]
+    cost: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    images: list[tuple[str, str]] = field(default_factory=list)  # (caption, file) shown at the end
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_filtering(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(rows))
+    ax.errorbar(x, [r["fid_random_mean"] for r in rows], yerr=[2 * (r["fid_random_std"] or 0) for r in rows],
+                fmt="o", color="grey", capsize=4, label="random subsets (mean ± 2 std)")
+    ax.plot(x, [r["fid_kept"] for r in rows], "D", color="C3", label="kept by score")
+    ax.set_xticks(list(x), [r["estimator"] for r in rows])
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"Filtering: drop {rows[0]['samples'] - rows[0]['kept']} of {rows[0]['samples']}")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_guidance(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(rows))
+    ax.axhline(rows[0]["fid_unguided"], color="grey", ls="--", label="unguided")
+    ax.bar(x, [r["fid"] for r in rows], color="C0", label="guided (all seeds)")
+    ax.errorbar(x, [r["group_fid_mean"] for r in rows], yerr=[2 * (r["group_fid_std"] or 0) for r in rows],
+                fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 std, {rows[0]['groups']} groups)")
+    ax.set_xticks(list(x), [r["set"].replace("guided-", "") for r in rows], fontsize=8)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("Guided vs unguided, same starting noise")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_sparsification(curves: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, curve in curves.items():
+        fractions = torch.arange(len(curve)) / len(curve)
+        ax.plot(fractions, curve, ls="--" if name in ("oracle", "random") else "-", label=name)
+    ax.set_xlabel("fraction of pixels removed (most uncertain first)")
+    ax.set_ylabel("RMSE of the rest")
+    ax.set_title("Sparsification curves")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_cost(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    names = [r["method"].replace("guided-", "g-") for r in rows]
+    for ax, key, label in zip(axes, ("nfe_per_image", "seconds_per_image"),
+                              ("network evaluations / image", "seconds / image")):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color="C2")
+        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+    _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------- markdown
+
+def markdown(report: Report) -> str:
+    out = ["# uncdiff evaluation report", "", table([["", ""]] + [[k, fmt(v)] for k, v in report.header.items()]), ""]
+    if report.filtering:
+        r0 = report.filtering[0]
+        out += ["## (a) Filtering (paper Table 1)", "",
+                f"Each estimator scores its own {r0['samples']} samples; the {r0['samples'] - r0['kept']} with the "
+                f"highest score are dropped and the FID of the {r0['kept']} kept is compared with random subsets of "
+                f"the same size (mean ± std over {report.header.get('random subsets (seeds)', '?')} seeds). "
+                f"z = (kept - random mean) / random std.", "",
+                table([["estimator", "FID all", "FID kept", "FID random subsets", "z", "verdict"]]
+                      + [[r["estimator"], fmt(r["fid_all"]), fmt(r["fid_kept"]),
+                          f"{fmt(r['fid_random_mean'])} ± {fmt(r['fid_random_std'])}", fmt(r["z"], 2), r["verdict"]]
+                         for r in report.filtering]), "", "![filtering](filtering.png)", ""]
+    if report.guidance:
+        g = report.guidance[0]
+        out += ["## (b) Guided versus unguided sampling", "",
+                f"Every set uses the same seeds, hence the same starting noise, as the unguided set. The per-group "
+                f"columns split the {g['samples']} seeds into {g['groups']} groups and pair each group's guided and "
+                f"unguided FID: difference = guided - unguided (negative is better), mean ± standard error.", "",
+                table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict"]]
+                      + [[r["set"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
+                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_se'])}", r["verdict"]]
+                         for r in report.guidance]), ""]
+        if report.sign:
+            s = report.sign
+            out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
+                    f"**{s['better_sign']} measured better** (per-group difference +1 minus -1: "
+                    f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_se'])}; verdict: {s['verdict']}). "
+                    f"Spec §4 asks for the better-measured sign as the default; the default is "
+                    f"{report.header.get('default gradient sign', '+1')}.", ""]
+        out += ["![guidance](guidance.png)", ""]
+    if report.sparsification:
+        out += ["## (c) Pixel-wise uncertainty versus error: AUSE / AURG (paper Table 2)", "",
+                "Real held-out images noised to the middle of the sampler's schedule and denoised, the uncertainty "
+                "summed over the remaining steps; error = squared difference to the original. Lower AUSE and higher "
+                "AURG are better; `random` is a uniformly random uncertainty for scale.", "",
+                table([["estimator", "pixels", "RMSE (all)", "AUSE", "AURG"]]
+                      + [[r["estimator"], fmt(r["pixels"]), fmt(r["rmse_all"], 4), fmt(r["ause"], 4),
+                          fmt(r["aurg"], 4)] for r in report.sparsification]), "",
+                "![sparsification](sparsification.png)", ""]
+    if report.cost:
+        out += ["## (d) Cost", "",
+                "Network evaluations (image rows through the network) and device-seconds per image, summed over "
+                "all processes and interruptions; ratios to plain sampling.", "",
+                table([["method", "evaluations / image", "× plain", "seconds / image", "× plain"]]
+                      + [[r["method"], fmt(r["nfe_per_image"], 1), fmt(r.get("nfe_ratio"), 2),
+                          fmt(r["seconds_per_image"], 4), fmt(r.get("time_ratio"), 2)] for r in report.cost]), "",
+                "![cost](cost.png)", ""]
+    if report.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    for caption, name in report.images:
+        out += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    return "\n".join(out)
+
+
+def write_report(out: Path, report: Report) -> list[Path]:
+    """report.md, filtering.csv, guidance.csv, sparsification.csv, cost.csv and their plots in `out`."""
+    written = []
+    for name, rows, plot in (("filtering", report.filtering, plot_filtering),
+                             ("guidance", report.guidance + ([{"set": "sign +1 vs -1", **report.sign}]
+                                                             if report.sign else []), None),
+                             ("sparsification", report.sparsification, None), ("cost", report.cost, plot_cost)):
+        if rows:
+            write_csv(out / f"{name}.csv", rows)
+            written.append(out / f"{name}.csv")
+    if report.filtering:
+        plot_filtering(report.filtering, out / "filtering.png")
+    if report.guidance:
+        plot_guidance(report.guidance, out / "guidance.png")
+    if report.curves:
+        plot_sparsification(report.curves, out / "sparsification.png")
+    if report.cost:
+        plot_cost(report.cost, out / "cost.png")
+    (out / "report.md").write_text(markdown(report))
+    return written + [out / "report.md"]
+
+
+def log_to_wandb(out: Path, project: str, report: Report) -> str:
+    """The report's tables and plots in a W&B run (offline when W&B can't be reached; see
+    uncdiff.wandb_logger). Returns the run's directory."""
+    from uncdiff.wandb_logger import WandbLogger
+
+    logger = WandbLogger(save_dir=str(out), project=project, name=f"evaluate-{out.name}")
+    for name, rows in (("filtering", report.filtering), ("guidance", report.guidance),
+                       ("sparsification", report.sparsification), ("cost", report.cost)):
+        if rows:
+            columns = list(rows[0])
+            logger.log_table(key=f"evaluate/{name}", columns=columns,
+                             data=[[r.get(c) if not isinstance(r.get(c), float) or r.get(c) == r.get(c) else None
+                                    for c in columns] for r in rows])
+            if (out / f"{name}.png").is_file():
+                logger.log_image(key=f"evaluate/{name}_plot", images=[str(out / f"{name}.png")])
+    logger.log_hyperparams({k: str(v) for k, v in report.header.items()})
+    directory = logger.experiment.dir
+    logger.experiment.finish()
+    return directory
