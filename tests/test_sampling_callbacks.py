@@ -233,6 +233,32 @@ def test_real_stats_are_cached_per_dataset_and_extractor(one_process, two_proces
     assert dataset_key(CIFAR10DataModule(), (3, 32, 32), "train") == "cifar10-32x32-train"
 
 
+def test_configs_run_both_callbacks_on_validation_epochs():
+    """The issue's schedules: quickstart at every validation with a small N and the digits
+    classifier; CIFAR-10 with Inception, 10k samples of 20-step DDIM, on some validations, and a
+    checkpoint of the best FID that runs when the FID does."""
+    import callbacks
+    import yaml
+    from uncdiff.cli import CONFIG_DIR
+
+    for name in ("quickstart", "cifar"):
+        config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        every_val = config["trainer"]["check_val_every_n_epoch"]
+        built = {c["class_path"].split(".")[-1]: (c, getattr(callbacks, c["class_path"].split(".")[-1])(
+            **c["init_args"])) for c in config["trainer"]["callbacks"] if c["class_path"].startswith("callbacks.")}
+        fid_callback, figures = built["FIDTrajectory"][1], built["UncertaintySampling"][1]
+        assert fid_callback.sampler == "ddim" and fid_callback.steps == 20
+        assert fid_callback.every_n_epochs % every_val == 0 and figures.every_n_epochs % every_val == 0
+        if name == "quickstart":
+            assert fid_callback.extractor == "digits-classifier" and 200 <= fid_callback.num_samples <= 300
+            assert fid_callback.every_n_epochs == figures.every_n_epochs == every_val
+        else:
+            assert fid_callback.extractor == "inception" and fid_callback.num_samples == 10_000
+            (best,) = [c["init_args"] for c in config["trainer"]["callbacks"]
+                       if c["init_args"].get("monitor", "").startswith("val/fid/")]
+            assert best["every_n_epochs"] == fid_callback.every_n_epochs
+
+
 @pytest.mark.parametrize("cls, options, option", [
     (FIDTrajectory, {"fraction_dropped": 0.0}, "fraction_dropped"),
     (FIDTrajectory, {"fraction_dropped": 1.0}, "fraction_dropped"),
