@@ -187,3 +187,30 @@ def test_bad_input_fails_before_writing(case, change, message, reference, tiny_c
     assert tree(tmp_path) == before  # nothing written, nothing touched
     if case == "another run":
         assert "estimator_options.num_perturbations: 2 there, 3 here" in str(error.value.code)
+
+
+def test_guided_with_a_calibrated_threshold_table(tiny_checkpoint, tmp_path):
+    from uncdiff.guidance import calibrate_threshold_table, save_table
+    from uncdiff.samplers import make_sampler
+
+    module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
+    table = calibrate_threshold_table(module.ema.ema_model, make_sampler(module.schedule, "ddim", steps=4),
+                                      module.image_shape, range(100, 108), num_perturbations=2)
+    save_table(tmp_path / "table.pt", table, {"steps": 4})
+    args = ["--checkpoint", str(tiny_checkpoint), "--n", "4", "--batch-size", "4", "--steps", "4", "--M", "2",
+            "--guidance", "gradient", "--guidance-sign", "-1", "--guidance-window", "0", "0.5",
+            "--guidance-table", str(tmp_path / "table.pt"), "--accelerator", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit) as error:  # a table of 4 steps for a 5-step run
+        main([*args, "--out", str(tmp_path / "wrong"), "--steps", "5"])
+    assert "calibrated for 4 steps" in str(error.value.code) and not (tmp_path / "wrong").exists()
+
+    main([*args, "--out", str(tmp_path / "guided")])
+    settings = json.loads((tmp_path / "guided" / "run.json").read_text())["settings"]
+    assert settings["guidance"]["threshold"] == "table" and settings["guidance"]["sign"] == -1
+    assert len(settings["guidance_table_sha256"]) == 64
+    expected = module.sample(seeds=range(4), steps=4, estimator_options={"num_perturbations": 2},
+                             guidance={"rule": "gradient", "sign": -1, "window": (0, 0.5), "threshold": "table",
+                                       "table": table}).images
+    written = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "guided" / "samples" / f"{s:06d}.png")))
+                           for s in range(4)]).float()
+    assert (written - ((expected[:, 0] + 1) * 127.5).round().clamp(0, 255)).abs().max() <= 1

@@ -223,6 +223,23 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
+def note_identical_images(plan: Plan, report) -> None:
+    """How many guided samples are bit-identical (as PNGs) to the unguided one of the same seed, and
+    which guided sets mostly coincide: guidance on early steps can vanish in x0 clipping."""
+    images = {name: plan.stores[name].load_images() for name in ["plain", *GUIDED]}
+    same = lambda a, b: int((images[a] == images[b]).flatten(1).all(1).sum())
+    for row in report.guidance:
+        row["identical_to_unguided"] = same(row["set"], "plain")
+    for i, a in enumerate(GUIDED):
+        for b in GUIDED[i + 1:]:
+            k = same(a, b)
+            if k > len(images[a]) // 2:
+                report.notes.append(f"{k} of {len(images[a])} samples of {a} and {b} are identical: these two "
+                                    f"rules act alike here. With x0 clipping, a change of eps on the early, "
+                                    f"high-noise steps acts only through the clipped x0, which both can leave "
+                                    f"the same.")
+
+
 def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
     from uncdiff.evaluation import FeatureFID, cost_rows, filtering_row, guidance_row, sign_outcome
     from uncdiff.guidance import UncertaintyGuidance
@@ -264,6 +281,7 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
     if "guidance" in args.experiments:
         for name in GUIDED:
             report.guidance.append(guidance_row(name, features[name], features["plain"], args.seed_groups, fid))
+        note_identical_images(plan, report)
         plus, minus = report.guidance[0], report.guidance[1]
         report.sign = sign_outcome(plus, minus, features["guided-gradient-plus"], features["guided-gradient-minus"],
                                    args.seed_groups, fid)

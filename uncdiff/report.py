@@ -71,15 +71,16 @@ def plot_filtering(rows: list[dict], path: Path) -> None:
 
 
 def plot_guidance(rows: list[dict], path: Path) -> None:
+    """The differences to the unguided FID: whole sets (bars) and per seed group (mean ± 2 se)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = range(len(rows))
-    ax.axhline(rows[0]["fid_unguided"], color="grey", ls="--", label="unguided")
-    ax.bar(x, [r["fid"] for r in rows], color="C0", label="guided (all seeds)")
-    ax.errorbar(x, [r["group_fid_mean"] for r in rows], yerr=[2 * (r["group_fid_std"] or 0) for r in rows],
-                fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 std, {rows[0]['groups']} groups)")
+    ax.axhline(0, color="grey", lw=1)
+    ax.bar(x, [r["difference"] for r in rows], color="C0", label="all seeds")
+    ax.errorbar(x, [r["group_difference_mean"] for r in rows], yerr=[2 * (r["group_difference_se"] or 0) for r in rows],
+                fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 se, {rows[0]['groups']} groups)")
     ax.set_xticks(list(x), [r["set"].replace("guided-", "") for r in rows], fontsize=8)
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title("Guided vs unguided, same starting noise")
+    ax.set_ylabel("FID guided - unguided\n(negative is better)")
+    ax.set_title(f"Guided vs unguided (unguided FID {rows[0]['fid_unguided']:.3g}), same noise", fontsize=10)
     ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -128,10 +129,11 @@ def markdown(report: Report) -> str:
                 f"Every set uses the same seeds, hence the same starting noise, as the unguided set. The per-group "
                 f"columns split the {g['samples']} seeds into {g['groups']} groups and pair each group's guided and "
                 f"unguided FID: difference = guided - unguided (negative is better), mean ± standard error.", "",
-                table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict"]]
+                table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict",
+                        "samples identical to unguided"]]
                       + [[r["set"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
-                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_se'])}", r["verdict"]]
-                         for r in report.guidance]), ""]
+                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_se'])}", r["verdict"],
+                          fmt(r.get("identical_to_unguided"))] for r in report.guidance]), ""]
         if report.sign:
             s = report.sign
             out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
@@ -151,8 +153,9 @@ def markdown(report: Report) -> str:
                 "![sparsification](sparsification.png)", ""]
     if report.cost:
         out += ["## (d) Cost", "",
-                "Network evaluations (image rows through the network) and device-seconds per image, summed over "
-                "all processes and interruptions; ratios to plain sampling.", "",
+                "Network evaluations (image rows through the network, forward passes; the gradient rule's "
+                "backward pass shows only in the time) and device-seconds per image, summed over all processes "
+                "and interruptions; ratios to plain sampling.", "",
                 table([["method", "evaluations / image", "× plain", "seconds / image", "× plain"]]
                       + [[r["method"], fmt(r["nfe_per_image"], 1), fmt(r.get("nfe_ratio"), 2),
                           fmt(r["seconds_per_image"], 4), fmt(r.get("time_ratio"), 2)] for r in report.cost]), "",

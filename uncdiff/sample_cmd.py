@@ -92,6 +92,8 @@ def add_guidance_arguments(parser: argparse.ArgumentParser, choose: bool = True)
         g.add_argument("--guidance-sign", type=int, default=1, help="gradient rule: +1 or -1 (default +1)")
     g.add_argument("--guidance-lam", type=float, default=1.0, help="gradient rule: step size lambda (default 1)")
     g.add_argument("--guidance-quantile", type=float, default=0.95, help="percentile threshold q (default 0.95)")
+    g.add_argument("--guidance-table", help="threshold table file from calibrate_threshold_table/save_table "
+                                            "(threshold 'table' instead of the per-image percentile)")
     g.add_argument("--guidance-window", type=float, nargs=2, default=(0.0, 0.15), metavar=("START", "STOP"),
                    help="guided steps, as fractions of the steps (default: the first 3 of 20)")
 
@@ -141,6 +143,9 @@ def estimator_settings(args) -> tuple[str, dict, Optional[dict]]:
                     "quantile": args.guidance_quantile, "window": [float(v) for v in args.guidance_window]}
         if args.guidance != "gradient":
             del guidance["sign"], guidance["lam"]  # the posterior rule has neither
+        if getattr(args, "guidance_table", None):
+            guidance.update(threshold="table", table=str(Path(args.guidance_table).resolve()))
+            del guidance["quantile"]
         return "aleatoric", {"num_perturbations": m, "variant": args.variant, "estimate_window": window}, guidance
     if est == "none":
         if args.M is not None:
@@ -160,12 +165,32 @@ def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dic
     """The sampler hook `DiffusionModule.sample` builds for these settings (built here to check
     them before sampling, and for the AUSE experiment, which denoises outside `sample`)."""
     if guidance is not None:
+        if "table" in guidance:
+            guidance = {**guidance, "table": threshold_table(guidance["table"], module)}
         return make_estimator("guided", **options, **guidance)
     if estimator == "mc_dropout":
         return make_estimator("mc_dropout", model=module.ema.ema_model, **options)
     if estimator == "bayesdiff":
         return make_estimator("bayesdiff", net=module.ema.ema_model, laplace=module.laplace, **options)
     return make_estimator(estimator, **options)
+
+
+def threshold_table(path: str, module):
+    """The `[steps, C, H, W]` threshold table saved at `path`, checked against the model's image shape
+    (`build_settings` checks its step count against the run's)."""
+    from uncdiff.guidance import load_table
+
+    if not Path(path).is_file():
+        raise InputError(f"--guidance-table: no file at {path}")
+    try:
+        table, _ = load_table(path)
+    except Exception as error:
+        raise InputError(f"--guidance-table: {path} is not a threshold table ({type(error).__name__}: {error})") \
+            from None
+    if tuple(table.shape[1:]) != tuple(module.image_shape):
+        raise InputError(f"--guidance-table: {path} has shape {tuple(table.shape)}, not [steps, "
+                         f"{', '.join(map(str, module.image_shape))}] for this model")
+    return table
 
 
 def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict], save_maps: bool = True) -> dict:
@@ -191,6 +216,10 @@ def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict]
     if estimator == "bayesdiff" and not (sampler["name"] == "ddim" and sampler["eta"] == 0 and not sampler["clip"]):
         raise InputError("--estimator bayesdiff propagates moments through deterministic DDIM steps: it needs "
                          "--sampler ddim, --eta 0 and --no-clip")
+    if guidance is not None and "table" in guidance:
+        steps = threshold_table(guidance["table"], module).shape[0]
+        if steps != sampler["steps"]:
+            raise InputError(f"--guidance-table was calibrated for {steps} steps; this run has {sampler['steps']}")
     p = args.drop_fraction
     if p is not None:
         if estimator == "none":
@@ -202,7 +231,8 @@ def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict]
     return {"format": 1, "checkpoint_sha256": checkpoint_sha256,
             "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size,
             "sampler": sampler, "estimator": estimator, "estimator_options": options, "guidance": guidance,
-            "laplace": laplace, "drop_fraction": p, "save_maps": save_maps}
+            "laplace": laplace, "drop_fraction": p, "save_maps": save_maps,
+            "guidance_table_sha256": file_sha256(Path(guidance["table"])) if guidance and "table" in guidance else None}
 
 
 def sample_kwargs(settings: dict) -> dict:
