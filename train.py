@@ -2,12 +2,13 @@
 
     python train.py fit --config configs/quickstart.yaml      # LightningCLI (uncdiff/cli.py)
     python train.py sample --checkpoint CKPT --out DIR ...     # uncdiff/sample_cmd.py
+    python train.py calibrate --checkpoint CKPT --out tau.pt   # uncdiff/calibrate_cmd.py (guidance threshold table)
     python train.py evaluate --checkpoint CKPT --out DIR ...   # uncdiff/evaluate_cmd.py
 """
 
 import sys
 
-COMMANDS = {"sample": "uncdiff.sample_cmd", "evaluate": "uncdiff.evaluate_cmd"}
+COMMANDS = {"sample": "uncdiff.sample_cmd", "calibrate": "uncdiff.calibrate_cmd", "evaluate": "uncdiff.evaluate_cmd"}
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:

@@ -1,0 +1,133 @@
+"""`train.py calibrate` on a tiny checkpoint trained in the test: the table it writes, the settings
+saved with it, `train.py sample --guidance-table` accepting the file, and bad inputs (an existing
+--out among them) failing before anything is sampled or written.
+
+Independent truth: spec §2-3 as a textbook loop (DDIM with eta 0 and clipped x0, the centered
+aleatoric map from the per-sample `'uncertainty'` stream), reduced by `torch.quantile`.
+"""
+
+import hashlib
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
+from uncdiff import calibrate_cmd
+from uncdiff.calibrate_cmd import main
+from uncdiff.guidance import load_table
+from uncdiff.module import DiffusionModule
+from uncdiff.sample_cmd import main as sample_main
+from uncdiff.samplers import SampleNoise
+
+REPO = Path(__file__).resolve().parent.parent
+N, SEED, STEPS, M, Q = 6, 100, 4, 2, 0.7  # batches of 4 and 2 seeds; n >= 1 / (1 - q) = 3.3
+ARGS = ["--n", str(N), "--seed", str(SEED), "--steps", str(STEPS), "--sampler", "ddim", "--M", str(M),
+        "--quantile", str(Q), "--batch-size", "4", "--accelerator", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def table_file(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("calibrate") / "tables" / "tau.pt"  # its directory is created
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), *ARGS])
+    return out
+
+
+@torch.no_grad()
+def textbook_maps(net, schedule, seeds: list[int], steps: int, m: int) -> torch.Tensor:
+    """`U_t [N, steps, C, H, W]` along unguided DDIM trajectories (eta 0, uniform spacing, x0
+    clipped and eps re-derived from it): `mean_i (eps_theta(x_t^i, t) - eps_bar)^2` with
+    `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` (spec §3, centered variant)."""
+    noise = SampleNoise(seeds)
+    x = noise.initial((1, 8, 8))
+    ts = [i * schedule.num_timesteps // steps for i in range(steps)][::-1]
+    maps = []
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        a, a_prev = schedule.abar_at(t), schedule.abar_at(t_prev)
+        t_batch = torch.full((len(seeds),), t)
+        eps = net(x, t_batch)
+        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+        z = noise.randn((m, 1, 8, 8), stream="uncertainty")
+        eps_i = torch.stack([net(a**0.5 * x0 + (1 - a) ** 0.5 * z[:, i], t_batch) for i in range(m)], 1)
+        maps.append((eps_i - eps[:, None]).pow(2).mean(1))
+        eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return torch.stack(maps, 1)
+
+
+def test_table_is_the_quantile_of_the_maps(table_file, tiny_checkpoint):
+    module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
+    maps = textbook_maps(module.ema.ema_model, module.schedule, list(range(SEED, SEED + N)), STEPS, M)
+    table, _ = load_table(table_file)
+    assert table.shape == (STEPS, 1, 8, 8) and table.dtype == torch.float32
+    atol = 1e-5 * maps.max().item()  # this barely trained model's maps are ~1e-6: tolerances at their scale
+    torch.testing.assert_close(table, torch.quantile(maps, Q, dim=0), rtol=1e-4, atol=atol)
+    assert not torch.allclose(table, torch.quantile(maps, Q - 0.1, dim=0), rtol=1e-4, atol=atol)  # it can tell
+
+
+def test_settings_say_what_the_table_was_made_for(table_file, tiny_checkpoint):
+    _, settings = load_table(table_file)
+    assert settings["sampler"] == {"name": "ddim", "steps": STEPS, "eta": 0.0, "spacing": "uniform", "clip": True}
+    assert settings["quantile"] == Q and settings["num_perturbations"] == M and settings["variant"] == "centered"
+    assert settings["seeds"] == {"start": SEED, "count": N}
+    assert settings["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert settings["run"]["command"][:2] == ["train.py", "calibrate"]
+
+
+def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
+    out = tmp_path / "guided"
+    sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--steps", str(STEPS),
+                 "--sampler", "ddim", "--M", str(M), "--guidance", "gradient", "--guidance-table", str(table_file),
+                 "--accelerator", "cpu", "--no-progress"])
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["guidance"]["threshold"] == "table"
+    assert settings["guidance_table_sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
+    assert sorted(p.name for p in (out / "samples").glob("*.png") if "_map" not in p.name) == \
+        ["000000.png", "000001.png"]
+
+
+def test_train_py_dispatches_calibrate():
+    commands = runpy.run_path(str(REPO / "train.py"), run_name="train")["COMMANDS"]
+    assert commands["calibrate"] == "uncdiff.calibrate_cmd"
+
+
+def tree(path: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--checkpoint": "nowhere.ckpt"}, "checkpoint not found"),
+    ({"--checkpoint": "text"}, "not a checkpoint torch can read"),
+    ({"--checkpoint": "other"}, "not a uncdiff DiffusionModule checkpoint"),
+    ({"--out": "existing.pt"}, "exists; calibrate never overwrites it"),
+    ({"--quantile": "0"}, "--quantile must lie in (0, 1)"),
+    ({"--quantile": "1"}, "--quantile must lie in (0, 1)"),
+    ({"--quantile": "95"}, "--quantile must lie in (0, 1)"),
+    ({"--M": "1"}, "--M: num_perturbations must be an integer >= 2"),
+    ({"--n": "19"}, "--n must be >= 20 for --quantile 0.95"),
+    ({"--n": "1", "--quantile": "0.5"}, "--n must be >= 2"),
+    ({"--seed": str(2**32 - 10)}, "seeds must lie in [0, 2**32)"),
+    ({"--batch-size": "0"}, "--batch-size must be >= 1"),
+    ({"--steps": "5000"}, "sampler: steps must be in [1, 1000]"),
+    ({"--eta": "0.5", "--sampler": "ddpm"}, "--eta and --spacing apply to --sampler ddim"),
+    ({"--data": "digits"}, "--data: calibrate reads no training data"),
+    ({"--devices": "2"}, "calibrate runs in one process, not 2"),
+])
+def test_bad_input_fails_before_sampling(change, message, tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "text").write_text("not a checkpoint")
+    torch.save({"state_dict": {"layer.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "other")
+    (tmp_path / "existing.pt").write_bytes(b"an earlier table")
+    monkeypatch.setattr(calibrate_cmd, "calibrate_threshold_table",
+                        lambda *a, **k: pytest.fail("sampled despite a bad input"))
+    options = {"--checkpoint": str(tiny_checkpoint), "--out": str(tmp_path / "new" / "tau.pt"), "--n": "20",
+               "--steps": "4", "--M": "2", "--accelerator": "cpu"}
+    for key, value in change.items():
+        options[key] = str(tmp_path / value) if key in ("--checkpoint", "--out") else value
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as error:
+        main([a for item in options.items() for a in item])
+    assert message in str(error.value.code), error.value.code
+    assert tree(tmp_path) == before  # nothing written, nothing touched
+    assert (tmp_path / "existing.pt").read_bytes() == b"an earlier table"
