@@ -88,6 +88,19 @@ def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
         ["000000.png", "000001.png"]
 
 
+@pytest.mark.parametrize("option, value, named", [("--M", "3", "num_perturbations: 2 there, 3 here"),
+                                                   ("--variant", "sample", "variant: 'centered' there, 'sample' here"),
+                                                   ("--eta", "0.5", "sampler.eta: 0.0 there, 0.5 here")])
+def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpoint, tmp_path, option, value, named):
+    out = tmp_path / "guided"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--steps", str(STEPS),
+            "--sampler", "ddim", "--M", str(M), "--guidance", "gradient", "--guidance-table", str(table_file),
+            "--accelerator", "cpu", "--no-progress", option, value]
+    with pytest.raises(SystemExit) as error:
+        sample_main(argv)
+    assert named in str(error.value.code) and not out.exists()
+
+
 def test_train_py_dispatches_calibrate():
     commands = runpy.run_path(str(REPO / "train.py"), run_name="train")["COMMANDS"]
     assert commands["calibrate"] == "uncdiff.calibrate_cmd"

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from uncdiff.run_inputs import (InputError, file_sha256, laplace_cache_path, laplace_source, load_module,
                                 load_or_fit_laplace, make_datamodule)
-from uncdiff.sample_store import SampleStore
+from uncdiff.sample_store import SampleStore, settings_differences
 from uncdiff.samplers import MAX_SEED, make_sampler
 from uncdiff.uncertain_sampling import make_estimator
 
@@ -193,6 +193,19 @@ def threshold_table(path: str, module):
     return table
 
 
+def check_table_settings(path: str, sampler: dict, options: dict) -> None:
+    """Refuse a threshold table calibrated with another sampler, M or map variant than this run's:
+    its quantiles would describe other maps. Settings the file doesn't record are not checked."""
+    from uncdiff.guidance import load_table
+
+    run = {"sampler": sampler, "num_perturbations": options["num_perturbations"], "variant": options["variant"]}
+    made = {key: value for key, value in load_table(path)[1].items() if key in run}
+    differ = settings_differences(made, {key: run[key] for key in made})
+    if differ:
+        raise InputError(f"--guidance-table {path} was calibrated with other settings (the table's there, this "
+                         f"run's here: {'; '.join(differ)}): calibrate a table for this run, or match its options")
+
+
 def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict], save_maps: bool = True) -> dict:
     """The JSON-able settings that define a sampling run (its run.json), every option checked.
     Options that don't change what is written (processes, progress bar) are not part of them."""
@@ -220,6 +233,7 @@ def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict]
         steps = threshold_table(guidance["table"], module).shape[0]
         if steps != sampler["steps"]:
             raise InputError(f"--guidance-table was calibrated for {steps} steps; this run has {sampler['steps']}")
+        check_table_settings(guidance["table"], sampler, options)
     p = args.drop_fraction
     if p is not None:
         if estimator == "none":
