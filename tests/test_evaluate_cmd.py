@@ -45,6 +45,14 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     filtering = read_csv(out / "filtering.csv")
     assert [r["estimator"] for r in filtering] == ["aleatoric", "mc_dropout", "bayesdiff"]
     assert all(int(r["kept"]) == N - round(N / 6) and float(r["fid_random_std"]) > 0 for r in filtering)
+    for metric in ("precision", "recall"):  # improved precision / recall (spec §6) of the same sets
+        for r in filtering:
+            assert all(0 <= float(r[f"{metric}_{c}"]) <= 1 for c in ("all", "kept", "random_mean"))
+            assert float(r[f"{metric}_random_std"]) >= 0 and r[f"{metric}_verdict"]
+    assert "| precision / recall | k = 5 nearest neighbours, against 12 real training images" in report
+    assert "| estimator | metric | all | kept | random subsets | verdict |" in report
+    assert report.count("| aleatoric | precision |") == report.count("| bayesdiff | recall |") == 1
+    assert list((out / "sets" / "real").glob(f"features-*-{N}.pt"))  # default --prc-real: min(n, 10000)
     guidance = read_csv(out / "guidance.csv")
     assert [r["set"] for r in guidance] == ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior",
                                             "sign +1 vs -1"]
@@ -71,10 +79,21 @@ def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(DiffusionModule, "sample", lambda self, *a, **k: calls.append(k))
     before = json.loads((out / "run.json").read_text())
+    features = tree(out / "sets" / "real")
     main(argv)
     assert calls == []
+    assert tree(out / "sets" / "real") == features != {}  # real features extracted once
     assert capsys.readouterr().out.count(f"{N} already written, 0 to generate") == 7
     assert json.loads((out / "run.json").read_text()) == before
+
+
+def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid-cache", str(tmp_path / "cache"), *ARGS,
+          "--experiments", "filtering", "--filtering-estimators", "aleatoric", "--prc-real", "0"])
+    (row,) = read_csv(out / "filtering.csv")
+    assert row["fid_kept"] and "precision_kept" not in row
+    assert "Precision / recall" not in (out / "report.md").read_text() and not (out / "sets" / "real").exists()
 
 
 def tree(path):
@@ -85,6 +104,9 @@ def tree(path):
     (["--subset-seeds", "1"], "--subset-seeds must be >= 2"),
     (["--M", "1"], "num_perturbations must be an integer >= 2"),
     (["--drop-fraction", "1.0"], "--drop-fraction must lie in (0, 1)"),
+    (["--prc-real", "5"], "--prc-real must be > 5"),
+    (["--prc-real", "-1"], "--prc-real must be > 5"),
+    (["--drop-fraction", "0.6"], "precision / recall need more than 5"),
     (["--n", "10"], "holds another run"),
 ])
 def test_bad_input_fails_before_writing(evaluation, change, message):

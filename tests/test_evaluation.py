@@ -1,7 +1,9 @@
 """The experiments of the evaluation report (uncdiff/evaluation.py) against known truths:
 
+- improved precision / recall on Gaussian clouds: a copy of the real features scores 1 and 1, a
+  far-away cloud 0 and 0, a cloud collapsed onto the real cloud's centre high precision, low recall;
 - filtering by a known quality measure (the distance to the nearest real image) beats random
-  subsets, filtering by a random score does not;
+  subsets in FID and precision, filtering by a random score does not;
 - a guided set that is a noisier copy of the unguided one measures worse, an identical one within
   the spread;
 - with the exact noise predictor of a known image, deterministic DDIM from the middle of the
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 import uncdiff.fid as fid
-from uncdiff.evaluation import FeatureFID, compare, denoise_from, filtering_row, guidance_row, sign_outcome
+from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, compare, denoise_from, filtering_row,
+                                guidance_row, sign_outcome)
 from uncdiff.fid import compute_real_stats
 from uncdiff.samplers import make_sampler
 from uncdiff.schedule import NoiseSchedule
@@ -47,19 +50,48 @@ def degraded(val_x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return (val_x + level * torch.randn(val_x.shape, generator=gen)).clamp(-1, 1)
 
 
+def gaussian(n: int, dim: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
+
+
+def test_precision_recall_of_gaussian_clouds():
+    real = gaussian(400, 2, seed=0)
+    prc = FeaturePrecisionRecall(real)  # k = 5, spec §6
+    assert prc(real.clone()) == (pytest.approx(1.0), pytest.approx(1.0))  # every point lies in its own ball
+    assert prc(gaussian(300, 2, seed=1, shift=100.0)) == (0.0, 0.0)  # far from every real ball and vice versa
+    # collapsed onto the densest part of the real cloud: realistic (inside the real balls) but its
+    # own balls are tiny, so few real points are covered
+    precision, recall = prc(gaussian(300, 2, seed=2, scale=0.05))
+    assert precision > 0.9 and recall < 0.2
+    # a fresh draw from the same distribution as the real cloud: both high
+    assert min(prc(gaussian(400, 2, seed=3))) > 0.8
+
+
+def test_precision_recall_needs_more_samples_than_neighbours():
+    with pytest.raises(ValueError, match="more than 5"):
+        FeaturePrecisionRecall(gaussian(400, 2, seed=0))(gaussian(5, 2, seed=1))
+
+
 def test_filtering_by_a_quality_measure_beats_random_and_a_random_score_does_not(digits, feature_fid):
     train_x, val_x = digits
     images = degraded(val_x)
     features = images.flatten(1).double()
+    prc = FeaturePrecisionRecall(train_x.flatten(1).double())
     distance = torch.cdist(images.flatten(1), train_x.flatten(1)).min(1).values  # higher = worse
     random = torch.rand(len(images), generator=torch.Generator().manual_seed(1))  # not 0: `degraded`'s levels
-    good = filtering_row("distance", features, distance, 1 / 6, range(20), feature_fid)
-    noise = filtering_row("random", features, random, 1 / 6, range(20), feature_fid)
+    good = filtering_row("distance", features, distance, 1 / 6, range(20), feature_fid, prc)
+    noise = filtering_row("random", features, random, 1 / 6, range(20), feature_fid, prc)
     assert good["kept"] == noise["kept"] == len(images) - round(len(images) / 6)
     assert good["fid_kept"] < good["fid_random_mean"] - 2 * good["fid_random_std"]
     assert good["verdict"] == "better than random"
     assert noise["verdict"] != "better than random"
     assert noise["fid_random_mean"] == good["fid_random_mean"]  # the same random subsets of the same set
+    # precision: the noisiest samples, the ones dropped, are the ones outside the real balls
+    assert good["precision_kept"] > good["precision_random_mean"] + 2 * good["precision_random_std"]
+    assert good["precision_verdict"] == "better than random"
+    assert noise["precision_verdict"] != "better than random"
+    assert noise["precision_random_mean"] == good["precision_random_mean"]
+    assert 0 <= good["recall_kept"] <= 1 and good["recall_random_std"] >= 0
 
 
 def test_guided_versus_unguided_verdicts(digits, feature_fid):

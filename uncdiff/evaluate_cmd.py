@@ -2,14 +2,16 @@
 
     python train.py evaluate --checkpoint runs/quickstart/checkpoints/last.ckpt --out eval/quick --n 1000
 
-(a) filtering: FID of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random
-subsets (mean ± std over --subset-seeds); (b) guided versus unguided FID from the same seeds, for
-the gradient rule with both signs and the posterior rule, over --seed-groups; (c) AUSE / AURG of
-the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each method.
+(a) filtering: FID, and improved precision / recall (k = 5, against --prc-real training images), of
+the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random subsets (mean ± std
+over --subset-seeds); (b) guided versus unguided FID from the same seeds, for the gradient rule
+with both signs and the posterior rule, over --seed-groups; (c) AUSE / AURG of the aleatoric and
+MC-Dropout maps; (d) network evaluations and seconds per image of each method.
 
 Each sample set is a `train.py sample` run in <out>/sets/<name> (so all processes generate it,
-and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it),
-computes the experiments and writes <out>/report.md, one CSV per experiment and the plots, and
+and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it) and
+once for the real images of precision / recall (cached in <out>/sets/real), computes the
+experiments and writes <out>/report.md, one CSV per experiment and the plots, and
 logs the tables to W&B with --wandb. Every input is checked before <out> is created.
 """
 
@@ -55,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which to run (default all)")
     g.add_argument("--filtering-estimators", nargs="+", default=list(FILTERING_ESTIMATORS),
                    choices=FILTERING_ESTIMATORS, help="estimators of the filtering experiment (default all)")
-    g.add_argument("--subset-seeds", type=int, default=20, help="random subsets per filtering FID (default 20)")
+    g.add_argument("--subset-seeds", type=int, default=20,
+                   help="random subsets per filtering FID and precision / recall (default 20)")
+    g.add_argument("--prc-real", type=int, help="real training images (a random subset) that filtering's "
+                   "precision / recall compare with (default min(--n, 10000); 0 skips precision / recall)")
     g.add_argument("--seed-groups", type=int, default=3,
                    help="seed groups the guided/unguided FIDs are repeated over (default 3)")
     g.add_argument("--ause-images", type=int, default=100, help="held-out images for AUSE / AURG (default 100)")
@@ -110,10 +115,16 @@ def set_arguments(args, name: str, dropout: float) -> Namespace:
 
 def plan_evaluation(args, inputs: ModelInputs) -> Plan:
     """Check every option and build the settings of the run and of each sample set. Writes nothing."""
+    from uncdiff.evaluation import PRC_NEIGHBOURS
+
     if args.subset_seeds < 2:
         raise InputError(f"--subset-seeds must be >= 2 (a spread needs two subsets), got {args.subset_seeds}")
     if not 1 <= args.seed_groups <= args.n // 2:
         raise InputError(f"--seed-groups must lie in [1, n/2], got {args.seed_groups} with --n {args.n}")
+    prc_real = min(args.n, 10000) if args.prc_real is None else args.prc_real
+    if prc_real != 0 and not prc_real > PRC_NEIGHBOURS:
+        raise InputError(f"--prc-real must be > {PRC_NEIGHBOURS} (precision / recall use {PRC_NEIGHBOURS} nearest "
+                         f"neighbours), or 0 to skip them, got {prc_real}")
     if args.ause_images < 1 or args.ause_fractions < 2:
         raise InputError("--ause-images must be >= 1 and --ause-fractions >= 2")
     if args.drop_fraction is not None and not 0.0 < args.drop_fraction < 1.0:
@@ -139,9 +150,14 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
         settings = build_settings(set_args, inputs.module, inputs.sha256,
                                   inputs.laplace if name == "bayesdiff" else None, save_maps=args.save_maps)
         stores[name] = SampleStore(root / "sets" / name, settings)
+    kept = args.n - round(drop_fraction(stores) * args.n)
+    if "filtering" in args.experiments and prc_real and kept <= PRC_NEIGHBOURS:
+        raise InputError(f"filtering keeps {kept} of --n {args.n} samples; precision / recall need more than "
+                         f"{PRC_NEIGHBOURS}")
     settings = {"format": 1, "checkpoint_sha256": inputs.sha256, "experiments": sorted(args.experiments),
                 "sets": {name: s.settings for name, s in stores.items()},
                 "subset_seeds": args.subset_seeds, "seed_groups": args.seed_groups,
+                "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
                 "ause": {"images": args.ause_images, "fractions": args.ause_fractions},
                 "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule)}}
     check_output_dir(root, settings)
@@ -163,20 +179,42 @@ def make_fid_extractor(args, plan: Plan, module, device):
     return extractor.to(device)
 
 
-def set_features(store: SampleStore, extractor) -> torch.Tensor:
-    """FID features of a finished set, extracted once and cached as features-<extractor>.pt."""
-    from uncdiff.evaluation import extract_features
+def drop_fraction(stores: dict[str, SampleStore]) -> float:
+    """The filtering experiment's drop fraction: the sample sets' (all the same), else 1/6."""
+    return next((s.settings["drop_fraction"] for s in stores.values() if s.settings["drop_fraction"]), 1 / 6)
 
-    path = store.root / f"features-{extractor.name}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    features = extract_features(extractor, store.load_images())
+
+def cached_features(path: Path, images, extractor) -> torch.Tensor:
+    """FID features `[N, D]` of `images()` (float `[N, C, H, W]`), extracted once and cached at `path`."""
     from io import BytesIO
 
+    from uncdiff.evaluation import extract_features
+
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    features = extract_features(extractor, images())
     buffer = BytesIO()
     torch.save(features, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())
     return features
+
+
+def set_features(store: SampleStore, extractor) -> torch.Tensor:
+    """FID features of a finished set, cached as <set>/features-<extractor>.pt."""
+    return cached_features(store.root / f"features-{extractor.name}.pt", store.load_images, extractor)
+
+
+def real_features(root: Path, datamodule, count: int, extractor) -> torch.Tensor:
+    """FID features of `count` training images (the split of the FID statistics) drawn at random
+    (seed 0), all of them if there are fewer; cached as <root>/sets/real/features-<extractor>-<count>.pt."""
+    from uncdiff.fid import datamodule_images
+
+    def images() -> torch.Tensor:
+        images = torch.cat(list(datamodule_images(datamodule, "train")()))
+        return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count].sort().values]
+
+    return cached_features(root / "sets" / "real" / f"features-{extractor.name}-{count}.pt", images, extractor)
 
 
 def held_out_images(datamodule, count: int) -> torch.Tensor:
@@ -241,7 +279,8 @@ def note_identical_images(plan: Plan, report) -> None:
 
 
 def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
-    from uncdiff.evaluation import FeatureFID, cost_rows, filtering_row, guidance_row, sign_outcome
+    from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, cost_rows, filtering_row, guidance_row,
+                                    sign_outcome)
     from uncdiff.guidance import UncertaintyGuidance
     from uncdiff.report import Report
 
@@ -267,13 +306,19 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
     }, notes=list(plan.notes))
     fid = FeatureFID(real_stats, fabric.device)
     features = {name: set_features(store, extractor) for name, store in plan.stores.items()}
-    drop = next((s.settings["drop_fraction"] for s in plan.stores.values() if s.settings["drop_fraction"]), 1 / 6)
+    drop = drop_fraction(plan.stores)
     report.header["drop fraction"] = f"{drop:.4g}"
 
     if "filtering" in args.experiments:
+        prc, precision_recall = plan.settings["precision_recall"], None
+        if prc is not None:
+            real = real_features(plan.root, inputs.datamodule, prc["real_images"], extractor)
+            report.header["precision / recall"] = f"k = {prc['k']} nearest neighbours, against {len(real)} real " \
+                                                  f"training images (random, seed 0), FID features"
+            precision_recall = FeaturePrecisionRecall(real, prc["k"], fabric.device)
         for name in args.filtering_estimators:
             report.filtering.append(filtering_row(name, features[name], plan.stores[name].load_scores(), drop,
-                                                  range(args.subset_seeds), fid))
+                                                  range(args.subset_seeds), fid, precision_recall))
         if "bayesdiff" in args.filtering_estimators:
             report.notes.append("BayesDiff's set is sampled without x0 clipping (its variance propagation needs "
                                 "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
@@ -298,9 +343,10 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
                         "one table, not with published 50k-sample FIDs.")
     report.notes.append("Verdicts: a difference counts when it exceeds 2 standard deviations. Filtering: the kept "
                         "set's difference to the random subsets' mean, against 2 std x sqrt(1 + 1/K) of the K "
-                        "random subsets' FIDs (the kept set is one more draw); guidance: the paired per-group "
-                        "differences' mean against 2 standard errors. With few groups or subsets the spread is "
-                        "itself uncertain: read the verdicts as rough.")
+                        "random subsets' FIDs (the kept set is one more draw), and likewise for precision and "
+                        "recall (higher is better); guidance: the paired per-group differences' mean against 2 "
+                        "standard errors. With few groups or subsets the spread is itself uncertain: read the "
+                        "verdicts as rough.")
     for name, file in (("aleatoric", "dropped.png"), ("aleatoric", "grid.png")):
         if name in plan.stores and (plan.stores[name].root / file).is_file():
             target = f"{name}_{file}"

@@ -2,7 +2,8 @@
 files, no Lightning. `train.py evaluate` (uncdiff/evaluate_cmd.py) feeds them and
 `uncdiff/report.py` writes what they return.
 
-- filtering: FID of the set kept by an estimator's scores versus random subsets of the same size;
+- filtering: FID, and improved precision / recall, of the set kept by an estimator's scores versus
+  random subsets of the same size;
 - guidance: FID of guided versus unguided samples from the same starting noise, over seed groups;
 - sparsification: AUSE / AURG of pixel-wise uncertainty when denoising noised real images;
 - cost: network evaluations and seconds per image.
@@ -16,16 +17,19 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from uncdiff.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
 from uncdiff.samplers import EpsModel, SampleNoise, Sampler, StepContext
 
 SPREAD = 2.0  # a difference is reported as real when it exceeds SPREAD standard deviations
+PRC_NEIGHBOURS = 5  # k of improved precision / recall (spec §6)
 
 
 def compare(difference: float, std: Optional[float], better: str = "better", worse: str = "worse") -> str:
-    """Verdict on a difference of FIDs (lower is better) with standard deviation `std`."""
+    """Verdict on a difference where lower is better (of FIDs; negate one of precisions) with
+    standard deviation `std`."""
     if std is None or not std == std:
         return "no spread to judge by"
     if difference < -SPREAD * std:
@@ -75,6 +79,32 @@ class FeatureFID:
         return float(self.metric.compute())
 
 
+class FeaturePrecisionRecall:
+    """Improved precision and recall (Kynkäänniemi et al. 2019; spec §6) of a feature set `[N, D]`
+    against real features `[M, D]`, with torch-fidelity's implementation: each sample is the centre
+    of a ball reaching its k-th nearest neighbour in its own set; precision is the share of
+    generated samples inside some real ball (fidelity), recall the share of real samples inside
+    some generated ball (coverage). Distances on `device`, in blocks of `batch_size` rows."""
+
+    def __init__(self, real_features: Tensor, k: int = PRC_NEIGHBOURS, device: torch.device | str = "cpu",
+                 batch_size: int = 1000):
+        if len(real_features) <= k:
+            raise ValueError(f"precision / recall with k = {k} needs more than {k} real features, "
+                             f"got {len(real_features)}")
+        self.real, self.k, self.batch_size = real_features.to(device), k, batch_size
+
+    def __call__(self, features: Tensor) -> tuple[float, float]:
+        """(precision, recall) of `features [N, D]`, N > k."""
+        if len(features) <= self.k:
+            raise ValueError(f"precision / recall with k = {self.k} needs more than {self.k} samples, "
+                             f"got {len(features)}")
+        # save_cpu_ram: the distance matrices in row blocks, never N x N at once (N = 50k in the paper)
+        out = prc_features_to_metric(features.to(self.real.device, self.real.dtype), self.real,
+                                     prc_neighborhood=self.k, prc_batch_size=self.batch_size, save_cpu_ram=True,
+                                     verbose=False)
+        return out["precision"], out["recall"]
+
+
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     """`[N, D]` float64 features of float images `[N, C, H, W]` in [-1, 1], on the extractor's device."""
@@ -84,22 +114,39 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 500
 
 # ------------------------------------------------------------------------------------ filtering
 
-def filtering_row(name: str, features: Tensor, scores: Tensor, drop_fraction: float, subset_seeds: Sequence[int],
-                  fid: Callable[[Tensor], float]) -> dict:
-    """Spec §6 filtering for one estimator: drop the `drop_fraction` with the highest `scores [N]`,
-    FID of the kept set versus random subsets of the same size (one per seed)."""
-    keep = keep_best(scores, drop_fraction)
-    kept = int(keep.sum())
-    random = [fid(features[idx]) for idx in random_subsets(len(scores), kept, subset_seeds)]
+def kept_versus_random(kept: float, random: Sequence[float], higher_is_better: bool = False
+                       ) -> tuple[float, Optional[float], str]:
+    """Mean and standard deviation of the random subsets' values, and the verdict on the kept set's."""
     mean, std = mean_std(random)
-    kept_fid = fid(features[keep])
     # The kept set is judged like one more draw next to K random ones: its difference to their mean
     # has standard deviation std * sqrt(1 + 1/K) (prediction interval), not std.
     spread = std * (1 + 1 / len(random)) ** 0.5 if std is not None else None
-    return {"estimator": name, "samples": len(scores), "kept": kept, "fid_all": fid(features),
-            "fid_kept": kept_fid, "fid_random_mean": mean, "fid_random_std": std, "subsets": len(random),
-            "z": (kept_fid - mean) / std if std else None,
-            "verdict": compare(kept_fid - mean, spread, "better than random", "worse than random")}
+    difference = mean - kept if higher_is_better else kept - mean
+    return mean, std, compare(difference, spread, "better than random", "worse than random")
+
+
+def filtering_row(name: str, features: Tensor, scores: Tensor, drop_fraction: float, subset_seeds: Sequence[int],
+                  fid: Callable[[Tensor], float],
+                  precision_recall: Optional[Callable[[Tensor], tuple[float, float]]] = None) -> dict:
+    """Spec §6 filtering for one estimator: drop the `drop_fraction` with the highest `scores [N]`,
+    FID of the kept set versus random subsets of the same size (one per seed); with
+    `precision_recall` (e.g. a `FeaturePrecisionRecall`), also precision and recall of the same sets."""
+    keep = keep_best(scores, drop_fraction)
+    kept = int(keep.sum())
+    subsets = random_subsets(len(scores), kept, subset_seeds)
+    kept_fid = fid(features[keep])
+    mean, std, verdict = kept_versus_random(kept_fid, [fid(features[idx]) for idx in subsets])
+    row = {"estimator": name, "samples": len(scores), "kept": kept, "fid_all": fid(features),
+           "fid_kept": kept_fid, "fid_random_mean": mean, "fid_random_std": std, "subsets": len(subsets),
+           "z": (kept_fid - mean) / std if std else None, "verdict": verdict}
+    if precision_recall is not None:
+        values = {"all": precision_recall(features), "kept": precision_recall(features[keep])}
+        random = [precision_recall(features[idx]) for idx in subsets]
+        for i, metric in enumerate(("precision", "recall")):
+            mean, std, verdict = kept_versus_random(values["kept"][i], [r[i] for r in random], higher_is_better=True)
+            row.update({f"{metric}_all": values["all"][i], f"{metric}_kept": values["kept"][i],
+                        f"{metric}_random_mean": mean, f"{metric}_random_std": std, f"{metric}_verdict": verdict})
+    return row
 
 
 # ------------------------------------------------------------------------------------- guidance

@@ -122,7 +122,19 @@ def markdown(report: Report) -> str:
                 table([["estimator", "FID all", "FID kept", "FID random subsets", "z", "verdict"]]
                       + [[r["estimator"], fmt(r["fid_all"]), fmt(r["fid_kept"]),
                           f"{fmt(r['fid_random_mean'])} ± {fmt(r['fid_random_std'])}", fmt(r["z"], 2), r["verdict"]]
-                         for r in report.filtering]), "", "![filtering](filtering.png)", ""]
+                         for r in report.filtering]), ""]
+        if "precision_kept" in r0:
+            out += ["**Precision / recall** (Kynkäänniemi et al. 2019) of the same sets against real training "
+                    "images: precision is the share of samples inside some real image's k-nearest-neighbour ball "
+                    "(fidelity), recall the share of real images inside some sample's ball (coverage). Higher is "
+                    "better; recall grows with the number of samples, so compare kept with random, not with all. "
+                    f"Real images and k: {report.header.get('precision / recall', '?')}.", "",
+                    table([["estimator", "metric", "all", "kept", "random subsets", "verdict"]]
+                          + [[r["estimator"], metric, fmt(r[f"{metric}_all"]), fmt(r[f"{metric}_kept"]),
+                              f"{fmt(r[f'{metric}_random_mean'])} ± {fmt(r[f'{metric}_random_std'])}",
+                              r[f"{metric}_verdict"]]
+                             for r in report.filtering for metric in ("precision", "recall")]), ""]
+        out += ["![filtering](filtering.png)", ""]
     if report.guidance:
         g = report.guidance[0]
         out += ["## (b) Guided versus unguided sampling", "",
