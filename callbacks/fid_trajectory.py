@@ -1,20 +1,18 @@
 """FID of unguided, guided and uncertainty-filtered EMA samples during training (spec §6), logged as
 `val/fid/unguided`, `val/fid/guided`, `val/fid/filtered` so W&B draws their trajectories."""
 
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from callbacks.sampling import (check_estimator, check_every_n_epochs, check_fraction, check_guidance,
-                                check_positive, check_sampler, due, gather_rows, sample_in_batches, shard)
+from callbacks.sampling import (Clock, check_estimator, check_every_n_epochs, check_fraction, check_guidance,
+                                check_mc_dropout, check_positive, check_sampler, due, gather_rows, sample_in_batches,
+                                shard)
 from uncdiff.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
 from uncdiff.metrics import keep_best
-from uncdiff.uncertain_sampling import make_estimator
 
 KINDS = ("unguided", "guided", "filtered")
 
@@ -47,10 +45,12 @@ class FIDTrajectory(L.Callback):
 
     Options:
     - `sampler`, `steps`, `sampler_options` (e.g. `{eta: 0.0}`): the sampler of both sets;
-    - `estimator` ('aleatoric' | 'mc_dropout' | 'bayesdiff'), `estimator_options`: the scores;
-    - `guidance`: `UncertaintyGuidance` options (rule, sign, lam, window, quantile, ...). The guided
-      run records uncertainty only on its guidance steps (where it is computed anyway), unless
-      `guidance` sets `estimate_window`; this never changes the images;
+    - `estimator` ('aleatoric' | 'mc_dropout'), `estimator_options`: the scores (BayesDiff needs a
+      Laplace posterior fitted after training: `train.py evaluate`/`sample` run it on a checkpoint);
+    - `guidance`: `UncertaintyGuidance` options (rule, sign, lam, window, quantile, ...; `table` may be
+      a file from `save_table`). The guided run records uncertainty only on its guidance steps
+      (where it is computed anyway), unless `guidance` sets `estimate_window`; this never changes
+      the images;
     - `extractor` ('inception' | 'digits-classifier') and `extractor_options` (e.g.
       `{weights_path: /path/to/weights-inception-2015-12-05-6726825d.pth}`); the digits classifier
       is cached in `cache_dir` and gets the model's image size unless told otherwise;
@@ -79,9 +79,9 @@ class FIDTrajectory(L.Callback):
         self.seed, self.sampler, self.steps = int(seed), sampler, int(steps)
         self.sampler_options = check_sampler(sampler, steps, sampler_options)
         self.estimator, self.estimator_options = estimator, check_estimator(estimator, estimator_options)
-        self.guidance = check_guidance(guidance)
+        self.guidance, hook = check_guidance(guidance, steps)
         # the guided run records its map only where guidance computes it anyway: no extra cost
-        self.guided_options = {"estimate_window": make_estimator("guided", **self.guidance).window, **self.guidance}
+        self.guided_options = {"estimate_window": hook.window, **self.guidance}
         self.fraction_dropped = check_fraction("fraction_dropped", fraction_dropped)
         if extractor not in EXTRACTORS:
             raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
@@ -104,6 +104,8 @@ class FIDTrajectory(L.Callback):
         real statistics, on every rank: DDP is initialised here."""
         if stage not in ("fit", "validate") or self.evaluators is not None or trainer.limit_val_batches == 0:
             return  # nothing to evaluate (e.g. validation switched off)
+        if self.estimator == "mc_dropout":
+            check_mc_dropout(pl_module, self.estimator_options)
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("FIDTrajectory needs the trainer's datamodule (its real images): "
@@ -192,38 +194,3 @@ class FIDTrajectory(L.Callback):
         empty = lambda parts: torch.cat(parts) if parts else torch.zeros(0)
         torch.save({"seeds": torch.tensor(seeds, dtype=torch.long), "unguided": empty(unguided),
                     "guided": empty(guided), "scores": scores, "kept": keep}, path)
-
-
-class Clock:
-    """Wall-clock seconds per named phase (synchronising CUDA so that queued work is counted)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = {"sampling": 0.0, "features": 0.0}
-        self.start = self._now()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def total(self) -> float:
-        return self._now() - self.start
-
-    @contextmanager
-    def timing(self, phase: str) -> Iterator[None]:
-        start = self._now()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += self._now() - start
-
-    def time(self, phase: str, items: Iterable) -> Iterator:
-        """Iterate `items`, counting the time spent producing each one as `phase`."""
-        items = iter(items)
-        while True:
-            with self.timing(phase):
-                item = next(items, None)
-            if item is None:
-                return
-            yield item

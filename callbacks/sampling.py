@@ -1,20 +1,23 @@
 """What the sampling callbacks share: their schedule, option checks, and generation split over
 DDP ranks (each rank its share of the seeds, results gathered in seed order)."""
 
-import inspect
+import time
 import warnings
-from typing import Iterator, Optional, Sequence
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 
-from uncdiff.bayesdiff import BayesDiffUncertainty
+from uncdiff.guidance import UncertaintyGuidance, table_from_file
 from uncdiff.samplers import make_sampler
 from uncdiff.schedule import NoiseSchedule
 from uncdiff.uncertain_sampling import SampleResult, make_estimator
 
-SCORE_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
+SCORE_ESTIMATORS = ("aleatoric", "mc_dropout")
 
 # The callbacks log values that are already identical on every rank (computed from gathered or
 # synced data) with sync_dist=False; Lightning's advice to sync them would only add a collective.
@@ -55,35 +58,53 @@ def check_sampler(sampler: str, steps: int, sampler_options: Optional[dict]) -> 
     return options
 
 
-def check_guidance(guidance: Optional[dict]) -> dict:
-    """`UncertaintyGuidance` options (spec §4), checked by building one."""
+def check_guidance(guidance: Optional[dict], steps: int) -> tuple[dict, UncertaintyGuidance]:
+    """`UncertaintyGuidance` options (spec §4), checked by building one; returns both. With
+    `threshold: table`, `table` may be a file from `save_table`: it must load and have `steps`
+    steps now; the options keep its absolute path, which `DiffusionModule.sample` reads (and
+    checks against the model's image shape) when sampling."""
     options = dict(guidance or {})
+    built = dict(options)
+    if isinstance(options.get("table"), (str, Path)):
+        try:
+            built["table"] = table_from_file(options["table"], steps)
+        except ValueError as error:
+            raise ValueError(f"guidance.table: {error}") from None
+        options["table"] = str(Path(options["table"]).resolve())
     try:
-        make_estimator("guided", **options)
+        hook = make_estimator("guided", **built)
     except ValueError as error:
         raise ValueError(f"guidance: {error}") from None
-    return options
+    return options, hook
 
 
 def check_estimator(estimator: str, estimator_options: Optional[dict]) -> dict:
-    """A per-sample score estimator of `DiffusionModule.sample` and its options, checked now
-    (the model-bound ones against stand-ins: an `nn.Dropout`, or by option names for BayesDiff)."""
+    """A per-sample score estimator of `DiffusionModule.sample` and its options, checked now (MC-Dropout's
+    against a stand-in `nn.Dropout`; the model's own rate is checked in `check_mc_dropout`)."""
     options = dict(estimator_options or {})
+    if estimator == "bayesdiff":
+        raise ValueError("estimator: 'bayesdiff' can't score samples during training: it needs a Laplace "
+                         "posterior fitted after training (and unclipped DDIM). Run `train.py evaluate` or "
+                         "`train.py sample --estimator bayesdiff` on the checkpoint instead")
     if estimator not in SCORE_ESTIMATORS:
         raise ValueError(f"estimator must be one of {SCORE_ESTIMATORS} (it scores the samples), got {estimator!r}")
     try:
         if estimator == "aleatoric":
             make_estimator("aleatoric", **options)
-        elif estimator == "mc_dropout":
-            make_estimator("mc_dropout", model=nn.Dropout(), **options)
         else:
-            params = set(inspect.signature(BayesDiffUncertainty).parameters) - {"net", "laplace"}
-            unknown = sorted(set(options) - params)
-            if unknown:
-                raise ValueError(f"unknown option(s) {unknown} for estimator 'bayesdiff'; it takes {sorted(params)}")
+            make_estimator("mc_dropout", model=nn.Dropout(), **options)
     except ValueError as error:
         raise ValueError(f"estimator_options: {error}") from None
     return options
+
+
+def check_mc_dropout(pl_module: L.LightningModule, estimator_options: dict) -> None:
+    """MC-Dropout's options against the model itself (e.g. a model trained without dropout needs
+    `dropout`), so a run fails when it starts, not at its first validation."""
+    try:
+        make_estimator("mc_dropout", model=pl_module.ema.ema_model, **estimator_options)
+    except ValueError as error:
+        raise ValueError(f"estimator_options: {error}") from None
 
 
 def check_positive(name: str, value: int) -> int:
@@ -135,6 +156,44 @@ def sample_in_batches(pl_module: L.LightningModule, seeds: Sequence[int], batch_
         if progress is not None:
             progress.update(len(batch))
         yield batch, result
+
+
+# ------------------------------------------------------------------------------ timing, figures
+
+class Clock:
+    """Wall-clock seconds since construction (`total`) and per named phase (`seconds`),
+    synchronising CUDA so that queued work is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def total(self) -> float:
+        return self._now() - self.start
+
+    @contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        start = self._now()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += self._now() - start
+
+    def time(self, phase: str, items: Iterable) -> Iterator:
+        """Iterate `items`, counting the time spent producing each one as `phase`."""
+        items = iter(items)
+        while True:
+            with self.timing(phase):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
 
 
 def log_figure(trainer: L.Trainer, key: str, path, caption: str) -> None:

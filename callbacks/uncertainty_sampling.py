@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from callbacks.sampling import (check_every_n_epochs, check_fraction, check_guidance, check_positive, check_sampler,
-                                due, gather_rows, log_figure, sample_in_batches, shard)
+from callbacks.sampling import (Clock, check_every_n_epochs, check_fraction, check_guidance, check_positive,
+                                check_sampler, due, gather_rows, log_figure, sample_in_batches, shard)
 from uncdiff.metrics import keep_best
 from uncdiff.uncertain_sampling import make_estimator
 
@@ -41,7 +41,8 @@ class UncertaintySampling(L.Callback):
     - `extremes.png`: the `num_extremes` lowest- and highest-score samples of each set, with maps.
 
     Each PNG is logged to W&B as `val/uncertainty/<name>`; the mean scores as
-    `val/uncertainty/mean_score/{unguided,guided}`. Under DDP every rank samples its share of the
+    `val/uncertainty/mean_score/{unguided,guided}`, and the time taken (sampling and figures) as
+    `val/uncertainty/seconds`. Under DDP every rank samples its share of the
     seeds, and rank 0 draws the gathered results (the same figures whatever the process count).
     """
 
@@ -61,7 +62,7 @@ class UncertaintySampling(L.Callback):
         # the guided run's map is the same quantity over the same steps as the unguided one's
         shared = {"num_perturbations": estimator.num_perturbations, "variant": estimator.variant,
                   "chunk_size": estimator.chunk_size, "estimate_window": estimator.window}
-        self.guidance = check_guidance({**shared, **(guidance or {})})
+        self.guidance, _ = check_guidance({**shared, **(guidance or {})}, steps)
         self.num_extremes = check_positive("num_extremes", num_extremes)
         self.fraction_dropped = check_fraction("fraction_dropped", fraction_dropped)
         if cmap not in matplotlib.colormaps:
@@ -73,6 +74,7 @@ class UncertaintySampling(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not due(trainer, self.every_n_epochs):
             return
+        clock = Clock(pl_module.device)
         results = self.generate(trainer, pl_module)
         for name in SETS:
             pl_module.log(f"val/uncertainty/mean_score/{name}", results[name]["scores"].mean().item(),
@@ -82,6 +84,8 @@ class UncertaintySampling(L.Callback):
             caption = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
             for name, path in self.write_figures(results, out, caption).items():
                 log_figure(trainer, f"val/uncertainty/{name}", path, caption)
+        # sampling and, on rank 0 (whose value the loggers write), the figures
+        pl_module.log("val/uncertainty/seconds", clock.total(), sync_dist=False)
 
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
         """`{set: {images, maps, scores}}`, all `num_samples` rows in seed order, on every rank."""

@@ -107,3 +107,34 @@ def test_table_threshold_from_a_calibration_file(model, tmp_path):
     assert torch.isfinite(guided.images).all()
     with pytest.raises(ValueError, match="calibrated"):
         model.sample(2, sampler="ddim", steps=5, guidance={"threshold": "table", "table": str(tmp_path / "tau.pt")})
+    with pytest.raises(ValueError, match="guidance.table: no threshold table file"):
+        model.sample(2, sampler="ddim", steps=6, guidance={"threshold": "table", "table": str(tmp_path / "no.pt")})
+
+
+def test_estimator_window_with_guidance_is_the_estimation_window(model):
+    """With guidance, estimator_options' window is where U_t is recorded (guidance's estimate_window),
+    not the guidance window: spec §3-4, M extra evaluations on each estimated or guided step."""
+    n, steps, m = 2, 10, 2
+    guided = model.sample(n, sampler="ddim", steps=steps, guidance={"rule": "posterior"},  # guides steps 0, 1
+                          estimator_options={"window": (0.5, 1.0), "num_perturbations": m, "keep_maps": True})
+    estimated, guided_steps = range(5, 10), range(0, 2)  # the second half; the first 15% of 10 steps
+    assert guided.step_indices == list(estimated)
+    assert guided.nfe == n * steps + n * m * (len(estimated) + len(guided_steps))
+
+
+@pytest.mark.parametrize("estimator_options, guidance, option", [
+    ({"num_perturbations": 3}, {"num_perturbations": 2}, "num_perturbations"),
+    ({"window": (0.5, 1.0)}, {"estimate_window": (0.0, 1.0)}, "estimator_options.window and guidance.estimate_window"),
+    ({"window": (0.5, 1.0), "estimate_window": (0.0, 1.0)}, {}, "window and estimate_window"),
+])
+def test_an_option_in_both_estimator_options_and_guidance_is_named(model, estimator_options, guidance, option):
+    with pytest.raises(ValueError, match=option):
+        model.sample(2, steps=4, guidance=guidance, estimator_options=estimator_options)
+
+
+def test_mc_dropout_on_a_model_trained_without_dropout_needs_a_rate():
+    model = DiffusionModule(**tiny_model_kwargs(dropout=0.0))
+    with pytest.raises(ValueError, match="trained without dropout.*dropout="):
+        model.sample(2, steps=2, estimator="mc_dropout")
+    result = model.sample(2, steps=2, estimator="mc_dropout", estimator_options={"dropout": 0.1})
+    assert result.scores.shape == (2,)

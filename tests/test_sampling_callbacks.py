@@ -147,6 +147,8 @@ def test_one_process_fit_writes_figures_fids_and_wandb_run(one_process, cache):
     for key in (*FID_KEYS, "val/fid/seconds", "val/fid/sampling_seconds", "val/fid/feature_seconds"):
         values = [h[key] for h in history if key in h]
         assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values), (key, values)
+    seconds = [h["val/uncertainty/seconds"] for h in history if "val/uncertainty/seconds" in h]
+    assert len(seconds) == 1 and math.isfinite(seconds[0]) and seconds[0] > 0, seconds  # with the figures
     assert [h["val/uncertainty/grids/_type"] for h in history if "val/uncertainty/grids/_type" in h] == [
         "images/separated"]
     # every FID says which features it used
@@ -271,7 +273,9 @@ def test_configs_run_both_callbacks_on_validation_epochs():
     (FIDTrajectory, {"estimator": "none"}, "estimator"),
     (FIDTrajectory, {"estimator_options": {"num_perturbations": 1}}, "num_perturbations"),
     (FIDTrajectory, {"estimator": "mc_dropout", "estimator_options": {"num_passes": 1}}, "num_passes"),
-    (FIDTrajectory, {"estimator": "bayesdiff", "estimator_options": {"draws": 3}}, "draws"),
+    (FIDTrajectory, {"estimator": "bayesdiff"}, "estimator: 'bayesdiff'.*Laplace posterior fitted after training"),
+    (FIDTrajectory, {"guidance": {"threshold": "table", "table": "/nowhere/tau.pt"}}, "guidance.table"),
+    (UncertaintySampling, {"guidance": {"threshold": "table", "table": "/nowhere/tau.pt"}}, "guidance.table"),
     (FIDTrajectory, {"guidance": {"sign": 2}}, "sign"),
     (FIDTrajectory, {"guidance": {"lambda": 1.0}}, "lambda"),
     (FIDTrajectory, {"extractor": "vgg"}, "extractor"),
@@ -289,3 +293,35 @@ def test_configs_run_both_callbacks_on_validation_epochs():
 def test_bad_options_fail_at_construction_naming_the_option(cls, options, option):
     with pytest.raises((ValueError, FileNotFoundError), match=option):
         cls(**options)
+
+
+def test_a_threshold_table_file_is_checked_at_construction_and_used_when_sampling(tmp_path, monkeypatch):
+    from uncdiff.guidance import calibrate_threshold_table, save_table
+    from uncdiff.samplers import make_sampler
+
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_model_kwargs())
+    sampler = make_sampler(module.schedule, "ddim", steps=3)
+    table = calibrate_threshold_table(module.ema.ema_model.eval(), sampler, module.image_shape, range(4),
+                                      quantile=0.9, num_perturbations=2)
+    save_table(tmp_path / "tau.pt", table, {"sampler": "ddim", "steps": 3, "quantile": 0.9})
+    monkeypatch.chdir(tmp_path)
+    guidance = {"rule": "posterior", "threshold": "table", "table": "tau.pt"}
+    figures = UncertaintySampling(num_samples=2, steps=3, guidance=guidance, progress=False)
+    fid_trajectory = FIDTrajectory(num_samples=2, steps=3, guidance=guidance, progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the path was made absolute: the run may change directory
+    assert figures.guidance["table"] == fid_trajectory.guided_options["table"] == str(tmp_path / "tau.pt")
+    trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True)
+    results = figures.generate(trainer, module)
+    assert torch.isfinite(results["guided"]["images"]).all() and results["guided"]["scores"].shape == (2,)
+    with pytest.raises(ValueError, match="guidance.table: .*calibrated"):  # 3 steps in the table, 4 here
+        UncertaintySampling(steps=4, guidance=guidance | {"table": "../tau.pt"})
+
+
+def test_mc_dropout_scores_on_a_model_trained_without_dropout_fail_when_the_run_starts(cache):
+    callback = FIDTrajectory(num_samples=4, estimator="mc_dropout", extractor="digits-classifier",
+                             cache_dir=str(cache))
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(image_size=8), loggers=[], limit_val_batches=1)
+    with pytest.raises(ValueError, match="estimator_options: the model was trained without dropout"):
+        callback.setup(trainer, DiffusionModule(**tiny_model_kwargs(dropout=0.0)), "fit")

@@ -243,6 +243,21 @@ def test_mc_dropout_needs_dropout_layers():
         MCDropoutUncertainty(nn.Conv2d(1, 1, 1))
 
 
+def test_mc_dropout_on_a_model_trained_without_dropout_needs_a_rate():
+    """At the model's own rate 0 every pass is the same network: all-zero maps, so it is refused."""
+    net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+               attn_resolutions=(4,), dropout=0.0)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    with pytest.raises(ValueError, match="trained without dropout.*dropout="):
+        MCDropoutUncertainty(net, num_passes=3)
+    est = MCDropoutUncertainty(net, num_passes=3, dropout=0.1)
+    est(make_ctx(net.eval(), b=2))
+    assert (est.scores > 0).all()
+    assert all(d.p == 0.0 for d in net.modules() if isinstance(d, nn.Dropout))  # its own rate restored
+
+
 # ----------------------------------------------------------------------------------------------
 # generate() and make_estimator()
 

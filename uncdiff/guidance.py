@@ -5,6 +5,7 @@ the ordinary sampler step run, so it works unchanged under DDPM, DDIM or any lat
 Outside the window it is the plain estimator (`AleatoricUncertainty`): it returns `eps_bar`.
 """
 
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -231,3 +232,23 @@ def load_table(path) -> tuple[torch.Tensor, dict]:
     """`(table [steps, C, H, W], settings)` as saved by `save_table`."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state["table"], state["settings"]
+
+
+def table_from_file(path, steps: Optional[int] = None, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The threshold table `[steps, C, H, W]` saved at `path` by `save_table`, checked against the
+    run's step count and image shape where they are given; a ValueError otherwise."""
+    if not Path(path).is_file():
+        raise ValueError(f"no threshold table file at {str(path)!r} (make one with calibrate_threshold_table "
+                         f"and save_table)")
+    try:
+        table, settings = load_table(path)
+    except Exception as error:  # not a torch file, or not save_table's dict
+        raise ValueError(f"{str(path)!r} is not a threshold table from save_table "
+                         f"({type(error).__name__}: {error})") from None
+    if not isinstance(table, torch.Tensor) or table.dim() != 4:
+        raise ValueError(f"{str(path)!r} holds no [steps, C, H, W] table")
+    need = (table.shape[0] if steps is None else steps, *(table.shape[1:] if image_shape is None else image_shape))
+    if tuple(table.shape) != tuple(need):
+        raise ValueError(f"threshold table {path} was calibrated for {settings}, shape {tuple(table.shape)}; "
+                         f"this run needs {tuple(need)} (steps, C, H, W)")
+    return table

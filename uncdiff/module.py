@@ -8,7 +8,7 @@ import torch
 import ema_pytorch
 
 from uncdiff.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
-from uncdiff.guidance import load_table
+from uncdiff.guidance import table_from_file
 from uncdiff.samplers import make_sampler
 from uncdiff.uncertain_sampling import SampleResult, generate, make_estimator
 from uncdiff.schedule import NoiseSchedule
@@ -30,6 +30,24 @@ def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
     """One RNG seed per (run seed, optimizer step, micro-batch, rank): training randomness is a
     function of where the run is, not of its history, so a resumed run repeats it exactly."""
     return ((seed * MAX_STEPS + step) * 4096 + batch_idx % 4096) * MAX_RANKS + rank
+
+
+def guided_options(estimator_options: dict, guidance: dict) -> dict:
+    """The `UncertaintyGuidance` options of a guided run: `guidance` plus the estimator's options,
+    whose `window` (a plain estimator's estimation window) is guidance's `estimate_window` (its
+    `window` is the guidance window). An option set in both is an error naming it."""
+    options, names = dict(estimator_options), {k: k for k in estimator_options}
+    if "window" in options:
+        if "estimate_window" in options:
+            raise ValueError("estimator_options sets both window and estimate_window, with guidance the same "
+                             "(estimation) window: give one")
+        options["estimate_window"], names["estimate_window"] = options.pop("window"), "window"
+    both = sorted(set(options) & set(guidance))
+    if both:
+        raise ValueError("set in both estimator_options and guidance: "
+                         + ", ".join(f"estimator_options.{names[k]} and guidance.{k}" for k in both)
+                         + "; give each once")
+    return {**options, **guidance}
 
 
 class DiffusionModule(L.LightningModule):
@@ -139,8 +157,10 @@ class DiffusionModule(L.LightningModule):
         - `estimator`: 'none' | 'aleatoric' | 'mc_dropout' | 'bayesdiff' (needs `fit_laplace`
           first), its options in `estimator_options` (e.g. `num_perturbations`, `window`).
         - `guidance`: options of `UncertaintyGuidance` (rule, sign, lam, threshold, quantile,
-          window, ...); guided sampling estimates with the aleatoric estimator. With
-          `threshold='table'`, `table` may be the path of a file from `save_table`.
+          window, ...); guided sampling estimates with the aleatoric estimator, whose
+          `estimator_options` join these (see `guided_options`: their `window` is the estimation
+          window, guidance's `estimate_window`). With `threshold='table'`, `table` may be the path
+          of a file from `save_table`.
         - sample i uses seed `seed + i`, or `seeds[i]` when given: the same image whatever the
           batch size or process count.
 
@@ -152,15 +172,14 @@ class DiffusionModule(L.LightningModule):
         if guidance is not None:
             if estimator not in ("none", "aleatoric"):
                 raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
-            guidance = dict(guidance)
+            guidance = guided_options(options, guidance)
             if isinstance(guidance.get("table"), (str, Path)):  # a file from calibrate_threshold_table
-                table, settings = load_table(guidance["table"])
-                if table.shape[0] != len(sampler_obj.timesteps) or table.shape[1:] != self.image_shape:
-                    raise ValueError(f"threshold table {guidance['table']} was calibrated for {settings}, shape "
-                                     f"{tuple(table.shape)}; this run has {len(sampler_obj.timesteps)} steps of "
-                                     f"{self.image_shape} images")
+                try:
+                    table = table_from_file(guidance["table"], len(sampler_obj.timesteps), self.image_shape)
+                except ValueError as error:
+                    raise ValueError(f"guidance.table: {error}") from None
                 guidance["table"] = table.to(self.device)
-            hook = make_estimator("guided", **options, **guidance)
+            hook = make_estimator("guided", **guidance)
         elif estimator == "mc_dropout":
             hook = make_estimator("mc_dropout", model=self.ema.ema_model, **options)
         elif estimator == "bayesdiff":

@@ -178,19 +178,12 @@ def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dic
 def threshold_table(path: str, module):
     """The `[steps, C, H, W]` threshold table saved at `path`, checked against the model's image shape
     (`build_settings` checks its step count against the run's)."""
-    from uncdiff.guidance import load_table
+    from uncdiff.guidance import table_from_file
 
-    if not Path(path).is_file():
-        raise InputError(f"--guidance-table: no file at {path}")
     try:
-        table, _ = load_table(path)
-    except Exception as error:
-        raise InputError(f"--guidance-table: {path} is not a threshold table ({type(error).__name__}: {error})") \
-            from None
-    if tuple(table.shape[1:]) != tuple(module.image_shape):
-        raise InputError(f"--guidance-table: {path} has shape {tuple(table.shape)}, not [steps, "
-                         f"{', '.join(map(str, module.image_shape))}] for this model")
-    return table
+        return table_from_file(path, image_shape=module.image_shape)
+    except ValueError as error:
+        raise InputError(f"--guidance-table: {error}") from None
 
 
 def check_table_settings(path: str, sampler: dict, options: dict) -> None:

@@ -259,7 +259,8 @@ class MCDropoutUncertainty(StepwiseUncertainty):
     `model(x_t, t)` with only its dropout layers active, batched as one B*M batch at the same x_t.
 
     `model` is the network module itself (not a wrapper that forces eval mode); `dropout`
-    overrides the rate of every dropout layer during the passes (default: the model's own).
+    overrides the rate of every dropout layer during the passes (default: the model's own, which
+    must not be 0 everywhere).
     Dropout masks come from torch's global RNG, seeded from the batch's seeds and the step index
     (and restored afterwards): reproducible for the same batch, but, unlike the aleatoric
     estimator, not independent of which samples share the batch.
@@ -271,8 +272,14 @@ class MCDropoutUncertainty(StepwiseUncertainty):
         self.num_passes = check_count("num_passes", num_passes, 2)
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) or None (the model's own rate), got {dropout!r}")
-        if not dropout_layers(model):
+        layers = dropout_layers(model)
+        if not layers:
             raise ValueError("model has no dropout layers: MC-Dropout needs at least one nn.Dropout")
+        if dropout is None and all(d.p == 0 for d in layers):
+            # every pass would be the same network: all-zero maps and scores, arbitrary filtering
+            raise ValueError("the model was trained without dropout (every dropout layer has p = 0), so "
+                             "MC-Dropout at its own rate gives all-zero maps: pass dropout= a rate, e.g. 0.1 "
+                             "(the spec's CIFAR-10 recipe)")
         self.model, self.dropout = model, dropout
         self.chunk_size = check_chunk_size(chunk_size)
         super().__init__(window, keep_maps)
