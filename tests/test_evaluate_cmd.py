@@ -1,6 +1,7 @@
 """`train.py evaluate` end to end on a tiny checkpoint trained in the test, with tiny counts: the
 report and its tables, the cost in network evaluations against the spec's formulas, resuming
-without generating anything, and bad inputs failing before anything is written.
+without generating anything, and bad inputs (a missing FID extractor included) failing before
+anything is written.
 
 (The experiments' numbers are tested against known truths in test_evaluation.py.)
 """
@@ -60,6 +61,12 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     assert [r["estimator"] for r in read_csv(out / "sparsification.csv")] == ["aleatoric", "mc_dropout", "random",
                                                                                "oracle"]
     assert list((out / "wandb").glob("offline-run-*"))  # logged (offline in tests)
+    # BayesDiff's row is marked invalid exactly when its scores (sums of Var[x0]) include negative ones
+    records = (out / "sets" / "bayesdiff" / "records").glob("*.json")
+    negative = sum(s < 0 for r in records for s in json.loads(r.read_text())["scores"])
+    assert ("(scores invalid: negative variances)" in filtering[2]["verdict"]) == (negative > 0)
+    assert (f"{negative} of {N} BayesDiff scores (sums of the propagated Var[x0]) are negative" in report) \
+        == (negative > 0)
     assert tiny_checkpoint.with_name("last.ckpt.laplace-32.pt").is_file()  # fitted once, next to the checkpoint
 
 
@@ -87,6 +94,29 @@ def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
     assert json.loads((out / "run.json").read_text()) == before
 
 
+def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_path, monkeypatch):
+    """Negative sums of Var[x0] (what the spec's moment estimator gives at S draws) are no
+    variances: the report says so and marks BayesDiff's filtering verdicts, not a clean result."""
+    import shutil
+
+    from uncdiff.sample_store import SampleStore
+
+    out, argv = evaluation
+    copy = tmp_path / "eval"
+    shutil.copytree(out, copy)  # resumes: generates nothing, rewrites the report
+    scores = SampleStore.load_scores
+    shifted = lambda self: scores(self) - 1e9 * (self.root.name == "bayesdiff")  # noqa: E731 (all negative)
+    monkeypatch.setattr(SampleStore, "load_scores", shifted)
+    main([*argv[:argv.index("--out") + 1], str(copy), *argv[argv.index("--out") + 2:]])
+    rows = {r["estimator"]: r for r in read_csv(copy / "filtering.csv")}
+    for metric in ("verdict", "precision_verdict", "recall_verdict"):
+        assert rows["bayesdiff"][metric].endswith(" (scores invalid: negative variances)")
+        assert "invalid" not in rows["aleatoric"][metric]
+    report = (copy / "report.md").read_text()
+    assert f"{N} of {N} BayesDiff scores (sums of the propagated Var[x0]) are negative" in report
+    assert "`--bayesdiff-moments regression` gives usable variances" in report
+
+
 def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval"
     main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid-cache", str(tmp_path / "cache"), *ARGS,
@@ -108,6 +138,10 @@ def tree(path):
     (["--prc-real", "-1"], "--prc-real must be > 5"),
     (["--drop-fraction", "0.6"], "precision / recall need more than 5"),
     (["--n", "10"], "holds another run"),
+    # AUSE denoises steps 2..3 of 4: a window of steps 0..1 would give it no map
+    (["--window", "0", "0.5"], "--window 0 0.5 has no step among steps 2..3 of 4: AUSE denoises only the second half"),
+    (["--extractor", "inception", "--inception-weights", "/nonexistent.pth"],
+     "--inception-weights: no file at /nonexistent.pth"),
 ])
 def test_bad_input_fails_before_writing(evaluation, change, message):
     out, argv = evaluation
@@ -116,3 +150,24 @@ def test_bad_input_fails_before_writing(evaluation, change, message):
         main([*argv, *change])
     assert message in str(error.value.code)
     assert tree(out.parent) == before
+
+
+def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_path, monkeypatch):
+    """Offline without --inception-weights: the download fails, and says which option to give,
+    before <out> exists."""
+    import urllib.error
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as error:
+        main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid-cache", str(tmp_path / "cache"), *ARGS,
+              "--experiments", "cost", "--extractor", "inception"])
+    assert "could not be downloaded" in str(error.value.code) and "--inception-weights PATH" in str(error.value.code)
+    assert not out.exists() and not (tmp_path / "cache").exists()

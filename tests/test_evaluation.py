@@ -7,7 +7,9 @@
 - a guided set that is a noisier copy of the unguided one measures worse, an identical one within
   the spread;
 - with the exact noise predictor of a known image, deterministic DDIM from the middle of the
-  schedule gives the image back (so `denoise_from` noises at the right step and runs the rest).
+  schedule gives the image back (so `denoise_from` noises at the right step and runs the rest);
+  AUSE maps sum only the window's steps of that second half, and a window outside it is an error;
+- BayesDiff scores (sums of variances) with negative values mark the filtering row invalid.
 """
 
 import pytest
@@ -15,11 +17,12 @@ import torch
 from torch import nn
 
 import uncdiff.fid as fid
-from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, compare, denoise_from, filtering_row,
-                                guidance_row, sign_outcome)
+from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, compare, denoise_from,
+                                filtering_row, guidance_row, sign_outcome, sparsification_inputs)
 from uncdiff.fid import compute_real_stats
 from uncdiff.samplers import make_sampler
 from uncdiff.schedule import NoiseSchedule
+from uncdiff.uncertainty import StepwiseUncertainty
 
 
 class Pixels(nn.Module):
@@ -131,3 +134,40 @@ def test_denoising_from_the_middle_with_the_exact_predictor_returns_the_image(st
                        hook=lambda ctx: seen.append(ctx.index) or ctx.eps)
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
     assert seen == list(range(steps // 2, steps))  # the second half, with the sampler's own step indices
+
+
+class StepIndexMap(StepwiseUncertainty):
+    """A map of the step index everywhere: the sum over a run tells which steps were recorded."""
+
+    def estimate(self, ctx):
+        return torch.full_like(ctx.x_t, float(ctx.index))
+
+
+def test_ause_maps_sum_the_window_steps_of_the_denoised_half():
+    sampler = make_sampler(NoiseSchedule("linear", 1000), "ddim", steps=4)
+    images = torch.zeros(3, 1, 2, 2)
+    eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    # steps 0..2 of 4 in the window; AUSE runs steps 2 and 3, so the map is step 2's alone
+    result = sparsification_inputs(eps, sampler, images, [0, 1, 2], StepIndexMap(window=(0.0, 0.75)), batch_size=2)
+    assert torch.equal(result.maps, torch.full_like(images, 2.0))
+    full = sparsification_inputs(eps, sampler, images, [0, 1, 2], StepIndexMap(), batch_size=2)
+    assert torch.equal(full.maps, torch.full_like(images, 2.0 + 3.0))
+    with pytest.raises(ValueError, match=r"window \(0.0, 0.5\) has no step among the denoised steps 2..3 of 4"):
+        sparsification_inputs(eps, sampler, images, [0, 1, 2], StepIndexMap(window=(0.0, 0.5)))
+
+
+def test_negative_bayesdiff_variances_mark_the_filtering_row_invalid():
+    row = {"estimator": "bayesdiff", "fid_kept": 1.0, "verdict": "better than random",
+           "precision_verdict": "within the spread", "recall_verdict": "worse than random"}
+    spec = {"num_draws": 10, "skip": 5, "moments": "spec"}
+    marked, note = check_variance_scores(row, torch.tensor([0.5, -0.1, 2.0, -3.0]), spec)
+    assert marked == {**row, "verdict": "better than random (scores invalid: negative variances)",
+                      "precision_verdict": "within the spread (scores invalid: negative variances)",
+                      "recall_verdict": "worse than random (scores invalid: negative variances)"}
+    assert note.startswith("2 of 4 BayesDiff scores")
+    assert "S = 10 draws" in note and "`--bayesdiff-moments regression` gives usable variances" in note
+    # the regression estimator: still invalid, but no advice to use what is already used
+    _, note = check_variance_scores(row, torch.tensor([-0.5, 1.0]), {**spec, "moments": "regression"})
+    assert note.startswith("1 of 2") and "--bayesdiff-moments" not in note
+    # variances that can be variances leave the row as it was
+    assert check_variance_scores(row, torch.tensor([0.0, 0.5, 2.0]), spec) == (row, None)

@@ -92,6 +92,7 @@ class Plan:
     extractor: str
     dataset: str
     notes: list[str] = field(default_factory=list)
+    ause: dict[str, dict] = field(default_factory=dict)  # estimator -> sampling settings of its AUSE maps
 
 
 def set_names(args) -> list[str]:
@@ -150,6 +151,12 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
         settings = build_settings(set_args, inputs.module, inputs.sha256,
                                   inputs.laplace if name == "bayesdiff" else None, save_maps=args.save_maps)
         stores[name] = SampleStore(root / "sets" / name, settings)
+    ause = {}
+    if "ause" in args.experiments:
+        for name in ("aleatoric", "mc_dropout"):
+            ause[name] = stores[name].settings if name in stores else \
+                build_settings(set_arguments(args, name, dropout), inputs.module, inputs.sha256, None)
+            check_ause_window(ause[name])
     kept = args.n - round(drop_fraction(stores) * args.n)
     if "filtering" in args.experiments and prc_real and kept <= PRC_NEIGHBOURS:
         raise InputError(f"filtering keeps {kept} of --n {args.n} samples; precision / recall need more than "
@@ -163,7 +170,30 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
     check_output_dir(root, settings)
     for store in stores.values():
         store.check()
-    return Plan(root, settings, stores, extractor, dataset_key(inputs.datamodule), notes)
+    return Plan(root, settings, stores, extractor, dataset_key(inputs.datamodule), notes, ause)
+
+
+def ause_map_steps(settings: dict) -> list[int]:
+    """The steps an AUSE map sums over: those of the estimator's window that AUSE's denoising runs,
+    the second half of the sampler's steps (spec §6)."""
+    from uncdiff.evaluation import denoised_steps
+    from uncdiff.uncertainty import window_steps
+
+    steps = settings["sampler"]["steps"]
+    return sorted(set(window_steps(settings["estimator_options"]["window"], steps)) & set(denoised_steps(steps)))
+
+
+def check_ause_window(settings: dict) -> None:
+    """A --window without any of AUSE's steps would leave it no map to score."""
+    from uncdiff.evaluation import denoised_steps
+
+    steps = settings["sampler"]["steps"]
+    window = settings["estimator_options"]["window"]
+    denoised = denoised_steps(steps)
+    if not ause_map_steps(settings):
+        raise InputError(f"--window {window[0]:g} {window[1]:g} has no step among steps {denoised.start}..{steps - 1} "
+                         f"of {steps}: AUSE denoises only the second half of the steps and needs the window to "
+                         f"overlap it (e.g. --window 0.5 1), or leave ause out of --experiments")
 
 
 # --------------------------------------------------------------------------------------- running
@@ -172,7 +202,11 @@ def make_fid_extractor(args, plan: Plan, module, device):
     from uncdiff.fid import make_extractor
 
     if plan.extractor == "inception":
-        extractor = make_extractor("inception", weights_path=args.inception_weights)
+        try:
+            extractor = make_extractor("inception", weights_path=args.inception_weights)
+        except FileNotFoundError as error:
+            raise InputError(f"{error} For `train.py evaluate`, pass the file as --inception-weights PATH.") \
+                from None
     else:
         extractor = make_extractor("digits-classifier", image_size=module.hparams.image_size,
                                    cache_dir=args.fid_cache)
@@ -225,22 +259,17 @@ def held_out_images(datamodule, count: int) -> torch.Tensor:
 
 
 def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
-    from uncdiff.evaluation import sparsification_inputs, sparsification_row
+    from uncdiff.evaluation import denoised_steps, sparsification_inputs, sparsification_row
     from uncdiff.samplers import make_sampler
 
-    settings = plan.stores["aleatoric"].settings if "aleatoric" in plan.stores else \
-        build_settings(set_arguments(args, "aleatoric", 0.1), module, plan.settings["checkpoint_sha256"], None)
-    sampler = dict(settings["sampler"])
+    sampler = dict(plan.ause["aleatoric"]["sampler"])
     sampler = make_sampler(module.schedule, sampler.pop("name"), **sampler)
     images = held_out_images(datamodule, args.ause_images).to(module.device)
     seeds = list(range(len(images)))
     model = module.ema.ema_model.eval()
     errors = None
-    for name in ("aleatoric", "mc_dropout"):
-        s = plan.stores.get(name)
-        options = s.settings["estimator_options"] if s else \
-            build_settings(set_arguments(args, name, 0.1), module, "", None)["estimator_options"]
-        hook = estimator_hook(module, name, options, None)
+    for name, settings in plan.ause.items():
+        hook = estimator_hook(module, name, settings["estimator_options"], None)
         result = sparsification_inputs(model, sampler, images, seeds, hook, batch_size=args.batch_size)
         row, curve = sparsification_row(name, result.maps, result.errors, args.ause_fractions)
         report.sparsification.append(row)
@@ -251,8 +280,9 @@ def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
         row, curve = sparsification_row(name, maps, errors, args.ause_fractions)
         report.sparsification.append(row)
         report.curves[name] = curve
-    report.header["AUSE images"] = f"{len(images)} held-out images, denoised from step {len(sampler.timesteps) // 2}" \
-                                   f" of {len(sampler.timesteps)}"
+    n, steps = len(sampler.timesteps), ause_map_steps(plan.ause["aleatoric"])
+    report.header["AUSE images"] = f"{len(images)} held-out images, denoised from step {denoised_steps(n).start} of " \
+                                   f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --window's part)"
 
 
 def device_name(device: torch.device) -> str:
@@ -279,8 +309,8 @@ def note_identical_images(plan: Plan, report) -> None:
 
 
 def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
-    from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, cost_rows, filtering_row, guidance_row,
-                                    sign_outcome)
+    from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, cost_rows,
+                                    filtering_row, guidance_row, sign_outcome)
     from uncdiff.guidance import UncertaintyGuidance
     from uncdiff.report import Report
 
@@ -317,12 +347,17 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
                                                   f"training images (random, seed 0), FID features"
             precision_recall = FeaturePrecisionRecall(real, prc["k"], fabric.device)
         for name in args.filtering_estimators:
-            report.filtering.append(filtering_row(name, features[name], plan.stores[name].load_scores(), drop,
-                                                  range(args.subset_seeds), fid, precision_recall))
-        if "bayesdiff" in args.filtering_estimators:
-            report.notes.append("BayesDiff's set is sampled without x0 clipping (its variance propagation needs "
-                                "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
-                                "its random baseline is drawn from its own set.")
+            store = plan.stores[name]
+            scores = store.load_scores()
+            row = filtering_row(name, features[name], scores, drop, range(args.subset_seeds), fid, precision_recall)
+            if name == "bayesdiff":
+                report.notes.append("BayesDiff's set is sampled without x0 clipping (its variance propagation needs "
+                                    "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
+                                    "its random baseline is drawn from its own set.")
+                row, invalid = check_variance_scores(row, scores, store.settings["estimator_options"])
+                if invalid:
+                    report.notes.append(invalid)
+            report.filtering.append(row)
     if "guidance" in args.experiments:
         for name in GUIDED:
             report.guidance.append(guidance_row(name, features[name], features["plain"], args.seed_groups, fid))
@@ -362,13 +397,15 @@ def _run(fabric, args, inputs: ModelInputs, plan: Plan, info: dict) -> None:
     from uncdiff.report import log_to_wandb, write_report
 
     module = inputs.module.to(fabric.device)
+    # the extractor before <out>: a missing Inception download fails with nothing written (it writes
+    # only to torch hub's cache, the digits classifier only to --fid-cache)
+    extractor = make_fid_extractor(args, plan, module, fabric.device)
     if fabric.is_global_zero:
         create_output_dir(plan.root, plan.settings, info)
     fabric.barrier()
     if "bayesdiff" in plan.stores:
         attach_laplace(fabric, inputs)
-    # the extractor and the real statistics first: rank 0 makes them, the others wait and read them
-    extractor = make_fid_extractor(args, plan, module, fabric.device)
+    # the real statistics first: rank 0 makes them, the others wait and read them
     real_stats, _ = real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid_cache)
     summaries = {}
     for name, store in plan.stores.items():
@@ -391,9 +428,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         inputs = prepare_model(args, needs_laplace="filtering" in args.experiments
                                and "bayesdiff" in args.filtering_estimators, needs_data=True)
         plan = plan_evaluation(args, inputs)
-    except InputError as error:
+        make_fabric(args).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs))
+    except InputError as error:  # the checks', and the FID extractor's, which comes before <out> is created
         sys.exit(f"error: {error}")
-    make_fabric(args).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,27 @@ def filtering_row(name: str, features: Tensor, scores: Tensor, drop_fraction: fl
     return row
 
 
+NEGATIVE_VARIANCES = " (scores invalid: negative variances)"
+
+
+def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dict, Optional[str]]:
+    """BayesDiff's filtering `row` and a report note when its `scores [N]` (sums of the propagated
+    Var[x0], from the estimator `options` `num_draws` and `moments`) include negative ones, which no
+    variance can be: then the row's verdicts are marked invalid. Unchanged and None when every score
+    is >= 0."""
+    negative = int((scores < 0).sum())
+    if negative == 0:
+        return row, None
+    marked = {k: v + NEGATIVE_VARIANCES if k == "verdict" or k.endswith("_verdict") else v for k, v in row.items()}
+    note = (f"{negative} of {len(scores)} BayesDiff scores (sums of the propagated Var[x0]) are negative, which "
+            f"no variance can be, so the BayesDiff filtering row is not meaningful.")
+    if options.get("moments", "spec") == "spec":
+        note += (f" The spec's Monte Carlo covariance estimator (§5b) is dominated by noise at S = "
+                 f"{options['num_draws']} draws (README, Known deviations); `--bayesdiff-moments regression` "
+                 f"gives usable variances.")
+    return marked, note
+
+
 # ------------------------------------------------------------------------------------- guidance
 
 def seed_groups(n: int, groups: int) -> list[Tensor]:
@@ -188,16 +209,22 @@ def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features:
 
 # ------------------------------------------------------------------------------- sparsification
 
+def denoised_steps(num_steps: int) -> range:
+    """The step indices (of `num_steps`) that the AUSE set-up runs: the second half of the schedule,
+    from the middle step on (spec §6). An estimator's maps cover only its window's steps among these."""
+    return range(num_steps // 2, num_steps)
+
+
 @torch.no_grad()
 def denoise_from(eps_model: EpsModel, sampler: Sampler, x0: Tensor, seeds: Sequence[int], hook=None,
                  start: Optional[int] = None) -> Tensor:
     """Spec §6 AUSE set-up: noise real images `x0 [B, C, H, W]` to the sampler's step `start`
-    (default the middle) with per-sample noise (stream 'initial'), then run the remaining steps,
-    calling `hook` as `uncdiff.samplers.sample` does (same step indices, so estimator windows mean
-    the same). Returns the denoised `[B, C, H, W]`."""
+    (default the middle, `denoised_steps`) with per-sample noise (stream 'initial'), then run the
+    remaining steps, calling `hook` as `uncdiff.samplers.sample` does (same step indices, so
+    estimator windows mean the same). Returns the denoised `[B, C, H, W]`."""
     steps = sampler.timesteps
     pairs = list(zip(steps, steps[1:] + [-1]))
-    start = len(pairs) // 2 if start is None else start
+    start = denoised_steps(len(pairs)).start if start is None else start
     noise = SampleNoise(seeds, x0.device)
     t_start = torch.full((len(x0),), pairs[start][0], device=x0.device, dtype=torch.long)
     x = sampler.schedule.q_sample(x0, t_start, noise.initial(x0.shape[1:]))
@@ -223,12 +250,17 @@ class Sparsification:
 def sparsification_inputs(eps_model: EpsModel, sampler: Sampler, images: Tensor, seeds: Sequence[int], hook,
                           batch_size: int = 256) -> Sparsification:
     """Denoise `images` from the middle of the schedule with the estimator `hook`, whose maps are
-    summed over the steps it runs; error = `(denoised - image)^2` per pixel."""
+    summed over the steps of its window that run (`denoised_steps`); error = `(denoised - image)^2`
+    per pixel. A window with none of those steps gives no map: a ValueError."""
     maps, errors, nfe = [], [], 0
     for i in range(0, len(images), batch_size):
         x0 = images[i:i + batch_size]
         hook.reset()  # the run starts mid-schedule, where hooks don't reset themselves
         x = denoise_from(eps_model, sampler, x0, seeds[i:i + batch_size], hook)
+        if hook.maps is None:
+            run = denoised_steps(len(sampler.timesteps))
+            raise ValueError(f"the estimator's window {hook.window} has no step among the denoised steps "
+                             f"{run.start}..{run.stop - 1} of {run.stop}, so it recorded no uncertainty map")
         maps.append(hook.maps.cpu())
         errors.append((x - x0).pow(2).cpu())
         nfe += hook.nfe
