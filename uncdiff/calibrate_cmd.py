@@ -27,10 +27,10 @@ import torch
 
 from uncdiff.guidance import calibrate_threshold_table, save_table
 from uncdiff.run_inputs import InputError
-from uncdiff.sample_cmd import (ModelInputs, _error, add_model_arguments, add_sampler_arguments, make_fabric,
-                                prepare_model, run_info, sampler_settings)
+from uncdiff.sample_cmd import (ModelInputs, _error, add_model_arguments, add_sampler_arguments, build_sampler,
+                                make_fabric, prepare_model, run_info, sampler_settings)
 from uncdiff.sample_store import write_atomic
-from uncdiff.samplers import MAX_SEED, EpsModel, Sampler, make_sampler
+from uncdiff.samplers import MAX_SEED, EpsModel
 from uncdiff.uncertainty import VARIANTS, check_count
 
 
@@ -90,11 +90,6 @@ def calibration_settings(args, inputs: ModelInputs) -> dict:
     return {"format": 1, "checkpoint_sha256": inputs.sha256, "sampler": sampler, "quantile": args.quantile,
             "num_perturbations": m, "variant": args.variant, "seeds": {"start": args.seed, "count": args.n},
             "batch_size": args.batch_size}
-
-
-def build_sampler(module, sampler: dict) -> Sampler:
-    """The sampler of `sampler_settings`' dict (name, steps and the sampler's own options)."""
-    return make_sampler(module.schedule, sampler["name"], **{k: v for k, v in sampler.items() if k != "name"})
 
 
 class ProgressEps:

@@ -29,7 +29,7 @@ import torch
 
 from uncdiff.run_inputs import InputError, dataset_key
 from uncdiff.sample_cmd import (ModelInputs, add_estimator_arguments, add_guidance_arguments, add_model_arguments,
-                                add_sampler_arguments, attach_laplace, build_settings, estimator_hook,
+                                add_sampler_arguments, attach_laplace, build_sampler, build_settings, estimator_hook,
                                 generate_run, make_fabric, prepare_model, run_info)
 from uncdiff.sample_store import SampleStore, check_output_dir, create_output_dir, write_atomic
 
@@ -260,10 +260,7 @@ def held_out_images(datamodule, count: int) -> torch.Tensor:
 
 def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
     from uncdiff.evaluation import denoised_steps, sparsification_inputs, sparsification_row
-    from uncdiff.samplers import make_sampler
-
-    sampler = dict(plan.ause["aleatoric"]["sampler"])
-    sampler = make_sampler(module.schedule, sampler.pop("name"), **sampler)
+    sampler = build_sampler(module, plan.ause["aleatoric"]["sampler"])
     images = held_out_images(datamodule, args.ause_images).to(module.device)
     seeds = list(range(len(images)))
     model = module.ema.ema_model.eval()

@@ -210,8 +210,7 @@ def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict]
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     sampler = sampler_settings(args, module)
     try:
-        kwargs = {k: v for k, v in sampler.items() if k != "name"}
-        make_sampler(module.schedule, sampler["name"], **kwargs)
+        build_sampler(module, sampler)
     except ValueError as error:
         raise _error("sampler", error) from None
     estimator, options, guidance = estimator_settings(args)
@@ -240,6 +239,11 @@ def build_settings(args, module, checkpoint_sha256: str, laplace: Optional[dict]
             "sampler": sampler, "estimator": estimator, "estimator_options": options, "guidance": guidance,
             "laplace": laplace, "drop_fraction": p, "save_maps": save_maps,
             "guidance_table_sha256": file_sha256(Path(guidance["table"])) if guidance and "table" in guidance else None}
+
+
+def build_sampler(module, sampler: dict):
+    """The sampler of a `sampler_settings` dict (name, steps and the sampler's own options)."""
+    return make_sampler(module.schedule, sampler["name"], **{k: v for k, v in sampler.items() if k != "name"})
 
 
 def sample_kwargs(settings: dict) -> dict:
