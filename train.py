@@ -8,7 +8,7 @@
 
 import sys
 
-COMMANDS = {"sample": "uncdiff.sample_cmd", "calibrate": "uncdiff.calibrate_cmd", "evaluate": "uncdiff.evaluate_cmd"}
+COMMANDS = {"sample": "uncdiff.commands.sample", "calibrate": "uncdiff.commands.calibrate", "evaluate": "uncdiff.commands.evaluate"}
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
@@ -16,6 +16,6 @@ if __name__ == "__main__":
 
         importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
     else:
-        from uncdiff.cli import main
+        from uncdiff.lightning.cli import main
 
         main()

@@ -21,9 +21,9 @@ import lightning as L
 import torch
 import yaml
 
-from callbacks import FIDTrajectory
-from uncdiff.cli import CONFIG_DIR
-from uncdiff.module import DiffusionModule
+from uncdiff.callbacks import FIDTrajectory
+from uncdiff.lightning.cli import CONFIG_DIR
+from uncdiff.lightning.module import DiffusionModule
 
 
 def load_config(name: str) -> dict:

@@ -18,8 +18,8 @@ import lightning as L
 import torch
 import yaml
 
-from uncdiff.cli import CONFIG_DIR
-from uncdiff.module import DiffusionModule
+from uncdiff.lightning.cli import CONFIG_DIR
+from uncdiff.lightning.module import DiffusionModule
 
 
 def model_kwargs(config: str) -> dict:

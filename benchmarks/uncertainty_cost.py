@@ -17,7 +17,7 @@ import time
 import torch
 
 from train_throughput import model_kwargs, sync
-from uncdiff.module import DiffusionModule
+from uncdiff.lightning.module import DiffusionModule
 
 METHODS = {
     "plain": dict(),

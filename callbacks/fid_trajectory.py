@@ -1,4 +1,4 @@
-"""FID of unguided, guided and uncertainty-filtered EMA samples during training (spec §6), logged as
+"""FID of unguided, guided and uncertainty-filtered EMA samples during training (docs/algorithms.md §6), logged as
 `val/fid/unguided`, `val/fid/guided`, `val/fid/filtered` so W&B draws their trajectories."""
 
 from pathlib import Path
@@ -8,11 +8,11 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from callbacks.sampling import (Clock, check_estimator, check_every_n_epochs, check_fraction, check_guidance,
+from uncdiff.callbacks.sampling import (Clock, check_estimator, check_every_n_epochs, check_fraction, check_guidance,
                                 check_mc_dropout, check_positive, check_sampler, due, gather_rows, sample_in_batches,
                                 shard)
-from uncdiff.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
-from uncdiff.metrics import keep_best
+from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
+from uncdiff.evaluation.metrics import keep_best
 
 KINDS = ("unguided", "guided", "filtered")
 
@@ -25,14 +25,14 @@ def dataset_key(datamodule, image_shape, split: str) -> str:
 
 
 class FIDTrajectory(L.Callback):
-    """At the end of validation (every `every_n_epochs` epochs, see `callbacks.sampling.due`),
+    """At the end of validation (every `every_n_epochs` epochs, see `uncdiff.callbacks.sampling.due`),
     generate `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1`,
-    unguided (scored by `estimator`) and guided (`guidance`, spec §4) from the same seeds, and log
+    unguided (scored by `estimator`) and guided (`guidance`, docs/algorithms.md §4) from the same seeds, and log
     the FID against cached real-data statistics of
     - `unguided`: all unguided samples;
     - `guided`: all guided samples;
     - `filtered`: the unguided samples without the `fraction_dropped` with the highest score
-      (spec §3; decided over all ranks' scores).
+      (docs/algorithms.md §3; decided over all ranks' scores).
     Also logged: `val/fid/seconds` (the whole evaluation), `val/fid/sampling_seconds` and
     `val/fid/feature_seconds` (features and the Fréchet distances).
 

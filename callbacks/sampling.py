@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from uncdiff.guidance import UncertaintyGuidance, table_from_file
-from uncdiff.samplers import make_sampler
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertain_sampling import SampleResult, make_estimator
+from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
+from uncdiff.core.samplers import make_sampler
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.sampling import SampleResult, make_estimator
 
 SCORE_ESTIMATORS = ("aleatoric", "mc_dropout")
 
@@ -59,7 +59,7 @@ def check_sampler(sampler: str, steps: int, sampler_options: Optional[dict]) -> 
 
 
 def check_guidance(guidance: Optional[dict], steps: int) -> tuple[dict, UncertaintyGuidance]:
-    """`UncertaintyGuidance` options (spec §4), checked by building one; returns both. With
+    """`UncertaintyGuidance` options (docs/algorithms.md §4), checked by building one; returns both. With
     `threshold: table`, `table` may be a file from `save_table`: it must load and have `steps`
     steps now; the options keep its absolute path, which `DiffusionModule.sample` reads (and
     checks against the model's image shape) when sampling."""

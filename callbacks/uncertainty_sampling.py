@@ -1,4 +1,4 @@
-"""Figures of EMA samples and their pixel-wise uncertainty (spec §3-4) during training: unguided
+"""Figures of EMA samples and their pixel-wise uncertainty (docs/algorithms.md §3-4) during training: unguided
 and guided grids from the same seeds, heatmaps with a colour scale, the score histogram, and the
 highest- and lowest-score samples; as PNG under the run directory and on W&B."""
 
@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from callbacks.sampling import (Clock, check_every_n_epochs, check_fraction, check_guidance, check_positive,
+from uncdiff.callbacks.sampling import (Clock, check_every_n_epochs, check_fraction, check_guidance, check_positive,
                                 check_sampler, due, gather_rows, log_figure, sample_in_batches, shard)
-from uncdiff.metrics import keep_best
-from uncdiff.uncertain_sampling import make_estimator
+from uncdiff.evaluation.metrics import keep_best
+from uncdiff.uncertainty.sampling import make_estimator
 
 SETS = ("unguided", "guided")
 FIGURES = ("grids", "heatmaps_unguided", "heatmaps_guided", "score_histogram", "extremes")
@@ -26,9 +26,9 @@ MAP_LABEL = "pixel uncertainty U\n(summed over window steps, channels)"
 
 
 class UncertaintySampling(L.Callback):
-    """At the end of validation (every `every_n_epochs` epochs, see `callbacks.sampling.due`),
+    """At the end of validation (every `every_n_epochs` epochs, see `uncdiff.callbacks.sampling.due`),
     sample `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1`,
-    unguided and guided (`guidance`: `UncertaintyGuidance` options, spec §4), both with the
+    unguided and guided (`guidance`: `UncertaintyGuidance` options, docs/algorithms.md §4), both with the
     aleatoric estimator (`estimator_options`: num_perturbations, variant, window, chunk_size; the
     guided run records its map over the same window unless `guidance` sets `estimate_window`),
     and write to `<default_root_dir>/uncertainty/step_<global step>/`:

@@ -1,4 +1,4 @@
-"""BayesDiff (spec §5b) against independent truths: per-sample autograd for the Fisher diagonal,
+"""BayesDiff (docs/algorithms.md §5b) against independent truths: per-sample autograd for the Fisher diagonal,
 sampled heads for the closed-form predictive variance, Monte Carlo trajectories for the DDIM
 variance propagation, and the pass counts the spec states."""
 
@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uncdiff.bayesdiff import (BayesDiffUncertainty, FeatureCachingEps, LastLayerLaplace, fit_last_layer_laplace,
+from uncdiff.uncertainty.bayesdiff import (BayesDiffUncertainty, FeatureCachingEps, LastLayerLaplace, fit_last_layer_laplace,
                                last_layer_fisher)
-from uncdiff.samplers import DDIMSampler, DDPMSampler, SampleNoise, sample
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertain_sampling import generate
-from uncdiff.unet import UNet
+from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, sample
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.sampling import generate
+from uncdiff.core.unet import UNet
 
 T = 1000
 ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float64))

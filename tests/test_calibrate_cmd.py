@@ -2,7 +2,7 @@
 saved with it, `train.py sample --guidance-table` accepting the file, and bad inputs (an existing
 --out among them) failing before anything is sampled or written.
 
-Independent truth: spec §2-3 as a textbook loop (DDIM with eta 0 and clipped x0, the centered
+Independent truth: docs/algorithms.md §2-3 as a textbook loop (DDIM with eta 0 and clipped x0, the centered
 aleatoric map from the per-sample `'uncertainty'` stream), reduced by `torch.quantile`.
 """
 
@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
-from uncdiff import calibrate_cmd
-from uncdiff.calibrate_cmd import main
-from uncdiff.guidance import load_table
-from uncdiff.module import DiffusionModule
-from uncdiff.sample_cmd import main as sample_main
-from uncdiff.samplers import SampleNoise
+from uncdiff.commands import calibrate as calibrate_cmd
+from uncdiff.commands.calibrate import main
+from uncdiff.uncertainty.guidance import load_table
+from uncdiff.lightning.module import DiffusionModule
+from uncdiff.commands.sample import main as sample_main
+from uncdiff.core.samplers import SampleNoise
 
 REPO = Path(__file__).resolve().parent.parent
 N, SEED, STEPS, M, Q = 6, 100, 4, 2, 0.7  # batches of 4 and 2 seeds; n >= 1 / (1 - q) = 3.3
@@ -39,7 +39,7 @@ def table_file(tiny_checkpoint, tmp_path_factory) -> Path:
 def textbook_maps(net, schedule, seeds: list[int], steps: int, m: int) -> torch.Tensor:
     """`U_t [N, steps, C, H, W]` along unguided DDIM trajectories (eta 0, uniform spacing, x0
     clipped and eps re-derived from it): `mean_i (eps_theta(x_t^i, t) - eps_bar)^2` with
-    `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` (spec §3, centered variant)."""
+    `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` (docs/algorithms.md §3, centered variant)."""
     noise = SampleNoise(seeds)
     x = noise.initial((1, 8, 8))
     ts = [i * schedule.num_timesteps // steps for i in range(steps)][::-1]
@@ -103,7 +103,7 @@ def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpo
 
 def test_train_py_dispatches_calibrate():
     commands = runpy.run_path(str(REPO / "train.py"), run_name="train")["COMMANDS"]
-    assert commands["calibrate"] == "uncdiff.calibrate_cmd"
+    assert commands["calibrate"] == "uncdiff.commands.calibrate"
 
 
 def tree(path: Path) -> dict:

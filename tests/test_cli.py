@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_data import write_cifar_fixture
-from uncdiff.cli import main, resolve_config_args
+from uncdiff.lightning.cli import main, resolve_config_args
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",

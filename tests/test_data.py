@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from uncdiff.data import CIFAR10DataModule, DigitsDataModule, ResumableSampler
+from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule, ResumableSampler
 
 
 def write_cifar_fixture(root, n_per_batch=4):

@@ -4,8 +4,8 @@ import lightning as L
 import torch
 
 from conftest import tiny_model_kwargs
-from uncdiff.data import DigitsDataModule
-from uncdiff.module import DiffusionModule
+from uncdiff.lightning.data import DigitsDataModule
+from uncdiff.lightning.module import DiffusionModule
 
 
 class RecordRank(L.Callback):

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
-from uncdiff.evaluate_cmd import main
-from uncdiff.module import DiffusionModule
+from uncdiff.commands.evaluate import main
+from uncdiff.lightning.module import DiffusionModule
 
 STEPS, M, N = 4, 2, 12
 ARGS = ["--n", str(N), "--batch-size", "6", "--steps", str(STEPS), "--M", str(M), "--laplace-images", "32",
@@ -46,7 +46,7 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     filtering = read_csv(out / "filtering.csv")
     assert [r["estimator"] for r in filtering] == ["aleatoric", "mc_dropout", "bayesdiff"]
     assert all(int(r["kept"]) == N - round(N / 6) and float(r["fid_random_std"]) > 0 for r in filtering)
-    for metric in ("precision", "recall"):  # improved precision / recall (spec §6) of the same sets
+    for metric in ("precision", "recall"):  # improved precision / recall (docs/algorithms.md §6) of the same sets
         for r in filtering:
             assert all(0 <= float(r[f"{metric}_{c}"]) <= 1 for c in ("all", "kept", "random_mean"))
             assert float(r[f"{metric}_random_std"]) >= 0 and r[f"{metric}_verdict"]
@@ -99,7 +99,7 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
     variances: the report says so and marks BayesDiff's filtering verdicts, not a clean result."""
     import shutil
 
-    from uncdiff.sample_store import SampleStore
+    from uncdiff.io.sample_store import SampleStore
 
     out, argv = evaluation
     copy = tmp_path / "eval"

@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-import uncdiff.fid as fid
-from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, compare, denoise_from,
+import uncdiff.evaluation.fid as fid
+from uncdiff.evaluation.experiments import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, compare, denoise_from,
                                 filtering_row, guidance_row, sign_outcome, sparsification_inputs)
-from uncdiff.fid import compute_real_stats
-from uncdiff.samplers import make_sampler
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import StepwiseUncertainty
+from uncdiff.evaluation.fid import compute_real_stats
+from uncdiff.core.samplers import make_sampler
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.estimators import StepwiseUncertainty
 
 
 class Pixels(nn.Module):
@@ -59,7 +59,7 @@ def gaussian(n: int, dim: int, seed: int, scale: float = 1.0, shift: float = 0.0
 
 def test_precision_recall_of_gaussian_clouds():
     real = gaussian(400, 2, seed=0)
-    prc = FeaturePrecisionRecall(real)  # k = 5, spec §6
+    prc = FeaturePrecisionRecall(real)  # k = 5, docs/algorithms.md §6
     assert prc(real.clone()) == (pytest.approx(1.0), pytest.approx(1.0))  # every point lies in its own ball
     assert prc(gaussian(300, 2, seed=1, shift=100.0)) == (0.0, 0.0)  # far from every real ball and vice versa
     # collapsed onto the densest part of the real cloud: realistic (inside the real balls) but its

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import uncdiff.fid as fid
-from uncdiff.fid import (ClassifierFeatures, FIDEvaluator, InceptionFeatures, fid_between, make_extractor,
+import uncdiff.evaluation.fid as fid
+from uncdiff.evaluation.fid import (ClassifierFeatures, FIDEvaluator, InceptionFeatures, fid_between, make_extractor,
                          real_feature_stats, stats_path)
 
 

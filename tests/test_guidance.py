@@ -1,4 +1,4 @@
-"""Uncertainty guidance (spec §4) against independent truths: finite differences for the gradient
+"""Uncertainty guidance (docs/algorithms.md §4) against independent truths: finite differences for the gradient
 rule, the posterior formula evaluated by hand, and trajectory properties of the hook."""
 
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uncdiff.guidance import (UncertaintyGuidance, calibrate_threshold_table, load_table, posterior_eps,
+from uncdiff.uncertainty.guidance import (UncertaintyGuidance, calibrate_threshold_table, load_table, posterior_eps,
                               save_table, uncertainty_gradient)
-from uncdiff.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import AleatoricUncertainty, aleatoric_map
+from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.estimators import AleatoricUncertainty, aleatoric_map
 
 KERNEL = torch.tensor([[0.1, -0.3, 0.2], [0.4, 0.9, -0.2], [0.05, 0.3, -0.1]], dtype=torch.float64)
 

@@ -1,11 +1,11 @@
-"""Sparsification metrics and filtering subsets (spec §6) against brute force and known cases."""
+"""Sparsification metrics and filtering subsets (docs/algorithms.md §6) against brute force and known cases."""
 
 import math
 
 import pytest
 import torch
 
-from uncdiff.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
+from uncdiff.evaluation.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
 
 
 def brute_force_curve(unc, err, num_fractions):

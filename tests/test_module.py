@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_model_kwargs
-from uncdiff.data import DigitsDataModule
-from uncdiff.module import DiffusionModule
+from uncdiff.lightning.data import DigitsDataModule
+from uncdiff.lightning.module import DiffusionModule
 
 
 class LossHistory(L.Callback):
@@ -94,8 +94,8 @@ def test_gradient_guidance_works_under_inference_mode(model):
 
 
 def test_table_threshold_from_a_calibration_file(model, tmp_path):
-    from uncdiff.guidance import calibrate_threshold_table, save_table
-    from uncdiff.samplers import make_sampler
+    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.core.samplers import make_sampler
 
     sampler = make_sampler(model.schedule, "ddim", steps=6)
     table = calibrate_threshold_table(model.ema.ema_model.eval(), sampler, model.image_shape, range(8),
@@ -113,7 +113,7 @@ def test_table_threshold_from_a_calibration_file(model, tmp_path):
 
 def test_estimator_window_with_guidance_is_the_estimation_window(model):
     """With guidance, estimator_options' window is where U_t is recorded (guidance's estimate_window),
-    not the guidance window: spec §3-4, M extra evaluations on each estimated or guided step."""
+    not the guidance window: docs/algorithms.md §3-4, M extra evaluations on each estimated or guided step."""
     n, steps, m = 2, 10, 2
     guided = model.sample(n, sampler="ddim", steps=steps, guidance={"rule": "posterior"},  # guides steps 0, 1
                           estimator_options={"window": (0.5, 1.0), "num_perturbations": m, "keep_maps": True})

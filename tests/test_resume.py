@@ -6,8 +6,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import tiny_model_kwargs
-from uncdiff.data import DigitsDataModule
-from uncdiff.module import DiffusionModule
+from uncdiff.lightning.data import DigitsDataModule
+from uncdiff.lightning.module import DiffusionModule
 
 
 def fit(tmp_path, max_steps, ckpt_path=None, every=None, limit_train_batches=1.0):

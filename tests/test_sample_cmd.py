@@ -2,7 +2,7 @@
 kill without regenerating, one and two processes writing identical files, and every bad input
 failing before anything is written.
 
-Independent truths: `DiffusionModule.sample` with the same seeds (the images), spec §3's score
+Independent truths: `DiffusionModule.sample` with the same seeds (the images), docs/algorithms.md §3's score
 (the sum of the map), `keep_best`'s rule (the highest scores are dropped), an uninterrupted
 single-process run (the resumed and the two-process runs).
 """
@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
-from uncdiff.module import DiffusionModule
-from uncdiff.sample_cmd import main
+from uncdiff.lightning.module import DiffusionModule
+from uncdiff.commands.sample import main
 
 REPO = Path(__file__).resolve().parent.parent
 N, BATCH, DROP = 10, 4, 0.3  # chunks of 4, 4, 2 seeds
@@ -85,7 +85,7 @@ def test_writes_what_it_says(reference, tiny_checkpoint):
         assert (image - expected[int(r["seed"]), 0]).abs().max() <= 1  # up to rounding at a level boundary
         u = np.load(reference / r["map"])
         assert u.shape == (1, 8, 8) and u.dtype == np.float32 and (u >= 0).all()
-        assert float(r["score"]) == pytest.approx(float(u.astype(np.float64).sum()), rel=1e-5)  # spec §3
+        assert float(r["score"]) == pytest.approx(float(u.astype(np.float64).sum()), rel=1e-5)  # docs/algorithms.md §3
         assert np.asarray(Image.open(reference / r["heatmap"])).shape == (8, 8, 3)
     scores = torch.tensor([float(r["score"]) for r in rows])
     dropped = {int(r["seed"]) for r in rows if r["kept"] == "0"}
@@ -109,7 +109,7 @@ def test_two_processes_write_the_same_files(reference, tiny_checkpoint, tmp_path
 
 KILL_SCRIPT = """
 import os, signal, sys
-import uncdiff.sample_store as store
+import uncdiff.io.sample_store as store
 calls, original = [0], store.write_atomic
 def write_atomic(path, data):
     calls[0] += 1
@@ -117,7 +117,7 @@ def write_atomic(path, data):
         os.kill(os.getpid(), signal.SIGKILL)
     original(path, data)
 store.write_atomic = write_atomic
-from uncdiff.sample_cmd import main
+from uncdiff.commands.sample import main
 main(sys.argv[1:])
 """
 
@@ -190,8 +190,8 @@ def test_bad_input_fails_before_writing(case, change, message, reference, tiny_c
 
 
 def test_guided_with_a_calibrated_threshold_table(tiny_checkpoint, tmp_path):
-    from uncdiff.guidance import calibrate_threshold_table, save_table
-    from uncdiff.samplers import make_sampler
+    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.core.samplers import make_sampler
 
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     table = calibrate_threshold_table(module.ema.ema_model, make_sampler(module.schedule, "ddim", steps=4),

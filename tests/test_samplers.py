@@ -1,4 +1,4 @@
-"""Samplers (spec §2) against independent truths.
+"""Samplers (docs/algorithms.md §2) against independent truths.
 
 - Every step is compared with a textbook loop written here from the papers (Ho et al. Algorithm 2 /
   the posterior mean of q(x_{t-1} | x_t, x0); Song et al. eq. 12), with its own float64 schedule and
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from uncdiff.samplers import (DDIMSampler, DDPMSampler, SampleNoise, StepContext, make_sampler, sample,
+from uncdiff.core.samplers import (DDIMSampler, DDPMSampler, SampleNoise, StepContext, make_sampler, sample,
                               spaced_timesteps)
-from uncdiff.schedule import NoiseSchedule
+from uncdiff.core.schedule import NoiseSchedule
 
 T = 1000
 MU, S = 0.3, 0.5  # Gaussian data x0 ~ N(MU, S^2) per pixel
@@ -289,7 +289,7 @@ def test_ddim_matches_exact_pushforward(schedule, steps):
 
 
 def test_ddim_pushforward_std_approaches_s_with_steps():
-    # Few-step DDIM is biased even with the exact predictor (spec §2); the bias shrinks with steps.
+    # Few-step DDIM is biased even with the exact predictor (docs/algorithms.md §2); the bias shrinks with steps.
     stds = [pushforward(song_uniform(n), "ddim")[1] ** 0.5 for n in (10, 20, 50, 100, 250, 500, 1000)]
     assert all(a < b < S for a, b in zip(stds, stds[1:]))
     assert abs(stds[-1] - S) < 0.002

@@ -21,14 +21,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import uncdiff.fid as fid
-from callbacks import FIDTrajectory, UncertaintySampling
-from callbacks.fid_trajectory import dataset_key
-from callbacks.uncertainty_sampling import FIGURES
+import uncdiff.evaluation.fid as fid
+from uncdiff.callbacks import FIDTrajectory, UncertaintySampling
+from uncdiff.callbacks.fid_trajectory import dataset_key
+from uncdiff.callbacks.uncertainty_sampling import FIGURES
 from conftest import tiny_model_kwargs
-from uncdiff.data import CIFAR10DataModule, DigitsDataModule
-from uncdiff.module import DiffusionModule
-from uncdiff.wandb_logger import WandbLogger
+from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
+from uncdiff.lightning.module import DiffusionModule
+from uncdiff.lightning.wandb_logger import WandbLogger
 
 FID_KEYS = ("val/fid/unguided", "val/fid/guided", "val/fid/filtered")
 N_FID = 12
@@ -241,7 +241,7 @@ def test_configs_run_both_callbacks_on_validation_epochs():
     checkpoint of the best FID that runs when the FID does."""
     import callbacks
     import yaml
-    from uncdiff.cli import CONFIG_DIR
+    from uncdiff.lightning.cli import CONFIG_DIR
 
     for name in ("quickstart", "cifar"):
         config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
@@ -296,8 +296,8 @@ def test_bad_options_fail_at_construction_naming_the_option(cls, options, option
 
 
 def test_a_threshold_table_file_is_checked_at_construction_and_used_when_sampling(tmp_path, monkeypatch):
-    from uncdiff.guidance import calibrate_threshold_table, save_table
-    from uncdiff.samplers import make_sampler
+    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.core.samplers import make_sampler
 
     torch.manual_seed(0)
     module = DiffusionModule(**tiny_model_kwargs())

@@ -1,6 +1,6 @@
-"""Aleatoric uncertainty (spec §3) and MC-Dropout (spec §5a) against independent truths.
+"""Aleatoric uncertainty (docs/algorithms.md §3) and MC-Dropout (docs/algorithms.md §5a) against independent truths.
 
-Closed form used below (derived here, it agrees with spec §3): for x0 ~ N(MU, S^2) per pixel,
+Closed form used below (derived here, it agrees with docs/algorithms.md §3): for x0 ~ N(MU, S^2) per pixel,
 x_t ~ N(sqrt(a) MU, v) with v = a S^2 + 1 - a, and the exact predictor is linear,
 eps*(x) = c (x - sqrt(a) MU) with c = sqrt(1 - a) / v. With x0_hat = (x_t - sqrt(1-a) eps_bar) / sqrt(a)
 (no clipping) the re-noised copy is x_t^i = x_t + sqrt(1-a) (z_i - eps_bar), so
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from uncdiff.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import (AleatoricUncertainty, MCDropoutUncertainty, aleatoric_map, window_steps)
-from uncdiff.unet import UNet
+from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.estimators import (AleatoricUncertainty, MCDropoutUncertainty, aleatoric_map, window_steps)
+from uncdiff.core.unet import UNet
 
 T = 1000
 MU, S = 0.3, 0.5
@@ -263,7 +263,7 @@ def test_mc_dropout_on_a_model_trained_without_dropout_needs_a_rate():
 
 
 def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
-    from uncdiff.uncertain_sampling import generate
+    from uncdiff.uncertainty.sampling import generate
 
     calls = []
 
@@ -284,7 +284,7 @@ def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
 
 
 def test_make_estimator_names_bad_options():
-    from uncdiff.uncertain_sampling import make_estimator
+    from uncdiff.uncertainty.sampling import make_estimator
 
     assert make_estimator("none") is None
     assert isinstance(make_estimator("aleatoric", num_perturbations=3), AleatoricUncertainty)

@@ -1,11 +1,11 @@
-"""The Ho et al. U-Net (spec §1): size of the CIFAR-10 network, shapes, the time embedding, the
+"""The Ho et al. U-Net (docs/algorithms.md §1): size of the CIFAR-10 network, shapes, the time embedding, the
 named last layer BayesDiff needs, and construction-time errors for shapes it can't take."""
 
 import pytest
 import torch
 from torch import nn
 
-from uncdiff.unet import UNet, timestep_embedding
+from uncdiff.core.unet import UNet, timestep_embedding
 
 TINY = dict(image_size=16, in_channels=3, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
             attn_resolutions=(8,), dropout=0.1)

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from uncdiff.cli import main as cli_main
+from uncdiff.lightning.cli import main as cli_main
 
 TINY_FIT = ["--model.image_size", "8", "--model.base_channels", "8", "--model.channel_mults", "[1,2]",
             "--model.attn_resolutions", "[4]", "--model.dropout", "0.1", "--model.sample_steps", "4",

@@ -27,11 +27,12 @@ from typing import Optional
 
 import torch
 
-from uncdiff.run_inputs import InputError, dataset_key
-from uncdiff.sample_cmd import (ModelInputs, add_estimator_arguments, add_guidance_arguments, add_model_arguments,
+from uncdiff.commands.common import InputError, dataset_key
+from uncdiff.commands.sample import (ModelInputs, add_estimator_arguments, add_guidance_arguments, add_model_arguments,
                                 add_sampler_arguments, attach_laplace, build_sampler, build_settings, estimator_hook,
                                 generate_run, make_fabric, prepare_model, run_info)
-from uncdiff.sample_store import SampleStore, check_output_dir, create_output_dir, write_atomic
+from uncdiff.io.files import load_torch, save_atomic
+from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 
 EXPERIMENTS = ("filtering", "guidance", "ause", "cost")
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
@@ -116,7 +117,7 @@ def set_arguments(args, name: str, dropout: float) -> Namespace:
 
 def plan_evaluation(args, inputs: ModelInputs) -> Plan:
     """Check every option and build the settings of the run and of each sample set. Writes nothing."""
-    from uncdiff.evaluation import PRC_NEIGHBOURS
+    from uncdiff.evaluation.experiments import PRC_NEIGHBOURS
 
     if args.subset_seeds < 2:
         raise InputError(f"--subset-seeds must be >= 2 (a spread needs two subsets), got {args.subset_seeds}")
@@ -132,7 +133,7 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
         raise InputError(f"--drop-fraction must lie in (0, 1), got {args.drop_fraction}")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise InputError(f"--inception-weights: no file at {args.inception_weights}")
-    from uncdiff.data import DigitsDataModule
+    from uncdiff.lightning.data import DigitsDataModule
 
     digits = isinstance(inputs.datamodule, DigitsDataModule)
     extractor = args.extractor if args.extractor != "auto" else ("digits-classifier" if digits else "inception")
@@ -175,9 +176,9 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
 
 def ause_map_steps(settings: dict) -> list[int]:
     """The steps an AUSE map sums over: those of the estimator's window that AUSE's denoising runs,
-    the second half of the sampler's steps (spec §6)."""
-    from uncdiff.evaluation import denoised_steps
-    from uncdiff.uncertainty import window_steps
+    the second half of the sampler's steps (docs/algorithms.md §6)."""
+    from uncdiff.evaluation.experiments import denoised_steps
+    from uncdiff.uncertainty.estimators import window_steps
 
     steps = settings["sampler"]["steps"]
     return sorted(set(window_steps(settings["estimator_options"]["window"], steps)) & set(denoised_steps(steps)))
@@ -185,7 +186,7 @@ def ause_map_steps(settings: dict) -> list[int]:
 
 def check_ause_window(settings: dict) -> None:
     """A --window without any of AUSE's steps would leave it no map to score."""
-    from uncdiff.evaluation import denoised_steps
+    from uncdiff.evaluation.experiments import denoised_steps
 
     steps = settings["sampler"]["steps"]
     window = settings["estimator_options"]["window"]
@@ -199,7 +200,7 @@ def check_ause_window(settings: dict) -> None:
 # --------------------------------------------------------------------------------------- running
 
 def make_fid_extractor(args, plan: Plan, module, device):
-    from uncdiff.fid import make_extractor
+    from uncdiff.evaluation.fid import make_extractor
 
     if plan.extractor == "inception":
         try:
@@ -220,17 +221,12 @@ def drop_fraction(stores: dict[str, SampleStore]) -> float:
 
 def cached_features(path: Path, images, extractor) -> torch.Tensor:
     """FID features `[N, D]` of `images()` (float `[N, C, H, W]`), extracted once and cached at `path`."""
-    from io import BytesIO
-
-    from uncdiff.evaluation import extract_features
+    from uncdiff.evaluation.experiments import extract_features
 
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return load_torch(path, "feature cache")
     features = extract_features(extractor, images())
-    buffer = BytesIO()
-    torch.save(features, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
+    save_atomic(features, path)
     return features
 
 
@@ -242,7 +238,7 @@ def set_features(store: SampleStore, extractor) -> torch.Tensor:
 def real_features(root: Path, datamodule, count: int, extractor) -> torch.Tensor:
     """FID features of `count` training images (the split of the FID statistics) drawn at random
     (seed 0), all of them if there are fewer; cached as <root>/sets/real/features-<extractor>-<count>.pt."""
-    from uncdiff.fid import datamodule_images
+    from uncdiff.evaluation.fid import datamodule_images
 
     def images() -> torch.Tensor:
         images = torch.cat(list(datamodule_images(datamodule, "train")()))
@@ -252,14 +248,14 @@ def real_features(root: Path, datamodule, count: int, extractor) -> torch.Tensor
 
 
 def held_out_images(datamodule, count: int) -> torch.Tensor:
-    from uncdiff.fid import datamodule_images
+    from uncdiff.evaluation.fid import datamodule_images
 
     images = torch.cat(list(datamodule_images(datamodule, "val")()))
     return images[:count]
 
 
 def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
-    from uncdiff.evaluation import denoised_steps, sparsification_inputs, sparsification_row
+    from uncdiff.evaluation.experiments import denoised_steps, sparsification_inputs, sparsification_row
     sampler = build_sampler(module, plan.ause["aleatoric"]["sampler"])
     images = held_out_images(datamodule, args.ause_images).to(module.device)
     seeds = list(range(len(images)))
@@ -306,16 +302,16 @@ def note_identical_images(plan: Plan, report) -> None:
 
 
 def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
-    from uncdiff.evaluation import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, cost_rows,
+    from uncdiff.evaluation.experiments import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, cost_rows,
                                     filtering_row, guidance_row, sign_outcome)
-    from uncdiff.guidance import UncertaintyGuidance
-    from uncdiff.report import Report
+    from uncdiff.uncertainty.guidance import UncertaintyGuidance
+    from uncdiff.evaluation.report import Report
 
     module = inputs.module
     clipped = [s.settings for n, s in plan.stores.items() if n != "bayesdiff"]
     any_set = (clipped or [s.settings for s in plan.stores.values()])[0]
     default_sign = inspect.signature(UncertaintyGuidance).parameters["sign"].default
-    checkpoint = torch.load(inputs.checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_torch(inputs.checkpoint, "checkpoint", mmap=True)
     report = Report(header={
         "checkpoint": f"{inputs.checkpoint} (step {checkpoint.get('global_step', '?')}, sha256 {inputs.sha256[:12]})",
         "data": plan.dataset,
@@ -390,8 +386,8 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
 
 
 def _run(fabric, args, inputs: ModelInputs, plan: Plan, info: dict) -> None:
-    from uncdiff.fid import datamodule_images, real_feature_stats
-    from uncdiff.report import log_to_wandb, write_report
+    from uncdiff.evaluation.fid import datamodule_images, real_feature_stats
+    from uncdiff.evaluation.report import log_to_wandb, write_report
 
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes

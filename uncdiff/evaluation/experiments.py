@@ -1,4 +1,4 @@
-"""The paper's experiments (spec §6) as functions of generated images, scores and features: no
+"""The paper's experiments (docs/algorithms.md §6) as functions of generated images, scores and features: no
 files, no Lightning. `train.py evaluate` (uncdiff/evaluate_cmd.py) feeds them and
 `uncdiff/report.py` writes what they return.
 
@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from uncdiff.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
-from uncdiff.samplers import EpsModel, SampleNoise, Sampler, StepContext
+from uncdiff.evaluation.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
+from uncdiff.core.samplers import EpsModel, SampleNoise, Sampler, StepContext
 
 SPREAD = 2.0  # a difference is reported as real when it exceeds SPREAD standard deviations
-PRC_NEIGHBOURS = 5  # k of improved precision / recall (spec §6)
+PRC_NEIGHBOURS = 5  # k of improved precision / recall (docs/algorithms.md §6)
 
 
 def compare(difference: float, std: Optional[float], better: str = "better", worse: str = "worse") -> str:
@@ -59,7 +59,7 @@ class _Features(nn.Module):
 
 class FeatureFID:
     """FID of a feature set `[N, D]` against real statistics (torchmetrics' states from
-    `uncdiff.fid.real_feature_stats`), with torchmetrics' own sums and Fréchet distance. Features
+    `uncdiff.evaluation.fid.real_feature_stats`), with torchmetrics' own sums and Fréchet distance. Features
     are extracted once per sample set, so the FID of any subset costs no network pass. Never syncs
     across processes (it runs on one rank)."""
 
@@ -80,7 +80,7 @@ class FeatureFID:
 
 
 class FeaturePrecisionRecall:
-    """Improved precision and recall (Kynkäänniemi et al. 2019; spec §6) of a feature set `[N, D]`
+    """Improved precision and recall (Kynkäänniemi et al. 2019; docs/algorithms.md §6) of a feature set `[N, D]`
     against real features `[M, D]`, with torch-fidelity's implementation: each sample is the centre
     of a ball reaching its k-th nearest neighbour in its own set; precision is the share of
     generated samples inside some real ball (fidelity), recall the share of real samples inside
@@ -128,7 +128,7 @@ def kept_versus_random(kept: float, random: Sequence[float], higher_is_better: b
 def filtering_row(name: str, features: Tensor, scores: Tensor, drop_fraction: float, subset_seeds: Sequence[int],
                   fid: Callable[[Tensor], float],
                   precision_recall: Optional[Callable[[Tensor], tuple[float, float]]] = None) -> dict:
-    """Spec §6 filtering for one estimator: drop the `drop_fraction` with the highest `scores [N]`,
+    """docs/algorithms.md §6 filtering for one estimator: drop the `drop_fraction` with the highest `scores [N]`,
     FID of the kept set versus random subsets of the same size (one per seed); with
     `precision_recall` (e.g. a `FeaturePrecisionRecall`), also precision and recall of the same sets."""
     keep = keep_best(scores, drop_fraction)
@@ -196,7 +196,7 @@ def guidance_row(name: str, guided: Tensor, unguided: Tensor, groups: int, fid: 
 
 def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features: Tensor, groups: int,
                  fid: Callable[[Tensor], float]) -> dict:
-    """Which gradient sign measured better (spec §4: the default must be that one): paired over
+    """Which gradient sign measured better (docs/algorithms.md §4: the default must be that one): paired over
     the seed groups like `guidance_row`, `minus` taking the place of the unguided set."""
     row = guidance_row("+1 vs -1", plus_features, minus_features, groups, fid)
     better = "+1" if plus["fid"] < minus["fid"] else "-1"
@@ -211,16 +211,16 @@ def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features:
 
 def denoised_steps(num_steps: int) -> range:
     """The step indices (of `num_steps`) that the AUSE set-up runs: the second half of the schedule,
-    from the middle step on (spec §6). An estimator's maps cover only its window's steps among these."""
+    from the middle step on (docs/algorithms.md §6). An estimator's maps cover only its window's steps among these."""
     return range(num_steps // 2, num_steps)
 
 
 @torch.no_grad()
 def denoise_from(eps_model: EpsModel, sampler: Sampler, x0: Tensor, seeds: Sequence[int], hook=None,
                  start: Optional[int] = None) -> Tensor:
-    """Spec §6 AUSE set-up: noise real images `x0 [B, C, H, W]` to the sampler's step `start`
+    """docs/algorithms.md §6 AUSE set-up: noise real images `x0 [B, C, H, W]` to the sampler's step `start`
     (default the middle, `denoised_steps`) with per-sample noise (stream 'initial'), then run the
-    remaining steps, calling `hook` as `uncdiff.samplers.sample` does (same step indices, so
+    remaining steps, calling `hook` as `uncdiff.core.samplers.sample` does (same step indices, so
     estimator windows mean the same). Returns the denoised `[B, C, H, W]`."""
     steps = sampler.timesteps
     pairs = list(zip(steps, steps[1:] + [-1]))
@@ -268,7 +268,7 @@ def sparsification_inputs(eps_model: EpsModel, sampler: Sampler, images: Tensor,
 
 
 def sparsification_row(name: str, maps: Tensor, errors: Tensor, num_fractions: int = 50) -> tuple[dict, Tensor]:
-    """AUSE / AURG (spec §6) and the sparsification curve `[num_fractions]`."""
+    """AUSE / AURG (docs/algorithms.md §6) and the sparsification curve `[num_fractions]`."""
     ause, aurg = ause_aurg(maps, errors, num_fractions)
     _, curve = sparsification_curve(maps, errors, num_fractions)
     return {"estimator": name, "pixels": maps.numel(), "rmse_all": float(curve[0]), "ause": ause, "aurg": aurg}, curve

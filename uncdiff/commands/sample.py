@@ -5,7 +5,7 @@ filtering, on every process of the machine or cluster, resumable.
         --n 1000 --steps 20 --estimator aleatoric --drop-fraction 0.1667
 
 Lightning Fabric runs one process per device (all GPUs by default; torchrun and SLURM work the
-same way). The seeds are cut into chunks of `--batch-size` (see `uncdiff.sample_store`); the
+same way). The seeds are cut into chunks of `--batch-size` (see `uncdiff.io.sample_store`); the
 chunks still missing are dealt round-robin to the processes, each writes its own samples' files,
 and rank 0 writes the manifest and grids at the end. Every input is checked before the output
 directory is created; a re-run of the same command resumes, a different one is refused.
@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from uncdiff.run_inputs import (InputError, file_sha256, laplace_cache_path, laplace_source, load_module,
+from uncdiff.commands.common import (InputError, file_sha256, laplace_cache_path, laplace_source, load_module,
                                 load_or_fit_laplace, make_datamodule)
-from uncdiff.sample_store import SampleStore, settings_differences
-from uncdiff.samplers import MAX_SEED, make_sampler
-from uncdiff.uncertain_sampling import make_estimator
+from uncdiff.io.sample_store import SampleStore, settings_differences
+from uncdiff.core.samplers import MAX_SEED, make_sampler
+from uncdiff.uncertainty.sampling import make_estimator
 
 ESTIMATOR_CHOICES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
 GUIDANCE_CHOICES = ("none", "gradient", "posterior")
-DEFAULT_DROP_FRACTION = 1 / 6  # spec §3: keep 50k of 60k
+DEFAULT_DROP_FRACTION = 1 / 6  # docs/algorithms.md §3: keep 50k of 60k
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -73,7 +73,7 @@ def add_estimator_arguments(parser: argparse.ArgumentParser, choose: bool = True
     if choose:
         g.add_argument("--estimator", default="aleatoric", help=f"one of {', '.join(ESTIMATOR_CHOICES)} (default aleatoric)")
     g.add_argument("--M", type=int, help="perturbations (aleatoric, guided) or dropout passes (mc_dropout); default 5")
-    g.add_argument("--variant", choices=("centered", "sample"), default="centered", help="aleatoric map (spec §3; default centered)")
+    g.add_argument("--variant", choices=("centered", "sample"), default="centered", help="aleatoric map (docs/algorithms.md §3; default centered)")
     g.add_argument("--window", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
                    help="steps whose maps are summed into the score, as fractions of the steps (default 0 1)")
     g.add_argument("--dropout", type=float, help="MC-Dropout rate (default: the model's own)")
@@ -86,7 +86,7 @@ def add_estimator_arguments(parser: argparse.ArgumentParser, choose: bool = True
 
 def add_guidance_arguments(parser: argparse.ArgumentParser, choose: bool = True) -> None:
     """Guidance options; `choose` adds --guidance and --guidance-sign (evaluate runs them all)."""
-    g = parser.add_argument_group("guidance (spec §4; uses the aleatoric estimator)")
+    g = parser.add_argument_group("guidance (docs/algorithms.md §4; uses the aleatoric estimator)")
     if choose:
         g.add_argument("--guidance", choices=GUIDANCE_CHOICES, default="none", help="update rule (default none)")
         g.add_argument("--guidance-sign", type=int, default=1, help="gradient rule: +1 or -1 (default +1)")
@@ -178,7 +178,7 @@ def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dic
 def threshold_table(path: str, module):
     """The `[steps, C, H, W]` threshold table saved at `path`, checked against the model's image shape
     (`build_settings` checks its step count against the run's)."""
-    from uncdiff.guidance import table_from_file
+    from uncdiff.uncertainty.guidance import table_from_file
 
     try:
         return table_from_file(path, image_shape=module.image_shape)
@@ -189,7 +189,7 @@ def threshold_table(path: str, module):
 def check_table_settings(path: str, sampler: dict, options: dict) -> None:
     """Refuse a threshold table calibrated with another sampler, M or map variant than this run's:
     its quantiles would describe other maps. Settings the file doesn't record are not checked."""
-    from uncdiff.guidance import load_table
+    from uncdiff.uncertainty.guidance import load_table
 
     run = {"sampler": sampler, "num_perturbations": options["num_perturbations"], "variant": options["variant"]}
     made = {key: value for key, value in load_table(path)[1].items() if key in run}

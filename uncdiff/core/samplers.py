@@ -1,4 +1,4 @@
-"""DDPM ancestral and DDIM samplers over a plain `eps_model(x, t)` callable (spec §2).
+"""DDPM ancestral and DDIM samplers over a plain `eps_model(x, t)` callable (docs/algorithms.md §2).
 
 A sampler is a descending list of training timesteps plus a pure `step(eps, t, t_prev, x_t,
 noise)`. The noise prediction is made by `sample()`, outside the step, and passed through an
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncdiff.schedule import NoiseSchedule
+from uncdiff.core.schedule import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SPACINGS = ("uniform", "quadratic")

@@ -8,13 +8,14 @@ W&B files in `wandb/`, sample grids in `samples/`, and each invocation's full co
 
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
 
 
 def resolve_config_args(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -79,7 +80,7 @@ def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from uncdiff.module import DiffusionModule
+    from uncdiff.lightning.module import DiffusionModule
     from lightning.pytorch import LightningDataModule
 
     if argv is None:  # rewrite sys.argv itself: LightningCLI warns when given both

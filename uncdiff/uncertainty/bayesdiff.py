@@ -1,4 +1,4 @@
-"""BayesDiff (Kou et al., ICLR 2024; spec §5b): last-layer Laplace on the final conv `head` of a
+"""BayesDiff (Kou et al., ICLR 2024; docs/algorithms.md §5b): last-layer Laplace on the final conv `head` of a
 network exposing `features(x, t)` (so that `net(x, t) == net.head(net.features(x, t))`), and the
 propagation of its variance through deterministic DDIM steps as a sampler hook.
 """
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uncdiff.samplers import DDIMSampler, StepContext
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
+from uncdiff.core.samplers import DDIMSampler, StepContext
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.estimators import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
 
 MOMENT_ESTIMATORS = ("spec", "regression")
 
@@ -43,7 +43,7 @@ class LastLayerLaplace:
 
     def predictive_variance(self, h: torch.Tensor) -> torch.Tensor:
         """Per-pixel variance of `head(h)` for features `h [B, C, H, W]`, in closed form:
-        `conv(h^2, var_W) + var_b` (exact for independent weights, spec §5b)."""
+        `conv(h^2, var_W) + var_b` (exact for independent weights, docs/algorithms.md §5b)."""
         return self._conv(h.pow(2), self.var_W, self.var_b)
 
     def sampled_variance(self, h: torch.Tensor, num_heads: int = 100, generator: Optional[torch.Generator] = None,
@@ -88,7 +88,7 @@ def check_head(net: nn.Module) -> nn.Conv2d:
 @torch.no_grad()
 def last_layer_fisher(net: nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                       schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diagonal empirical Fisher of `net.head` over one batch (spec §5b):
+    """Diagonal empirical Fisher of `net.head` over one batch (docs/algorithms.md §5b):
     `sum_b 0.5 * (grad_{W,b} sum r_b^2)^2` with `r_b = head(features(x_t, t)) - eps` for
     `x_t = q_sample(x0, t, eps)`. Per-sample gradients in closed form (the head is linear):
     `dL_b/dW = 2 sum_pixels r_b (x) unfold(h_b)`, `dL_b/db = 2 sum_pixels r_b`.
@@ -124,7 +124,7 @@ def image_batches(images: Iterable | torch.Tensor, batch_size: int) -> Iterator[
 def fit_last_layer_laplace(net: nn.Module, images: Iterable | torch.Tensor, schedule: NoiseSchedule,
                            num_images: int = 1000, prior_precision: float = 1.0, sigma_noise: float = 1.0,
                            seed: int = 0, batch_size: int = 64) -> LastLayerLaplace:
-    """Fit the diagonal last-layer Laplace on `num_images` training images, one pass (spec §5b):
+    """Fit the diagonal last-layer Laplace on `num_images` training images, one pass (docs/algorithms.md §5b):
     per image one `t ~ U{0..T-1}` and fresh `eps` (from a CPU generator seeded with `seed`),
     `H = sum of last_layer_fisher`, `v = 1 / (H / sigma_noise^2 + prior_precision)`.
     The network runs in eval mode (no dropout); fewer images than asked is allowed and recorded."""
@@ -195,7 +195,7 @@ class FeatureCachingEps:
 
 
 class BayesDiffUncertainty(StepwiseUncertainty):
-    """Spec §5b as a hook for DDIM with `eta = 0` and `clip=False` (clipping x0 makes the step
+    """docs/algorithms.md §5b as a hook for DDIM with `eta = 0` and `clip=False` (clipping x0 makes the step
     non-affine, so the moment propagation below would not describe it; other samplers are errors).
 
     Per pixel, with `kx = sqrt(abar[t'] / abar[t])`, `ke = sqrt(1 - abar[t']) - kx sqrt(1 - abar[t])`
@@ -256,7 +256,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
                              f"{'' if not hasattr(sampler, 'eta') else f' with eta={sampler.eta}'}")
         if sampler.clip:
             raise ValueError("BayesDiffUncertainty needs clip=False: clipping x0 makes the DDIM step non-affine, "
-                             "so the variance propagation of spec §5b would not describe it")
+                             "so the variance propagation of docs/algorithms.md §5b would not describe it")
 
     def _features(self, ctx: StepContext) -> torch.Tensor:
         h = self.eps_model.cached_features(ctx.x_t, ctx.t)

@@ -1,4 +1,4 @@
-"""The LightningModule: DDPM training (spec §1) with an EMA copy used for all sampling."""
+"""The LightningModule: DDPM training (docs/algorithms.md §1) with an EMA copy used for all sampling."""
 
 from pathlib import Path
 from typing import Optional, Sequence
@@ -7,12 +7,12 @@ import lightning as L
 import torch
 import ema_pytorch
 
-from uncdiff.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
-from uncdiff.guidance import table_from_file
-from uncdiff.samplers import make_sampler
-from uncdiff.uncertain_sampling import SampleResult, generate, make_estimator
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.unet import UNet
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
+from uncdiff.uncertainty.guidance import table_from_file
+from uncdiff.core.samplers import make_sampler
+from uncdiff.uncertainty.sampling import SampleResult, generate, make_estimator
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.core.unet import UNet
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
@@ -204,7 +204,7 @@ class DiffusionModule(L.LightningModule):
             model.train(was_training)
 
     def fit_laplace(self, images, num_images: int = 1000, **options) -> None:
-        """Fit BayesDiff's last-layer Laplace posterior (spec §5b) on the EMA network from training
+        """Fit BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) on the EMA network from training
         images (`[N, C, H, W]` in [-1, 1] or an iterable of such batches); stored in checkpoints."""
         model = self.ema.ema_model
         was_training = model.training

@@ -1,4 +1,4 @@
-"""Noise schedules and the DDPM forward process (spec §1)."""
+"""Noise schedules and the DDPM forward process (docs/algorithms.md §1)."""
 
 import math
 

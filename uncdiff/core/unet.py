@@ -1,4 +1,4 @@
-"""The DDPM noise-prediction U-Net of Ho et al. (spec §1).
+"""The DDPM noise-prediction U-Net of Ho et al. (docs/algorithms.md §1).
 
 With the CIFAR-10 settings (128 channels, mults 1,2,2,2, 2 res blocks, attention at 16x16,
 dropout 0.1) it has 35.7M parameters. The last layer is the conv `head` (base channels ->

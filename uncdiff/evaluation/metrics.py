@@ -1,4 +1,4 @@
-"""Evaluation helpers of spec §6 that are not FID: sparsification (AUSE / AURG) and the subsets
+"""Evaluation helpers of docs/algorithms.md §6 that are not FID: sparsification (AUSE / AURG) and the subsets
 of the filtering experiment."""
 
 from typing import Sequence
@@ -36,7 +36,7 @@ def curve_area(rmse: torch.Tensor) -> float:
 
 
 def ause_aurg(uncertainty: torch.Tensor, error: torch.Tensor, num_fractions: int = 50) -> tuple[float, float]:
-    """`(AUSE, AURG)` (spec §6): AUSE = area(uncertainty curve) - area(oracle curve), where the oracle
+    """`(AUSE, AURG)` (docs/algorithms.md §6): AUSE = area(uncertainty curve) - area(oracle curve), where the oracle
     removes pixels by decreasing error; AURG = RMSE(all pixels) - area(uncertainty curve).
     Lower AUSE and higher AURG are better; `error` is the per-pixel squared error."""
     _, curve = sparsification_curve(uncertainty, error, num_fractions)
@@ -47,7 +47,7 @@ def ause_aurg(uncertainty: torch.Tensor, error: torch.Tensor, num_fractions: int
 
 def keep_best(scores: torch.Tensor, fraction_dropped: float) -> torch.Tensor:
     """Bool mask `[N]` keeping all but the `round(p N)` samples with the highest score (filtering,
-    spec §3/§6). Ties are broken by position; NaN scores count as highest."""
+    docs/algorithms.md §3/§6). Ties are broken by position; NaN scores count as highest."""
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
     if not 0.0 <= fraction_dropped < 1.0:

@@ -1,4 +1,4 @@
-"""`python train.py calibrate`: the threshold table of guided sampling (spec §4, threshold `table`),
+"""`python train.py calibrate`: the threshold table of guided sampling (docs/algorithms.md §4, threshold `table`),
 from unguided samples of a `fit` checkpoint.
 
     python train.py calibrate --checkpoint runs/quickstart/checkpoints/last.ckpt --out tau.pt \\
@@ -6,9 +6,9 @@ from unguided samples of a `fit` checkpoint.
     python train.py sample --checkpoint runs/quickstart/checkpoints/last.ckpt --out samples/guided \\
         --steps 20 --M 5 --guidance gradient --guidance-table tau.pt
 
-`tau[step, c, h, w]` is the `--quantile` of the aleatoric map `U_t` (spec §3) at that sampler step
+`tau[step, c, h, w]` is the `--quantile` of the aleatoric map `U_t` (docs/algorithms.md §3) at that sampler step
 and position over `--n` unguided samples, seeds `--seed .. --seed+n-1`
-(`uncdiff.guidance.calibrate_threshold_table`). The file (`save_table`) also holds the settings it
+(`uncdiff.uncertainty.guidance.calibrate_threshold_table`). The file (`save_table`) also holds the settings it
 was made with: use it with the same checkpoint, sampler, steps, `--M` and `--variant`.
 
 One process on one device: the quantile needs every sample's maps in one place. Every input is
@@ -25,13 +25,13 @@ from typing import Optional
 
 import torch
 
-from uncdiff.guidance import calibrate_threshold_table, save_table
-from uncdiff.run_inputs import InputError
-from uncdiff.sample_cmd import (ModelInputs, _error, add_model_arguments, add_sampler_arguments, build_sampler,
+from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+from uncdiff.commands.common import InputError
+from uncdiff.commands.sample import (ModelInputs, _error, add_model_arguments, add_sampler_arguments, build_sampler,
                                 make_fabric, prepare_model, run_info, sampler_settings)
-from uncdiff.sample_store import write_atomic
-from uncdiff.samplers import MAX_SEED, EpsModel
-from uncdiff.uncertainty import VARIANTS, check_count
+from uncdiff.io.sample_store import write_atomic
+from uncdiff.core.samplers import MAX_SEED, EpsModel
+from uncdiff.uncertainty.estimators import VARIANTS, check_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="the table file to write (never overwritten)")
     g.add_argument("--quantile", type=float, default=0.95, help="q of the q-quantile, in (0, 1) (default 0.95)")
     g.add_argument("--M", type=int, default=5, help="perturbations per step (default 5; as the guided run's --M)")
-    g.add_argument("--variant", choices=VARIANTS, default="centered", help="aleatoric map (spec §3; default centered)")
+    g.add_argument("--variant", choices=VARIANTS, default="centered", help="aleatoric map (docs/algorithms.md §3; default centered)")
     # The maps are those of a guided `sample` run's aleatoric estimator: its sampler defaults
     # (`sampler_settings` clips x0 unless the estimator is BayesDiff). One process, see above.
     parser.set_defaults(estimator="aleatoric", devices="1")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uncdiff.run_inputs import InputError
+from uncdiff.io.files import InputError, write_atomic
 
 GRID_SAMPLES = 64
 
@@ -53,13 +53,6 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k, '(not set)')!r} there, {b.get(k, '(not set)')!r} here"
             for k in sorted(set(a) | set(b)) if a.get(k, "(not set)") != b.get(k, "(not set)")]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a reader (or a re-run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -203,7 +196,7 @@ class SampleStore:
     def finish(self) -> dict:
         """All chunks done: write manifest.csv (filtering by `drop_fraction`), grid.png, dropped.png.
         Returns the run's summary (also written as summary.json)."""
-        from uncdiff.metrics import keep_best
+        from uncdiff.evaluation.metrics import keep_best
 
         records = self.records()
         seeds = [s for r in records for s in r["seeds"]]

@@ -1,4 +1,4 @@
-"""Uncertainty-guided sampling (spec §4) as a sampler hook, and its threshold calibration.
+"""Uncertainty-guided sampling (docs/algorithms.md §4) as a sampler hook, and its threshold calibration.
 
 On the steps of the guidance window the hook replaces `eps_bar` by a guided `eps_tilde` and lets
 the ordinary sampler step run, so it works unchanged under DDPM, DDIM or any later sampler.
@@ -10,9 +10,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from uncdiff.samplers import EpsModel, Sampler, StepContext, predict_x0
-from uncdiff.schedule import NoiseSchedule
-from uncdiff.uncertainty import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
+from uncdiff.core.samplers import EpsModel, Sampler, StepContext, predict_x0
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
                                  perturbed_eps, reduce_perturbations, renoise, window_steps)
 
 RULES = ("gradient", "posterior")
@@ -26,7 +26,7 @@ def uncertainty_gradient(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.
 
     `U` is taken as a function of `eps_bar` alone, with `x_t` and the draws `z` held fixed: the
     derivative flows through `x0_hat -> x_t^i -> eps_theta` *and*, for the `centered` variant,
-    through the direct `- eps_bar` in `(eps_i - eps_bar)^2` (the total derivative, spec §4).
+    through the direct `- eps_bar` in `(eps_i - eps_bar)^2` (the total derivative, docs/algorithms.md §4).
     Images are independent, so the gradient of the batch sum is every image's own gradient.
 
     With all B*M perturbed rows in one chunk this is M forward passes and one backward. With
@@ -77,7 +77,7 @@ def require_grad(eps: torch.Tensor) -> None:
 
 
 def posterior_eps(eps_i: torch.Tensor, eps_bar: torch.Tensor, abar: float, mask: torch.Tensor) -> torch.Tensor:
-    """Spec §4 `posterior` rule: `eps_tilde = m * mu + (1 - m) * eps_bar` with
+    """docs/algorithms.md §4 `posterior` rule: `eps_tilde = m * mu + (1 - m) * eps_bar` with
     `sigma2` = unbiased variance over `{eps_1..eps_M, eps_bar}` and
     `mu = (sum_i eps_i / sigma2) / (M / sigma2 + 1 / abar)`, the sum over the M perturbations of
     each image (not over the batch). Computed as `sum_i eps_i / (M + sigma2 / abar)`, the same value
@@ -96,10 +96,10 @@ def percentile_threshold(u: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 class UncertaintyGuidance:
-    """Spec §4 as a sampler hook; also reports scores and maps like `AleatoricUncertainty`.
+    """docs/algorithms.md §4 as a sampler hook; also reports scores and maps like `AleatoricUncertainty`.
 
     On the steps of `window` (fractions of the sampler's steps; default the first 3 of 20):
-    compute `U_t` (spec §3, `num_perturbations` draws z from the per-sample `'uncertainty'`
+    compute `U_t` (docs/algorithms.md §3, `num_perturbations` draws z from the per-sample `'uncertainty'`
     stream, reused inside the gradient), the mask `m = 1[U_t > tau]` (`threshold='percentile'`:
     `tau_b` is the `quantile` of image b's own values; `'table'`: `tau = table[step]`, a
     `[steps, C, H, W]` tensor from `calibrate_threshold_table`), and return
@@ -210,10 +210,10 @@ def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequ
                               quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
                               chunk_size: Optional[int] = None, batch_size: int = 256,
                               device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (spec §3)
-    over unguided samples, one per seed (spec §4, `threshold='table'`). Use it with the same
+    """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (docs/algorithms.md §3)
+    over unguided samples, one per seed (docs/algorithms.md §4, `threshold='table'`). Use it with the same
     sampler, step count, variant and number of perturbations."""
-    from uncdiff.uncertain_sampling import generate  # generate's factory imports this module
+    from uncdiff.uncertainty.sampling import generate  # generate's factory imports this module
 
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")

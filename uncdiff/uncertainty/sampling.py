@@ -8,10 +8,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from uncdiff.bayesdiff import BayesDiffUncertainty
-from uncdiff.guidance import UncertaintyGuidance
-from uncdiff.samplers import EpsModel, Sampler, StepContext, sample
-from uncdiff.uncertainty import AleatoricUncertainty, MCDropoutUncertainty
+from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
+from uncdiff.uncertainty.guidance import UncertaintyGuidance
+from uncdiff.core.samplers import EpsModel, Sampler, StepContext, sample
+from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 
 ESTIMATORS = {
     "none": None,
@@ -63,7 +63,7 @@ def _cat(parts: list) -> Optional[torch.Tensor]:
 def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
              estimator: Optional[Any] = None, device: torch.device | str = "cpu", batch_size: int = 256,
              progress: bool = False) -> SampleResult:
-    """One image per seed (`uncdiff.samplers.sample`, in batches of `batch_size`) with `estimator`
+    """One image per seed (`uncdiff.core.samplers.sample`, in batches of `batch_size`) with `estimator`
     (e.g. from `make_estimator`) as the sampler hook, collecting its maps and scores.
 
     The sampler's own predictions are counted by a wrapper; the estimator counts what it spends

@@ -1,5 +1,5 @@
 """The evaluation report: Markdown, one CSV per experiment, plots, and W&B tables when logging.
-Formats what `uncdiff.evaluation` computed; computes nothing itself."""
+Formats what `uncdiff.evaluation.experiments` computed; computes nothing itself."""
 
 import csv
 from dataclasses import dataclass, field
@@ -151,7 +151,7 @@ def markdown(report: Report) -> str:
             out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
                     f"**{s['better_sign']} measured better** (per-group difference +1 minus -1: "
                     f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_se'])}; verdict: {s['verdict']}). "
-                    f"Spec §4 asks for the better-measured sign as the default; the default is "
+                    f"docs/algorithms.md §4 asks for the better-measured sign as the default; the default is "
                     f"{report.header.get('default gradient sign', '+1')}.", ""]
         out += ["![guidance](guidance.png)", ""]
     if report.sparsification:
@@ -203,8 +203,8 @@ def write_report(out: Path, report: Report) -> list[Path]:
 
 def log_to_wandb(out: Path, project: str, report: Report) -> str:
     """The report's tables and plots in a W&B run (offline when W&B can't be reached; see
-    uncdiff.wandb_logger). Returns the run's directory."""
-    from uncdiff.wandb_logger import WandbLogger
+    uncdiff.lightning.wandb_logger). Returns the run's directory."""
+    from uncdiff.lightning.wandb_logger import WandbLogger
 
     logger = WandbLogger(save_dir=str(out), project=project, name=f"evaluate-{out.name}")
     for name, rows in (("filtering", report.filtering), ("guidance", report.guidance),

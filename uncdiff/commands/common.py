@@ -9,21 +9,17 @@ error exit before they create their output directory. Nothing here writes, excep
 
 import hashlib
 import importlib
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import yaml
 
-from uncdiff.bayesdiff import LastLayerLaplace
-from uncdiff.module import DiffusionModule
+from uncdiff.io.files import InputError, load_torch, save_atomic
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
+from uncdiff.lightning.module import DiffusionModule
 
 DATASETS = ("digits", "cifar10")
-
-
-class InputError(ValueError):
-    """A bad command-line input, found before any sampling."""
 
 
 def file_sha256(path: Path) -> str:
@@ -37,12 +33,7 @@ def file_sha256(path: Path) -> str:
 def load_module(path: str | Path) -> DiffusionModule:
     """The `DiffusionModule` of a checkpoint written by `train.py fit`, on the CPU, in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise InputError(f"{path} is not a checkpoint torch can read ({type(error).__name__}: {error})") from None
+    checkpoint = load_torch(path, "checkpoint", mmap=True)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         raise InputError(f"{path} is not a checkpoint written by `train.py fit` (it has no state_dict and "
                          f"hyper_parameters)")
@@ -50,7 +41,7 @@ def load_module(path: str | Path) -> DiffusionModule:
         raise InputError(f"{path} is not a uncdiff DiffusionModule checkpoint (no EMA weights 'ema.ema_model.*' "
                          f"in its state_dict)")
     try:
-        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        module = DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(f"{path} is incompatible with this uncdiff DiffusionModule "
                          f"({type(error).__name__}: {str(error)[:500]})") from None
@@ -88,7 +79,7 @@ def make_datamodule(module: DiffusionModule, checkpoint: Path, data: Optional[st
     if data is not None:
         if data not in DATASETS:
             raise InputError(f"--data must be one of {DATASETS}, got {data!r}")
-        from uncdiff.data import CIFAR10DataModule, DigitsDataModule
+        from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
 
         if data == "digits":
             dm = DigitsDataModule(image_size=module.hparams.image_size)
@@ -106,7 +97,7 @@ def make_datamodule(module: DiffusionModule, checkpoint: Path, data: Optional[st
 
 
 def check_data_matches(dm, module: DiffusionModule) -> None:
-    from uncdiff.data import CIFAR10DataModule, DigitsDataModule
+    from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
 
     channels, size = module.hparams.in_channels, module.hparams.image_size
     if isinstance(dm, DigitsDataModule):
@@ -122,7 +113,7 @@ def check_data_matches(dm, module: DiffusionModule) -> None:
 
 def dataset_key(dm) -> str:
     """The name of the exact real image set, the key of the FID statistics cache."""
-    from uncdiff.data import DigitsDataModule
+    from uncdiff.lightning.data import DigitsDataModule
 
     return f"digits{dm.image_size}-train" if isinstance(dm, DigitsDataModule) else "cifar10-train"
 
@@ -149,20 +140,18 @@ def load_or_fit_laplace(module: DiffusionModule, checkpoint: Path, checkpoint_sh
                         datamodule=None, is_writer: bool = True) -> None:
     """Give `module` the Laplace posterior `source` names. A fitted one is read from its cache when
     that was made from this very checkpoint; otherwise the writer fits it on the first
-    `num_images` training images (spec §5b) and saves it (write then rename)."""
+    `num_images` training images (docs/algorithms.md §5b) and saves it (write then rename)."""
     if source["source"] == "checkpoint":
         return
     path = laplace_cache_path(checkpoint, source["num_images"])
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = load_torch(path, "Laplace cache")
         if cached.get("checkpoint_sha256") == checkpoint_sha256:
             module.laplace = LastLayerLaplace.from_state_dict(cached["laplace"])
             return
     if not is_writer:
         raise RuntimeError(f"{path} is missing or stale after the writer fitted it")
-    from uncdiff.fid import datamodule_images
+    from uncdiff.evaluation.fid import datamodule_images
 
     module.fit_laplace(datamodule_images(datamodule, "train", batch_size=64)(), num_images=source["num_images"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"checkpoint_sha256": checkpoint_sha256, "laplace": module.laplace.state_dict()}, tmp)
-    os.replace(tmp, path)
+    save_atomic({"checkpoint_sha256": checkpoint_sha256, "laplace": module.laplace.state_dict()}, path)

@@ -1,4 +1,4 @@
-"""FID (spec/algorithms.md §6): feature extractors, cached real-data statistics, and an evaluator.
+"""FID (docs/algorithms.md §6): feature extractors, cached real-data statistics, and an evaluator.
 
 The Fréchet distance itself, its DDP-synced sums and the "keep the real statistics across resets"
 logic are torchmetrics' `FrechetInceptionDistance`; this file only supplies what it lacks here:
@@ -17,7 +17,6 @@ Images everywhere are float `[B, C, H, W]` in [-1, 1], C = 1 or 3.
 
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+
+from uncdiff.io.files import save_atomic
 
 ImageBatches = Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]]
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -42,14 +43,6 @@ def _world() -> tuple[int, int]:
 def _barrier() -> None:
     if _world()[1] > 1:
         torch.distributed.barrier()
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    """Write then rename, so a concurrent reader (another rank, another run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _check_images(images: Tensor) -> None:
@@ -112,7 +105,7 @@ class InceptionFeatures(nn.Module):
 # ------------------------------------------------------------------------------ small classifier
 
 def _digits(image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from uncdiff.data import DigitsDataModule
+    from uncdiff.lightning.data import DigitsDataModule
 
     dm = DigitsDataModule(image_size=image_size)
     dm.setup()
@@ -191,7 +184,7 @@ class ClassifierFeatures(nn.Module):
 
         self.trained_now = False
         if _world()[0] == 0 and not self.path.is_file():
-            _atomic_save(train_classifier(settings), self.path)
+            save_atomic(train_classifier(settings), self.path)
             self.trained_now = True
         _barrier()  # other ranks wait for rank 0's file
         checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -271,7 +264,7 @@ def real_feature_stats(extractor: nn.Module, dataset: str, real_images: ImageBat
     if _world()[0] == 0 and not path.is_file():
         batches = real_images() if callable(real_images) else real_images
         stats = compute_real_stats(extractor, batches)
-        _atomic_save({**stats, "dataset": dataset, "extractor": extractor.name}, path)
+        save_atomic({**stats, "dataset": dataset, "extractor": extractor.name}, path)
         computed = True
     _barrier()
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -304,7 +297,7 @@ class FIDEvaluator(nn.Module):
     statistics. The real statistics are loaded by `prepare()`, which `update` calls if needed; call
     it yourself after DDP is initialised (e.g. in a callback's `setup`). Only rank 0 holds them, so
     the synced sums count each real image once. Move it with `.to(device)`.
-    `name` is the extractor's, to be logged next to every value (spec §6).
+    `name` is the extractor's, to be logged next to every value (docs/algorithms.md §6).
     """
 
     def __init__(self, extractor: nn.Module, dataset: str, real_images: ImageBatches, cache_dir: str = "cache",

@@ -1,6 +1,6 @@
-"""Pixel-wise aleatoric uncertainty (spec §3) and the MC-Dropout baseline (spec §5a).
+"""Pixel-wise aleatoric uncertainty (docs/algorithms.md §3) and the MC-Dropout baseline (docs/algorithms.md §5a).
 
-Both estimators are hooks for `uncdiff.samplers.sample`: called before each sampler step with a
+Both estimators are hooks for `uncdiff.core.samplers.sample`: called before each sampler step with a
 `StepContext`, they record an uncertainty map `U_t [B, C, H, W]` on the steps of their window and
 return `ctx.eps` unchanged, so estimation alone never changes a sample.
 
@@ -15,8 +15,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from uncdiff.samplers import EpsModel, StepContext, predict_x0
-from uncdiff.schedule import NoiseSchedule
+from uncdiff.core.samplers import EpsModel, StepContext, predict_x0
+from uncdiff.core.schedule import NoiseSchedule
 
 VARIANTS = ("centered", "sample")
 
@@ -64,7 +64,7 @@ def window_steps(window: tuple[float, float], num_steps: int) -> range:
 
 
 # ----------------------------------------------------------------------------------------------
-# The math of spec §3 as functions
+# The math of docs/algorithms.md §3 as functions
 
 
 def evaluate_in_chunks(eps_model: EpsModel, x: torch.Tensor, t: int,
@@ -79,7 +79,7 @@ def evaluate_in_chunks(eps_model: EpsModel, x: torch.Tensor, t: int,
 
 
 def renoise(x0_hat: torch.Tensor, z: torch.Tensor, abar: float) -> torch.Tensor:
-    """Spec §3 step 3: `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` for `x0_hat [B, C, H, W]`,
+    """docs/algorithms.md §3 step 3: `x_t^i = sqrt(abar) x0_hat + sqrt(1 - abar) z_i` for `x0_hat [B, C, H, W]`,
     `z [B, M, C, H, W]`; returns the B*M copies as one batch `[B*M, C, H, W]` (image-major)."""
     x = abar**0.5 * x0_hat[:, None] + (1 - abar) ** 0.5 * z.to(x0_hat)
     return x.flatten(0, 1)
@@ -88,7 +88,7 @@ def renoise(x0_hat: torch.Tensor, z: torch.Tensor, abar: float) -> torch.Tensor:
 def perturbed_eps(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
                   schedule: NoiseSchedule, clip: bool, z: torch.Tensor,
                   chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Spec §3 steps 2-4: `eps_i = eps_theta(x_t^i, t)`, `[B, M, C, H, W]`.
+    """docs/algorithms.md §3 steps 2-4: `eps_i = eps_theta(x_t^i, t)`, `[B, M, C, H, W]`.
 
     `abar` is `abar[t]` of the *training* timestep `t` (never the sampler's step counter), and the
     re-noising uses the same `abar[t]` as the clean-image estimate.
@@ -99,7 +99,7 @@ def perturbed_eps(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor,
 
 
 def reduce_perturbations(eps_i: torch.Tensor, eps_bar: torch.Tensor, variant: str) -> torch.Tensor:
-    """Spec §3 step 5: `centered` = `mean_i (eps_i - eps_bar)^2`; `sample` = unbiased variance of
+    """docs/algorithms.md §3 step 5: `centered` = `mean_i (eps_i - eps_bar)^2`; `sample` = unbiased variance of
     `eps_1..eps_M` around their own mean. `eps_i [B, M, C, H, W]`, `eps_bar [B, C, H, W]`."""
     if variant == "centered":
         return (eps_i - eps_bar[:, None]).pow(2).mean(1)
@@ -111,7 +111,7 @@ def reduce_perturbations(eps_i: torch.Tensor, eps_bar: torch.Tensor, variant: st
 def aleatoric_map(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
                   schedule: NoiseSchedule, clip: bool, z: torch.Tensor, variant: str = "centered",
                   chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Pixel-wise aleatoric uncertainty `U_t [B, C, H, W]` at `x_t [B, C, H, W]` (spec §3).
+    """Pixel-wise aleatoric uncertainty `U_t [B, C, H, W]` at `x_t [B, C, H, W]` (docs/algorithms.md §3).
 
     `eps_bar = eps_theta(x_t, t)`; `t` is the training timestep; `clip` clips `x0_hat` to [-1, 1]
     (pass the sampler's setting); `z [B, M, C, H, W]` are the perturbation draws. The B*M
@@ -129,7 +129,7 @@ def aleatoric_map(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor,
 class StepwiseUncertainty:
     """Bookkeeping shared by the estimators that produce a map `U_t [B, C, H, W]` per step.
 
-    On the steps of `window` it accumulates the per-sample score `scores [B]` (spec §3:
+    On the steps of `window` it accumulates the per-sample score `scores [B]` (docs/algorithms.md §3:
     `S_b = sum over window steps and c, h, w of U_t[b]`), the running sum of the maps
     `maps [B, C, H, W]`, and, with `keep_maps`, every step's map (`step_maps [B, S, C, H, W]`
     for the steps `step_indices`). These describe the latest sampling run: a new run starts when
@@ -191,7 +191,7 @@ class StepwiseUncertainty:
 
 
 class AleatoricUncertainty(StepwiseUncertainty):
-    """Spec §3 as a sampler hook: `U_t` from `num_perturbations` (M) re-noised copies of `x0_hat`.
+    """docs/algorithms.md §3 as a sampler hook: `U_t` from `num_perturbations` (M) re-noised copies of `x0_hat`.
 
     The draws `z [B, M, C, H, W]` come from the per-sample stream `'uncertainty'` of the run's
     `SampleNoise`, so a sample's uncertainty doesn't depend on the batch it was generated in and
@@ -255,7 +255,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 class MCDropoutUncertainty(StepwiseUncertainty):
-    """Spec §5a as a sampler hook: `U_t` = unbiased variance of `num_passes` (M) evaluations of
+    """docs/algorithms.md §5a as a sampler hook: `U_t` = unbiased variance of `num_passes` (M) evaluations of
     `model(x_t, t)` with only its dropout layers active, batched as one B*M batch at the same x_t.
 
     `model` is the network module itself (not a wrapper that forces eval mode); `dropout`
@@ -279,7 +279,7 @@ class MCDropoutUncertainty(StepwiseUncertainty):
             # every pass would be the same network: all-zero maps and scores, arbitrary filtering
             raise ValueError("the model was trained without dropout (every dropout layer has p = 0), so "
                              "MC-Dropout at its own rate gives all-zero maps: pass dropout= a rate, e.g. 0.1 "
-                             "(the spec's CIFAR-10 recipe)")
+                             "(Ho et al.'s CIFAR-10 recipe)")
         self.model, self.dropout = model, dropout
         self.chunk_size = check_chunk_size(chunk_size)
         super().__init__(window, keep_maps)

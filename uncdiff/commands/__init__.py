@@ -1,0 +1,1 @@
+"""The commands besides `fit`/`validate`: sample, calibrate, evaluate. A command never imports another."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID, sparsification metrics, the experiments of `evaluate` and their reports."""

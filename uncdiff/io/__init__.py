@@ -1,0 +1,1 @@
+"""Files: atomic writes, loading without executing code, image conversion, the sample store."""

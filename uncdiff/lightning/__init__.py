@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, data modules, the W&B logger and the CLI."""

@@ -1,0 +1,1 @@
+"""Pixel-wise uncertainty: the estimators, guidance, BayesDiff and the sampling loop that runs them."""
