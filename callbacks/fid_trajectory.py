@@ -13,6 +13,7 @@ from uncdiff.callbacks.sampling import (Clock, check_estimator, check_every_n_ep
                                 shard)
 from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
 from uncdiff.evaluation.metrics import keep_best
+from uncdiff.io.files import save_atomic
 
 KINDS = ("unguided", "guided", "filtered")
 
@@ -190,7 +191,6 @@ class FIDTrajectory(L.Callback):
 
     def _save(self, trainer, seeds, unguided, guided, scores, keep) -> None:
         path = Path(trainer.default_root_dir) / "fid" / f"step_{trainer.global_step:08d}" / f"rank{trainer.global_rank}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
         empty = lambda parts: torch.cat(parts) if parts else torch.zeros(0)
-        torch.save({"seeds": torch.tensor(seeds, dtype=torch.long), "unguided": empty(unguided),
-                    "guided": empty(guided), "scores": scores, "kept": keep}, path)
+        save_atomic({"seeds": torch.tensor(seeds, dtype=torch.long), "unguided": empty(unguided),
+                     "guided": empty(guided), "scores": scores, "kept": keep}, path)

@@ -12,6 +12,7 @@ import torch
 
 from uncdiff.core.samplers import EpsModel, Sampler, StepContext, predict_x0
 from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
                                  perturbed_eps, reduce_perturbations, renoise, window_steps)
 
@@ -225,12 +226,12 @@ def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequ
 def save_table(path, table: torch.Tensor, settings: Mapping) -> None:
     """Save a threshold table with the settings it was made with (quantile, sampler, steps,
     num_perturbations, variant, seeds, ...: plain Python values)."""
-    torch.save({"table": table.detach().cpu(), "settings": dict(settings)}, path)
+    save_atomic({"table": table.detach().cpu(), "settings": dict(settings)}, path)
 
 
 def load_table(path) -> tuple[torch.Tensor, dict]:
     """`(table [steps, C, H, W], settings)` as saved by `save_table`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, "threshold table")
     return state["table"], state["settings"]
 
 
