@@ -45,7 +45,9 @@ class UncdiffCLI(LightningCLI):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         kwargs.setdefault("save_config_callback", SaveRunConfig)
         kwargs.setdefault("save_config_kwargs", {"config_filename": f"config-{stamp}.yaml"})
-        kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
+        kwargs.setdefault("trainer_defaults", {  # checkpoints written atomically, loaded weights_only
+            "use_distributed_sampler": False,
+            "plugins": {"class_path": "uncdiff.lightning.checkpoint_io.SafeCheckpointIO"}})
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:

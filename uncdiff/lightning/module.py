@@ -50,6 +50,23 @@ def guided_options(estimator_options: dict, guidance: dict) -> dict:
     return {**options, **guidance}
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss: `fit` stops before the optimizer applies it."""
+
+
+def check_finite_loss(strategy, loss: torch.Tensor, step: int) -> None:
+    """Stop training at once when `loss` is not finite, before its gradients reach the weights, so
+    every checkpoint written so far (and none after) holds the last good weights. All ranks decide
+    together (a rank that raised alone would leave the others waiting in their next all-reduce);
+    the check costs one device sync per step."""
+    finite = strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach())), all=True)
+    if not finite:
+        raise NonFiniteLossError(
+            f"non-finite training loss {loss.item()} at global step {step} (on this or another rank): "
+            f"training stopped before this step's update; the checkpoints written so far hold finite weights "
+            f"(resume from one with --ckpt_path and a lower model.lr or trainer.gradient_clip_val)")
+
+
 class DiffusionModule(L.LightningModule):
     """Trains `UNet` to predict the noise of the DDPM forward process.
 
@@ -115,6 +132,7 @@ class DiffusionModule(L.LightningModule):
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         loss = self.diffusion_loss(self.net, x0)
+        check_finite_loss(self.trainer.strategy, loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -215,6 +233,10 @@ class DiffusionModule(L.LightningModule):
             model.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # LightningCLI records how it built the module (`_instantiator`, an import path that
+        # load_from_checkpoint would call); our arguments are plain values, so drop it: a
+        # checkpoint holds tensors and plain values only.
+        checkpoint.get("hyper_parameters", {}).pop("_instantiator", None)
         if self.laplace is not None:
             checkpoint["bayesdiff_laplace"] = self.laplace.state_dict()
 
