@@ -1,21 +1,14 @@
-"""Train and sample uncdiff models.
+"""Train and sample uncdiff models: `python train.py <command>` is `uncdiff <command>` (uncdiff/__main__.py).
 
-    python train.py fit --config configs/quickstart.yaml      # LightningCLI (uncdiff/cli.py)
-    python train.py sample --checkpoint CKPT --out DIR ...     # uncdiff/sample_cmd.py
-    python train.py calibrate --checkpoint CKPT --out tau.pt   # uncdiff/calibrate_cmd.py (guidance threshold table)
-    python train.py evaluate --checkpoint CKPT --out DIR ...   # uncdiff/evaluate_cmd.py
+    python train.py fit --config quickstart.yaml                # LightningCLI (uncdiff/lightning/cli.py)
+    python train.py sample --checkpoint CKPT --out DIR ...      # uncdiff/commands/sample.py
+    python train.py calibrate --checkpoint CKPT --out tau.pt    # uncdiff/commands/calibrate.py
+    python train.py evaluate --checkpoint CKPT --out DIR ...    # uncdiff/commands/evaluate.py
+
+Every command takes --config FILE.yaml and --print_config; docs/cli.md lists the options.
 """
 
-import sys
-
-COMMANDS = {"sample": "uncdiff.commands.sample", "calibrate": "uncdiff.commands.calibrate", "evaluate": "uncdiff.commands.evaluate"}
+from uncdiff.__main__ import main
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
-        import importlib
-
-        importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
-    else:
-        from uncdiff.lightning.cli import main
-
-        main()
+    main()

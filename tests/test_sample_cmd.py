@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
@@ -26,8 +27,8 @@ from uncdiff.commands.sample import main
 
 REPO = Path(__file__).resolve().parent.parent
 N, BATCH, DROP = 10, 4, 0.3  # chunks of 4, 4, 2 seeds
-RUN_ARGS = ["--n", str(N), "--batch-size", str(BATCH), "--steps", "4", "--M", "2", "--drop-fraction", str(DROP),
-            "--accelerator", "cpu", "--no-progress"]
+RUN_ARGS = ["--n", str(N), "--batch_size", str(BATCH), "--sampler.steps", "4", "--estimator.M", "2",
+            "--filtering.drop_fraction", str(DROP), "--fabric.accelerator", "cpu", "--progress", "false"]
 RESULTS = ["manifest.csv", "grid.png", "dropped.png"]  # besides samples/; records hold timings
 
 
@@ -101,7 +102,7 @@ def test_writes_what_it_says(reference, tiny_checkpoint):
 
 def test_two_processes_write_the_same_files(reference, tiny_checkpoint, tmp_path):
     out = tmp_path / "two"
-    result = run_command(["--checkpoint", str(tiny_checkpoint), "--out", str(out), *RUN_ARGS, "--devices", "2"])
+    result = run_command(["--checkpoint", str(tiny_checkpoint), "--out", str(out), *RUN_ARGS, "--fabric.devices", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     same_results(reference, out)
@@ -153,6 +154,36 @@ def test_killed_run_resumes_without_regenerating(reference, tiny_checkpoint, tmp
     same_results(reference, out)
 
 
+def test_print_config_round_trip_reproduces_the_run(reference, tiny_checkpoint, tmp_path, capsys, one_thread):
+    """`--print_config > s.yaml`, then `--config s.yaml` alone: the same run, byte for byte; the run
+    directory's config.yaml is exactly that file."""
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "again"), *RUN_ARGS]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--print_config"])
+    assert not done.value.code
+    printed = capsys.readouterr().out
+    (tmp_path / "s.yaml").write_text(printed)
+    config = yaml.safe_load(printed)  # the options given, under their groups
+    assert config["estimator"]["M"] == 2 and config["sampler"]["steps"] == 4 and config["progress"] is False
+    assert config["filtering"]["drop_fraction"] == DROP and config["batch_size"] == BATCH and config["n"] == N
+    main(["--config", str(tmp_path / "s.yaml")])
+    same_results(reference, tmp_path / "again")
+    assert (tmp_path / "again" / "config.yaml").read_text() == printed
+    reference_config = yaml.safe_load((reference / "config.yaml").read_text())
+    assert {**reference_config, "out": None} == {**config, "out": None}
+
+
+def test_resume_with_other_processes_keeps_the_first_config(reference, tmp_path, tiny_checkpoint):
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    first = (out / "config.yaml").read_bytes()
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), *RUN_ARGS, "--fabric.accelerator", "auto"])
+    assert (out / "config.yaml").read_bytes() == first
+    (extra,) = out.glob("config-*.yaml")
+    assert yaml.safe_load(extra.read_text())["fabric"]["accelerator"] == "auto"
+    assert yaml.safe_load(first)["fabric"]["accelerator"] == "cpu"
+
+
 def tree(path: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))} if path.exists() else {}
 
@@ -161,25 +192,27 @@ def tree(path: Path) -> dict:
     ("missing checkpoint", {"--checkpoint": "nowhere.ckpt"}, "checkpoint not found"),
     ("not a checkpoint", {"--checkpoint": "text"}, "not a checkpoint torch can read"),
     ("another model's checkpoint", {"--checkpoint": "other"}, "not a uncdiff DiffusionModule checkpoint"),
-    ("unknown estimator", {"--estimator": "ensemble"}, "unknown estimator 'ensemble'"),
-    ("fraction 0", {"--drop-fraction": "0"}, "--drop-fraction must lie in (0, 1)"),
-    ("fraction 1", {"--drop-fraction": "1"}, "--drop-fraction must lie in (0, 1)"),
-    ("fraction above 1", {"--drop-fraction": "1.5"}, "--drop-fraction must lie in (0, 1)"),
-    ("M < 2", {"--M": "1"}, "num_perturbations must be an integer >= 2"),
-    ("M < 2, MC-Dropout", {"--M": "1", "--estimator": "mc_dropout"}, "num_passes must be an integer >= 2"),
-    ("another run", {"--M": "3", "--out": "reference"}, "holds another run"),
-    ("BayesDiff with clipping", {"--estimator": "bayesdiff", "--M": None, "--clip": ""}, "--no-clip"),
+    ("unknown estimator", {"--estimator.name": "ensemble"}, "unknown estimator 'ensemble'"),
+    ("fraction 0", {"--filtering.drop_fraction": "0"}, "--filtering.drop_fraction must lie in (0, 1)"),
+    ("fraction 1", {"--filtering.drop_fraction": "1"}, "--filtering.drop_fraction must lie in (0, 1)"),
+    ("fraction above 1", {"--filtering.drop_fraction": "1.5"}, "--filtering.drop_fraction must lie in (0, 1)"),
+    ("M < 2", {"--estimator.M": "1"}, "num_perturbations must be an integer >= 2"),
+    ("M < 2, MC-Dropout", {"--estimator.M": "1", "--estimator.name": "mc_dropout"},
+     "num_passes must be an integer >= 2"),
+    ("another run", {"--estimator.M": "3", "--out": "reference"}, "holds another run"),
+    ("BayesDiff with clipping", {"--estimator.name": "bayesdiff", "--estimator.M": None, "--sampler.clip": "true"},
+     "--sampler.clip false"),
 ])
 def test_bad_input_fails_before_writing(case, change, message, reference, tiny_checkpoint, tmp_path):
     (tmp_path / "text").write_text("not a checkpoint")
     torch.save({"state_dict": {"layer.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "other")
     other_run = tmp_path / "reference"
     shutil.copytree(reference, other_run)
-    options = {"--checkpoint": str(tiny_checkpoint), "--out": str(tmp_path / "new"), "--n": "4", "--steps": "4",
-               "--M": "2", "--accelerator": "cpu"}
+    options = {"--checkpoint": str(tiny_checkpoint), "--out": str(tmp_path / "new"), "--n": "4",
+               "--sampler.steps": "4", "--estimator.M": "2", "--fabric.accelerator": "cpu"}
     for key, value in change.items():
         options[key] = str(tmp_path / value) if key in ("--checkpoint", "--out") and value != "nowhere.ckpt" else value
-    argv = [a for k, v in options.items() if v is not None for a in ([k, v] if v else [k])]
+    argv = [a for k, v in options.items() if v is not None for a in (k, v)]
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as error:
         main(argv)
@@ -190,18 +223,19 @@ def test_bad_input_fails_before_writing(case, change, message, reference, tiny_c
 
 
 def test_guided_with_a_calibrated_threshold_table(tiny_checkpoint, tmp_path):
-    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.uncertainty.calibration import calibrate_threshold_table
+    from uncdiff.uncertainty.guidance import save_table
     from uncdiff.core.samplers import make_sampler
 
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     table = calibrate_threshold_table(module.ema.ema_model, make_sampler(module.schedule, "ddim", steps=4),
                                       module.image_shape, range(100, 108), num_perturbations=2)
     save_table(tmp_path / "table.pt", table, {"steps": 4})
-    args = ["--checkpoint", str(tiny_checkpoint), "--n", "4", "--batch-size", "4", "--steps", "4", "--M", "2",
-            "--guidance", "gradient", "--guidance-sign", "-1", "--guidance-window", "0", "0.5",
-            "--guidance-table", str(tmp_path / "table.pt"), "--accelerator", "cpu", "--no-progress"]
+    args = ["--checkpoint", str(tiny_checkpoint), "--n", "4", "--batch_size", "4", "--sampler.steps", "4",
+            "--estimator.M", "2", "--guidance.rule", "gradient", "--guidance.sign", "-1", "--guidance.window", "0", "0.5",
+            "--guidance.table", str(tmp_path / "table.pt"), "--fabric.accelerator", "cpu", "--progress", "false"]
     with pytest.raises(SystemExit) as error:  # a table of 4 steps for a 5-step run
-        main([*args, "--out", str(tmp_path / "wrong"), "--steps", "5"])
+        main([*args, "--out", str(tmp_path / "wrong"), "--sampler.steps", "5"])
     assert "calibrated for 4 steps" in str(error.value.code) and not (tmp_path / "wrong").exists()
 
     main([*args, "--out", str(tmp_path / "guided")])

@@ -1,26 +1,215 @@
-"""What `train.py sample` and `train.py evaluate` read before they generate anything: the checkpoint
-(checked to be a `DiffusionModule`'s), the data module of the run that wrote it, and BayesDiff's
-Laplace posterior (stored in the checkpoint, or fitted once and cached next to it).
+"""What the commands (`sample`, `calibrate`, `evaluate`) share: their options, the inputs they read
+before they generate anything, the settings that define a sampling run, and the generation loop.
+
+- Options: each command is a jsonargparse parser, configured like `fit`: `--config FILE.yaml`
+  (a bare name is looked up in the bundled configs), `--print_config`, and every option on the
+  command line as well, in nested groups (`--sampler.steps`, `--estimator.M`, `--guidance.lam`).
+  The spellings of earlier versions (`--steps`, `--drop-fraction`, `--no-clip`) still work
+  (`OLD_SPELLINGS`). The resolved config is what a run directory records (`config_yaml`).
+- Inputs: the checkpoint (checked to be a `DiffusionModule`'s), the data module of the run that
+  wrote it, BayesDiff's Laplace posterior (stored in the checkpoint, or fitted once and cached next
+  to it).
+- Settings: the JSON-able dict a sample set is defined by (its run.json), every option checked.
 
 Problems are raised as `InputError`, a message naming what is wrong; the commands turn it into an
-error exit before they create their output directory. Nothing here writes, except
-`load_or_fit_laplace` (the Laplace cache next to the checkpoint).
+error exit before they create their output directory. Nothing here writes before the commands
+start generating, except `load_or_fit_laplace` (the Laplace cache next to the checkpoint).
 """
 
+import argparse
 import hashlib
 import importlib
+import inspect
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
-from uncdiff.io.files import InputError, load_torch, save_atomic
-from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
+from uncdiff.core.samplers import MAX_SEED, make_sampler
+from uncdiff.io.files import InputError, load_torch, save_atomic, write_atomic
+from uncdiff.io.sample_store import SampleStore, settings_differences
+from uncdiff.lightning.cli import resolve_config_args
 from uncdiff.lightning.module import DiffusionModule
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
+from uncdiff.uncertainty.estimators import VARIANTS
+from uncdiff.uncertainty.sampling import make_estimator
 
 DATASETS = ("digits", "cifar10")
+ESTIMATOR_CHOICES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
+GUIDANCE_CHOICES = ("none", "gradient", "posterior")
+DEFAULT_DROP_FRACTION = 1 / 6  # docs/algorithms.md §3: keep 50k of 60k
 
+# ------------------------------------------------------------------------------------- options
+
+# Earlier spellings -> today's option; a value after "=" (or the next word) is kept. Flags map to a
+# whole "--option=value".
+OLD_SPELLINGS = {
+    "--data": "--data.name", "--data-root": "--data.root", "--laplace-images": "--bayesdiff.laplace_images",
+    "--accelerator": "--fabric.accelerator", "--devices": "--fabric.devices", "--num-nodes": "--fabric.num_nodes",
+    "--strategy": "--fabric.strategy", "--no-progress": "--progress=false",
+    "--batch-size": "--batch_size", "--sampler": "--sampler.name", "--steps": "--sampler.steps",
+    "--eta": "--sampler.eta", "--spacing": "--sampler.spacing", "--variance": "--sampler.variance",
+    "--clip": "--sampler.clip=true", "--no-clip": "--sampler.clip=false",
+    "--estimator": "--estimator.name", "--M": "--estimator.M", "--variant": "--estimator.variant",
+    "--window": "--estimator.window", "--dropout": "--estimator.dropout",
+    "--bayesdiff-draws": "--bayesdiff.draws", "--bayesdiff-skip": "--bayesdiff.skip",
+    "--bayesdiff-moments": "--bayesdiff.moments", "--drop-fraction": "--filtering.drop_fraction",
+    "--guidance": "--guidance.rule", "--guidance-sign": "--guidance.sign", "--guidance-lam": "--guidance.lam",
+    "--guidance-quantile": "--guidance.quantile", "--guidance-table": "--guidance.table",
+    "--guidance-window": "--guidance.window",
+    "--filtering-estimators": "--filtering.estimators", "--subset-seeds": "--filtering.subset_seeds",
+    "--prc-real": "--filtering.prc_real", "--seed-groups": "--guidance.seed_groups",
+    "--ause-images": "--ause.images", "--ause-fractions": "--ause.fractions", "--save-maps": "--save_maps=true",
+    "--extractor": "--fid.extractor", "--inception-weights": "--fid.inception_weights", "--fid-cache": "--fid.cache",
+    "--wandb": "--wandb.enabled=true", "--wandb-project": "--wandb.project",
+}
+
+# jsonargparse renamed dump's skip_none to skip_unset (4.49); the oldest version pyproject allows has
+# only skip_none. A run records every option, the unset (None) ones included.
+_KEEP_UNSET = ({"skip_unset": False} if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
+               else {"skip_none": False})
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the command's description (its docstring) kept as written."""
+
+
+def new_parser(prog: str, description: str) -> ArgumentParser:
+    """A command's parser, with `--config FILE.yaml` and (from jsonargparse) `--print_config`."""
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="a YAML file of this command's options (`--print_config` writes one; a bare name is "
+                             "looked up in the bundled configs); options after it override it")
+    return parser
+
+
+def modern_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with the earlier spellings (`OLD_SPELLINGS`) replaced by today's options."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        new = OLD_SPELLINGS.get(name)
+        if new is None:
+            out.append(arg)
+        elif "=" in new:  # a flag
+            out.append(new)
+        else:
+            out.append(new + eq + value)
+    return out
+
+
+def parse_options(parser: ArgumentParser, argv: Sequence[str]) -> Namespace:
+    """Parse a command line (`--print_config` prints and exits; a bad option exits with a message)."""
+    return parser.parse_args(resolve_config_args(modern_argv(argv)))
+
+
+def config_yaml(parser: ArgumentParser, options: Namespace) -> str:
+    """The full resolved config of a run, as `--print_config` prints it: `--config` it again."""
+    return parser.dump(options, **_KEEP_UNSET)
+
+
+def record_config(folder: Path, text: str) -> Path:
+    """Write a run's config as `<folder>/config.yaml`. A resumed run (its settings are checked to be
+    the same) whose config differs elsewhere (processes, progress bar) records its own as
+    `config-<time>.yaml` beside it: nothing is overwritten."""
+    path = folder / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        stamp, k = time.strftime("%Y%m%d-%H%M%S"), 0
+        path = folder / f"config-{stamp}.yaml"
+        while path.exists():
+            k += 1
+            path = folder / f"config-{stamp}-{k}.yaml"
+    if not path.is_file():
+        write_atomic(path, text.encode())
+    return path
+
+
+def add_model_arguments(parser: ArgumentParser, out_help: str) -> None:
+    """The checkpoint, the output, the training data and the processes: every command."""
+    parser.add_argument("--checkpoint", type=str, required=True, help="a checkpoint written by `fit`")
+    parser.add_argument("--out", type=str, required=True, help=out_help)
+    g = parser.add_argument_group("training data (BayesDiff's Laplace fit, evaluate's real images)")
+    g.add_argument("--data.name", type=Optional[Literal[DATASETS]], default=None,
+                   help="the training data, instead of the run's config")
+    g.add_argument("--data.root", type=str, default="data", help="where CIFAR-10 lies (with --data.name cifar10)")
+    g.add_argument("--data.run_config", type=Optional[str], default=None,
+                   help="the training run's config (default: the newest config-*.yaml in the checkpoint's run "
+                        "directory)")
+    g = parser.add_argument_group("processes (Lightning Fabric)")
+    g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps")
+    g.add_argument("--fabric.devices", type=Union[int, str], default="auto",
+                   help="devices per node, or 'auto' (all GPUs)")
+    g.add_argument("--fabric.num_nodes", type=int, default=1, help="nodes")
+    g.add_argument("--fabric.strategy", type=str, default="auto", help="auto | ddp | ddp_spawn ...")
+    g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+
+
+def add_sampler_arguments(parser: ArgumentParser, n: int = 64, steps: Optional[int] = None) -> None:
+    """Seeds, batch and sampler: every command."""
+    g = parser.add_argument_group("samples")
+    g.add_argument("--n", type=int, default=n, help="number of samples, seeds seed..seed+n-1")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first sample")
+    g.add_argument("--batch_size", type=int, default=256,
+                   help="samples per batch; also the unit of work and of resuming, so part of the run's settings")
+    g = parser.add_argument_group("sampler (docs/algorithms.md §2)")
+    g.add_argument("--sampler.name", type=Optional[Literal["ddim", "ddpm"]], default=None,
+                   help="default: the checkpoint's")
+    g.add_argument("--sampler.steps", type=Optional[int], default=steps,
+                   help="sampler steps (null: the checkpoint's sample_steps)")
+    g.add_argument("--sampler.eta", type=Optional[float], default=None, help="DDIM eta (null: 0)")
+    g.add_argument("--sampler.spacing", type=Optional[Literal["uniform", "quadratic"]], default=None,
+                   help="DDIM timestep spacing (null: uniform)")
+    g.add_argument("--sampler.variance", type=Optional[Literal["beta_tilde", "beta"]], default=None,
+                   help="DDPM variance (null: beta_tilde)")
+    g.add_argument("--sampler.clip", type=Optional[bool], default=None,
+                   help="clip x0 to [-1, 1] (null: on, off for BayesDiff, which needs affine steps)")
+
+
+def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None:
+    """Estimator, BayesDiff and filtering options; `choose` adds --estimator.name (evaluate runs them all)."""
+    g = parser.add_argument_group("uncertainty (docs/algorithms.md §3, §5)")
+    if choose:
+        g.add_argument("--estimator.name", type=str, default="aleatoric", help=" | ".join(ESTIMATOR_CHOICES))
+    g.add_argument("--estimator.M", type=Optional[int], default=None,
+                   help="perturbations (aleatoric, guided) or dropout passes (mc_dropout) (null: 5)")
+    g.add_argument("--estimator.variant", type=Literal[VARIANTS], default="centered", help="aleatoric map (§3)")
+    g.add_argument("--estimator.window", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "STOP"),
+                   help="steps whose maps are summed into the score, as fractions of the steps")
+    g.add_argument("--estimator.dropout", type=Optional[float], default=None,
+                   help="MC-Dropout rate (null: the model's own)")
+    g = parser.add_argument_group("BayesDiff (docs/algorithms.md §5b)")
+    g.add_argument("--bayesdiff.draws", type=int, default=10, help="draws S per UQ step")
+    g.add_argument("--bayesdiff.skip", type=int, default=5, help="UQ every k-th step")
+    g.add_argument("--bayesdiff.moments", type=Literal["spec", "regression"], default="spec",
+                   help="how Cov(x_t, eps) is estimated")
+    g.add_argument("--bayesdiff.laplace_images", type=Optional[int], default=None,
+                   help="fit the Laplace posterior on this many training images (null: the checkpoint's own "
+                        "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt")
+    g = parser.add_argument_group("filtering")
+    g.add_argument("--filtering.drop_fraction", type=Optional[float], default=None,
+                   help="mark the fraction with the highest scores as dropped (null: 1/6)")
+
+
+def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:
+    """Guidance options; `choose` adds --guidance.rule and --guidance.sign (evaluate runs them all)."""
+    g = parser.add_argument_group("guidance (docs/algorithms.md §4; uses the aleatoric estimator)")
+    if choose:
+        g.add_argument("--guidance.rule", type=Literal[GUIDANCE_CHOICES], default="none", help="update rule")
+        g.add_argument("--guidance.sign", type=int, default=1, help="gradient rule: +1 or -1")
+    g.add_argument("--guidance.lam", type=float, default=1.0, help="gradient rule: step size lambda")
+    g.add_argument("--guidance.quantile", type=float, default=0.95, help="per-image percentile threshold q")
+    g.add_argument("--guidance.table", type=Optional[str], default=None,
+                   help="threshold table file from `calibrate` (threshold 'table' instead of the per-image "
+                        "percentile)")
+    g.add_argument("--guidance.window", type=float, nargs=2, default=[0.0, 0.15], metavar=("START", "STOP"),
+                   help="guided steps, as fractions of the steps (default: the first 3 of 20)")
+
+
+# ------------------------------------------------------------------------------------- inputs
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -69,16 +258,16 @@ def datamodule_from_config(config: Path):
         return cls(**(data.get("init_args") or {}))
     except Exception as error:
         raise InputError(f"cannot build the data module of {config} ({type(error).__name__}: {error}); "
-                         f"pass --data {'|'.join(DATASETS)} instead") from None
+                         f"pass --data.name {'|'.join(DATASETS)} instead") from None
 
 
 def make_datamodule(module: DiffusionModule, checkpoint: Path, data: Optional[str] = None,
                     data_root: str = "data", config: Optional[str] = None):
-    """The training data of the checkpoint's run: `--data` if given, else `--config`, else the run's
-    own saved config. Raises InputError when none of them is there."""
+    """The training data of the checkpoint's run: `--data.name` if given, else `--data.run_config`,
+    else the run's own saved config. Raises InputError when none of them is there."""
     if data is not None:
         if data not in DATASETS:
-            raise InputError(f"--data must be one of {DATASETS}, got {data!r}")
+            raise InputError(f"--data.name must be one of {DATASETS}, got {data!r}")
         from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
 
         if data == "digits":
@@ -89,8 +278,8 @@ def make_datamodule(module: DiffusionModule, checkpoint: Path, data: Optional[st
         path = Path(config) if config is not None else find_run_config(checkpoint)
         if path is None or not path.is_file():
             raise InputError(f"no training config found next to {checkpoint} (config-*.yaml in its run directory)"
-                             f"{'' if config is None else f' or at --config {config}'}: pass --data "
-                             f"{'|'.join(DATASETS)} (and --data-root) to say which data the model was trained on")
+                             f"{'' if config is None else f' or at --data.run_config {config}'}: pass --data.name "
+                             f"{'|'.join(DATASETS)} (and --data.root) to say which data the model was trained on")
         dm = datamodule_from_config(path)
     check_data_matches(dm, module)
     return dm
@@ -105,7 +294,7 @@ def check_data_matches(dm, module: DiffusionModule) -> None:
     elif isinstance(dm, CIFAR10DataModule):
         shape = (3, 32)
     else:
-        raise InputError(f"unsupported data module {type(dm).__name__}: use --data {'|'.join(DATASETS)}")
+        raise InputError(f"unsupported data module {type(dm).__name__}: use --data.name {'|'.join(DATASETS)}")
     if shape != (channels, size):
         raise InputError(f"the data ({type(dm).__name__}: {shape[0]} channels, {shape[1]}x{shape[1]}) does not "
                          f"match the checkpoint's model ({channels} channels, {size}x{size})")
@@ -132,7 +321,7 @@ def laplace_source(module: DiffusionModule, checkpoint: Path, num_images: Option
         return {"source": "checkpoint", "num_images": int(module.laplace.num_images)}
     num_images = 1000 if num_images is None else num_images
     if num_images < 1:
-        raise InputError(f"--laplace-images must be >= 1, got {num_images}")
+        raise InputError(f"--bayesdiff.laplace_images must be >= 1, got {num_images}")
     return {"source": "fit", "num_images": int(num_images)}
 
 
@@ -155,3 +344,249 @@ def load_or_fit_laplace(module: DiffusionModule, checkpoint: Path, checkpoint_sh
 
     module.fit_laplace(datamodule_images(datamodule, "train", batch_size=64)(), num_images=source["num_images"])
     save_atomic({"checkpoint_sha256": checkpoint_sha256, "laplace": module.laplace.state_dict()}, path)
+
+
+# ------------------------------------------------------------------------------------ settings
+
+def _error(option: str, error: Exception) -> InputError:
+    return InputError(f"{option}: {error}")
+
+
+def sampler_settings(options: Namespace, module, estimator: str) -> dict:
+    """The sampler of a run from the `sampler` options (the checkpoint's where unset)."""
+    name = options.name or module.hparams.sampler
+    s = {"name": name, "steps": module.hparams.sample_steps if options.steps is None else options.steps}
+    clip = options.clip if options.clip is not None else estimator != "bayesdiff"
+    if name == "ddim":
+        if options.variance is not None:
+            raise InputError("--sampler.variance applies to --sampler.name ddpm")
+        s.update(eta=0.0 if options.eta is None else options.eta, spacing=options.spacing or "uniform", clip=clip)
+    else:
+        if options.eta is not None or options.spacing is not None:
+            raise InputError("--sampler.eta and --sampler.spacing apply to --sampler.name ddim")
+        s.update(variance=options.variance or "beta_tilde", clip=clip)
+    return s
+
+
+def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
+    """(estimator, its options, guidance options or None), named as the hooks' constructors name them."""
+    est, m_option, guide = args.estimator.name, args.estimator.M, args.guidance
+    if est not in ESTIMATOR_CHOICES:
+        raise InputError(f"unknown estimator {est!r}; choose one of {', '.join(ESTIMATOR_CHOICES)}")
+    m = 5 if m_option is None else m_option
+    window = [float(v) for v in args.estimator.window]
+    if guide.rule != "none":
+        if est not in ("aleatoric", "none"):
+            raise InputError(f"--guidance.rule uses the aleatoric estimator; got --estimator.name {est}")
+        guidance = {"rule": guide.rule, "sign": guide.sign, "lam": guide.lam, "quantile": guide.quantile,
+                    "window": [float(v) for v in guide.window]}
+        if guide.rule != "gradient":
+            del guidance["sign"], guidance["lam"]  # the posterior rule has neither
+        if guide.table:
+            guidance.update(threshold="table", table=str(Path(guide.table).resolve()))
+            del guidance["quantile"]
+        return "aleatoric", {"num_perturbations": m, "variant": args.estimator.variant,
+                             "estimate_window": window}, guidance
+    if est == "none":
+        if m_option is not None:
+            raise InputError("--estimator.M needs an estimator (--estimator.name aleatoric | mc_dropout)")
+        return est, {}, None
+    if est == "aleatoric":
+        return est, {"num_perturbations": m, "variant": args.estimator.variant, "window": window}, None
+    if est == "mc_dropout":
+        return est, {"num_passes": m, "dropout": args.estimator.dropout, "window": window}, None
+    if m_option is not None:
+        raise InputError("BayesDiff's number of draws is --bayesdiff.draws, not --estimator.M")
+    return est, {"num_draws": args.bayesdiff.draws, "skip": args.bayesdiff.skip,
+                 "moments": args.bayesdiff.moments}, None
+
+
+def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dict]) -> Any:
+    """The sampler hook `DiffusionModule.sample` builds for these settings (built here to check
+    them before sampling, and for the AUSE experiment, which denoises outside `sample`)."""
+    if guidance is not None:
+        if "table" in guidance:
+            guidance = {**guidance, "table": threshold_table(guidance["table"], module)}
+        return make_estimator("guided", **options, **guidance)
+    if estimator == "mc_dropout":
+        return make_estimator("mc_dropout", model=module.ema.ema_model, **options)
+    if estimator == "bayesdiff":
+        return make_estimator("bayesdiff", net=module.ema.ema_model, laplace=module.laplace, **options)
+    return make_estimator(estimator, **options)
+
+
+def threshold_table(path: str, module):
+    """The `[steps, C, H, W]` threshold table saved at `path`, checked against the model's image shape
+    (`build_settings` checks its step count against the run's)."""
+    from uncdiff.uncertainty.guidance import table_from_file
+
+    try:
+        return table_from_file(path, image_shape=module.image_shape)
+    except ValueError as error:
+        raise InputError(f"--guidance.table: {error}") from None
+
+
+def check_table_settings(path: str, sampler: dict, options: dict) -> None:
+    """Refuse a threshold table calibrated with another sampler, M or map variant than this run's:
+    its quantiles would describe other maps. Settings the file doesn't record are not checked."""
+    from uncdiff.uncertainty.guidance import load_table
+
+    run = {"sampler": sampler, "num_perturbations": options["num_perturbations"], "variant": options["variant"]}
+    made = {key: value for key, value in load_table(path)[1].items() if key in run}
+    differ = settings_differences(made, {key: run[key] for key in made})
+    if differ:
+        raise InputError(f"--guidance.table {path} was calibrated with other settings (the table's there, this "
+                         f"run's here: {'; '.join(differ)}): calibrate a table for this run, or match its options")
+
+
+def check_seeds(args: Namespace) -> None:
+    if not 0 <= args.seed <= MAX_SEED - args.n:
+        raise InputError(f"seeds must lie in [0, 2**32): --seed {args.seed} with --n {args.n} does not")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+def build_settings(args: Namespace, module, checkpoint_sha256: str, laplace: Optional[dict],
+                   save_maps: bool = True) -> dict:
+    """The JSON-able settings that define a sampling run (its run.json), every option checked.
+    Options that don't change what is written (processes, progress bar) are not part of them."""
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    check_seeds(args)
+    sampler = sampler_settings(args.sampler, module, args.estimator.name)
+    try:
+        build_sampler(module, sampler)
+    except ValueError as error:
+        raise _error("sampler", error) from None
+    estimator, options, guidance = estimator_settings(args)
+    try:
+        estimator_hook(module, estimator, options, guidance)
+    except ValueError as error:
+        raise _error(f"estimator {estimator}" + (" (guided)" if guidance else ""), error) from None
+    if estimator == "bayesdiff" and not (sampler["name"] == "ddim" and sampler["eta"] == 0 and not sampler["clip"]):
+        raise InputError("--estimator.name bayesdiff propagates moments through deterministic DDIM steps: it needs "
+                         "--sampler.name ddim, --sampler.eta 0 and --sampler.clip false")
+    if guidance is not None and "table" in guidance:
+        steps = threshold_table(guidance["table"], module).shape[0]
+        if steps != sampler["steps"]:
+            raise InputError(f"--guidance.table was calibrated for {steps} steps; this run has {sampler['steps']}")
+        check_table_settings(guidance["table"], sampler, options)
+    p = args.filtering.drop_fraction
+    if p is not None:
+        if estimator == "none":
+            raise InputError("--filtering.drop_fraction needs an estimator's scores; --estimator.name none gives none")
+        if not 0.0 < p < 1.0:
+            raise InputError(f"--filtering.drop_fraction must lie in (0, 1), got {p}")
+    elif estimator != "none":
+        p = DEFAULT_DROP_FRACTION
+    return {"format": 1, "checkpoint_sha256": checkpoint_sha256,
+            "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size,
+            "sampler": sampler, "estimator": estimator, "estimator_options": options, "guidance": guidance,
+            "laplace": laplace, "drop_fraction": p, "save_maps": save_maps,
+            "guidance_table_sha256": file_sha256(Path(guidance["table"])) if guidance and "table" in guidance else None}
+
+
+def build_sampler(module, sampler: dict):
+    """The sampler of a `sampler_settings` dict (name, steps and the sampler's own options)."""
+    return make_sampler(module.schedule, sampler["name"], **{k: v for k, v in sampler.items() if k != "name"})
+
+
+def sample_kwargs(settings: dict) -> dict:
+    """`DiffusionModule.sample` arguments of a run (all but the seeds)."""
+    sampler = dict(settings["sampler"])
+    return {"sampler": sampler.pop("name"), "steps": sampler.pop("steps"), "estimator": settings["estimator"],
+            "estimator_options": settings["estimator_options"], "guidance": settings["guidance"], **sampler}
+
+
+# ---------------------------------------------------------------------------------- preparation
+
+@dataclass
+class ModelInputs:
+    """The checked checkpoint, and the data to fit a Laplace posterior on when one is needed."""
+
+    module: Any
+    checkpoint: Path
+    sha256: str
+    laplace: Optional[dict] = None
+    datamodule: Any = None
+
+
+def prepare_model(args: Namespace, needs_laplace: bool, needs_data: bool = False) -> ModelInputs:
+    """Load and check the checkpoint; when BayesDiff runs, decide its Laplace posterior and make sure
+    either its cache or the training data is there. Writes nothing."""
+    checkpoint = Path(args.checkpoint)
+    module = load_module(checkpoint)
+    sha = file_sha256(checkpoint)
+    laplace = laplace_source(module, checkpoint, args.bayesdiff.laplace_images) if needs_laplace else None
+    datamodule = None
+    if needs_data or (laplace is not None and laplace["source"] == "fit"
+                      and not laplace_cached(checkpoint, sha, laplace)):
+        datamodule = make_datamodule(module, checkpoint, args.data.name, args.data.root, args.data.run_config)
+    return ModelInputs(module, checkpoint, sha, laplace, datamodule)
+
+
+def laplace_cached(checkpoint: Path, sha: str, laplace: dict) -> bool:
+    path = laplace_cache_path(checkpoint, laplace["num_images"])
+    return path.is_file() and load_torch(path, "Laplace cache").get("checkpoint_sha256") == sha
+
+
+def attach_laplace(fabric, inputs: ModelInputs) -> None:
+    """Rank 0 loads or fits (and caches) the Laplace posterior, then the others read the cache."""
+    if inputs.laplace is None:
+        return
+    if fabric.is_global_zero:
+        load_or_fit_laplace(inputs.module, inputs.checkpoint, inputs.sha256, inputs.laplace, inputs.datamodule)
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        load_or_fit_laplace(inputs.module, inputs.checkpoint, inputs.sha256, inputs.laplace, is_writer=False)
+
+
+def make_fabric(options: Namespace):
+    """Lightning Fabric from the `fabric` options."""
+    from lightning.fabric import Fabric
+
+    devices = int(options.devices) if str(options.devices).isdigit() else options.devices
+    return Fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
+                  strategy=options.strategy)
+
+
+def run_info(command: list[str], inputs: ModelInputs) -> dict:
+    """What ran the run, for the record (not compared on resume)."""
+    return {"checkpoint": str(inputs.checkpoint.resolve()), "command": ["train.py", *command],
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# ------------------------------------------------------------------------------------ generation
+
+def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool = True, desc: str = "sampling",
+                 warm_up: bool = False) -> Optional[dict]:
+    """Generate the missing chunks of `store` on all processes; rank 0 then writes the manifest and
+    grids and returns the run's summary (the other ranks return None). `warm_up` first samples one
+    image untimed (lazy initialisation), so that seconds per image compare across runs."""
+    from tqdm.auto import tqdm
+
+    rank, world = fabric.global_rank, fabric.world_size
+    if fabric.is_global_zero:
+        store.create(info)
+    fabric.barrier()
+    todo = store.missing()
+    fabric.barrier()  # every rank has listed the work before anyone writes
+    total = store.settings["seeds"]["count"]
+    left = sum(len(c.seeds) for c in todo)
+    if fabric.is_global_zero:
+        print(f"{desc}: {total} samples in {store.root}: {total - left} already written, {left} to generate "
+              f"on {world} process(es)", flush=True)
+    bar = tqdm(total=total, initial=total - left, desc=desc, unit="img", disable=not (progress and rank == 0))
+    kwargs = sample_kwargs(store.settings)
+    mine = todo[rank::world]
+    if mine and warm_up:
+        module.sample(seeds=mine[0].seeds[:1], **kwargs)
+    for chunk in mine:
+        start = time.perf_counter()
+        result = module.sample(seeds=chunk.seeds, batch_size=len(chunk.seeds), **kwargs)
+        store.write_chunk(chunk, result.images, result.maps, result.scores, result.nfe, time.perf_counter() - start)
+        bar.update(store.done_samples() - bar.n)  # all ranks' finished chunks, as seen on disk
+    fabric.barrier()
+    bar.update(total - bar.n)
+    bar.close()
+    return store.finish() if fabric.is_global_zero else None

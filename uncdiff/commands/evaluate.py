@@ -1,36 +1,38 @@
-"""`python train.py evaluate`: the paper's experiments on one checkpoint, written as a report.
+"""`uncdiff evaluate` (= `python train.py evaluate`): the paper's experiments on one checkpoint,
+written as a report.
 
-    python train.py evaluate --checkpoint runs/quickstart/checkpoints/last.ckpt --out eval/quick --n 1000
+    uncdiff evaluate --checkpoint runs/quickstart/checkpoints/last.ckpt --out eval/quick --n 1000
 
-(a) filtering: FID, and improved precision / recall (k = 5, against --prc-real training images), of
-the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random subsets (mean ± std
-over --subset-seeds); (b) guided versus unguided FID from the same seeds, for the gradient rule
-with both signs and the posterior rule, over --seed-groups; (c) AUSE / AURG of the aleatoric and
-MC-Dropout maps; (d) network evaluations and seconds per image of each method.
+(a) filtering: FID, and improved precision / recall (k = 5, against --filtering.prc_real training
+images), of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random subsets
+(mean ± std over --filtering.subset_seeds); (b) guided versus unguided FID from the same seeds, for
+the gradient rule with both signs and the posterior rule, over --guidance.seed_groups; (c) AUSE /
+AURG of the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each
+method.
 
-Each sample set is a `train.py sample` run in <out>/sets/<name> (so all processes generate it,
+Each sample set is an `uncdiff sample` run in <out>/sets/<name> (so all processes generate it,
 and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it) and
 once for the real images of precision / recall (cached in <out>/sets/real), computes the
-experiments and writes <out>/report.md, one CSV per experiment and the plots, and
-logs the tables to W&B with --wandb. Every input is checked before <out> is created.
+experiments and writes <out>/report.md, one CSV per experiment and the plots, and logs the
+tables to W&B with --wandb.enabled true. Every input is checked before <out> is created; <out>
+records the full config as config.yaml.
 """
 
-import argparse
 import inspect
 import shutil
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import InputError, dataset_key
-from uncdiff.commands.sample import (ModelInputs, add_estimator_arguments, add_guidance_arguments, add_model_arguments,
-                                add_sampler_arguments, attach_laplace, build_sampler, build_settings, estimator_hook,
-                                generate_run, make_fabric, prepare_model, run_info)
+from uncdiff.commands.common import (InputError, ModelInputs, add_estimator_arguments, add_guidance_arguments,
+                                     add_model_arguments, add_sampler_arguments, attach_laplace, build_sampler,
+                                     build_settings, config_yaml, dataset_key, estimator_hook, generate_run,
+                                     make_fabric, new_parser, parse_options, prepare_model, record_config, run_info)
 from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 
@@ -38,43 +40,44 @@ EXPERIMENTS = ("filtering", "guidance", "ause", "cost")
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
 # sample set -> how its options differ from the command's (see `set_arguments`)
 SETS = {
-    "plain": {"estimator": "none", "drop_fraction": None, "M": None},
-    "aleatoric": {"estimator": "aleatoric"},
-    "mc_dropout": {"estimator": "mc_dropout"},
-    "bayesdiff": {"estimator": "bayesdiff", "clip": False, "M": None},
-    "guided-gradient-plus": {"guidance": "gradient", "guidance_sign": 1},
-    "guided-gradient-minus": {"guidance": "gradient", "guidance_sign": -1},
-    "guided-posterior": {"guidance": "posterior"},
+    "plain": {"estimator.name": "none", "filtering.drop_fraction": None, "estimator.M": None},
+    "aleatoric": {"estimator.name": "aleatoric"},
+    "mc_dropout": {"estimator.name": "mc_dropout"},
+    "bayesdiff": {"estimator.name": "bayesdiff", "sampler.clip": False, "estimator.M": None},
+    "guided-gradient-plus": {"guidance.rule": "gradient", "guidance.sign": 1},
+    "guided-gradient-minus": {"guidance.rule": "gradient", "guidance.sign": -1},
+    "guided-posterior": {"guidance.rule": "posterior"},
 }
 GUIDED = [name for name in SETS if name.startswith("guided")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+def build_parser() -> ArgumentParser:
+    parser = new_parser("uncdiff evaluate", __doc__)
+    add_model_arguments(parser, "output directory of the report and its sample sets (a re-run resumes)")
     g = parser.add_argument_group("experiments")
-    g.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS,
-                   help="which to run (default all)")
-    g.add_argument("--filtering-estimators", nargs="+", default=list(FILTERING_ESTIMATORS),
-                   choices=FILTERING_ESTIMATORS, help="estimators of the filtering experiment (default all)")
-    g.add_argument("--subset-seeds", type=int, default=20,
-                   help="random subsets per filtering FID and precision / recall (default 20)")
-    g.add_argument("--prc-real", type=int, help="real training images (a random subset) that filtering's "
-                   "precision / recall compare with (default min(--n, 10000); 0 skips precision / recall)")
-    g.add_argument("--seed-groups", type=int, default=3,
-                   help="seed groups the guided/unguided FIDs are repeated over (default 3)")
-    g.add_argument("--ause-images", type=int, default=100, help="held-out images for AUSE / AURG (default 100)")
-    g.add_argument("--ause-fractions", type=int, default=50, help="points of the sparsification curves (default 50)")
-    g.add_argument("--save-maps", action="store_true", help="also write every sample's map and heatmap")
+    g.add_argument("--experiments", type=Literal[EXPERIMENTS], nargs="+", default=list(EXPERIMENTS),
+                   help="which to run")
+    g.add_argument("--filtering.estimators", type=Literal[FILTERING_ESTIMATORS], nargs="+",
+                   default=list(FILTERING_ESTIMATORS), help="estimators of the filtering experiment")
+    g.add_argument("--filtering.subset_seeds", type=int, default=20,
+                   help="random subsets per filtering FID and precision / recall")
+    g.add_argument("--filtering.prc_real", type=Optional[int], default=None,
+                   help="real training images (a random subset) that filtering's precision / recall compare with "
+                        "(null: min(n, 10000); 0 skips precision / recall)")
+    g.add_argument("--guidance.seed_groups", type=int, default=3,
+                   help="seed groups the guided/unguided FIDs are repeated over")
+    g.add_argument("--ause.images", type=int, default=100, help="held-out images for AUSE / AURG")
+    g.add_argument("--ause.fractions", type=int, default=50, help="points of the sparsification curves")
+    g.add_argument("--save_maps", type=bool, default=False, help="also write every sample's map and heatmap")
     g = parser.add_argument_group("FID")
-    g.add_argument("--extractor", choices=("auto", "inception", "digits-classifier"), default="auto",
-                   help="FID features (default: digits-classifier for digits, inception otherwise)")
-    g.add_argument("--inception-weights", help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
-    g.add_argument("--fid-cache", default="cache", help="cache of real statistics and classifiers (default cache)")
+    g.add_argument("--fid.extractor", type=Literal["auto", "inception", "digits-classifier"], default="auto",
+                   help="FID features (auto: digits-classifier for digits, inception otherwise)")
+    g.add_argument("--fid.inception_weights", type=Optional[str], default=None,
+                   help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
+    g.add_argument("--fid.cache", type=str, default="cache", help="cache of real statistics and classifiers")
     g = parser.add_argument_group("logging")
-    g.add_argument("--wandb", action="store_true", help="also log the report's tables and plots to W&B")
-    g.add_argument("--wandb-project", default="uncdiff-evaluate")
+    g.add_argument("--wandb.enabled", type=bool, default=False, help="also log the report's tables and plots to W&B")
+    g.add_argument("--wandb.project", type=str, default="uncdiff-evaluate", help="W&B project")
     add_sampler_arguments(parser, n=1000, steps=20)
     add_estimator_arguments(parser, choose=False)
     add_guidance_arguments(parser, choose=False)
@@ -96,10 +99,10 @@ class Plan:
     ause: dict[str, dict] = field(default_factory=dict)  # estimator -> sampling settings of its AUSE maps
 
 
-def set_names(args) -> list[str]:
+def set_names(args: Namespace) -> list[str]:
     names = []
     if "filtering" in args.experiments:
-        names += list(args.filtering_estimators)
+        names += list(args.filtering.estimators)
     if "guidance" in args.experiments:
         names += ["plain", *GUIDED]
     if "cost" in args.experiments:
@@ -107,44 +110,51 @@ def set_names(args) -> list[str]:
     return [n for n in SETS if n in names]
 
 
-def set_arguments(args, name: str, dropout: float) -> Namespace:
-    options = {"estimator": "aleatoric", "guidance": "none", "guidance_sign": 1}
-    options.update(SETS[name])
+def set_arguments(args: Namespace, name: str, dropout: float) -> Namespace:
+    """The options of a `sample` run of the set `name`."""
+    options = {"estimator.name": "aleatoric", "guidance.rule": "none", "guidance.sign": 1, **SETS[name]}
     if name == "mc_dropout":
-        options["dropout"] = dropout
-    return Namespace(**{**vars(args), **options})
+        options["estimator.dropout"] = dropout
+    set_args = args.clone()
+    for key, value in options.items():
+        set_args[key] = value
+    return set_args
 
 
-def plan_evaluation(args, inputs: ModelInputs) -> Plan:
+def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     """Check every option and build the settings of the run and of each sample set. Writes nothing."""
     from uncdiff.evaluation.experiments import PRC_NEIGHBOURS
 
-    if args.subset_seeds < 2:
-        raise InputError(f"--subset-seeds must be >= 2 (a spread needs two subsets), got {args.subset_seeds}")
-    if not 1 <= args.seed_groups <= args.n // 2:
-        raise InputError(f"--seed-groups must lie in [1, n/2], got {args.seed_groups} with --n {args.n}")
-    prc_real = min(args.n, 10000) if args.prc_real is None else args.prc_real
+    filtering, fid = args.filtering, args.fid
+    if filtering.subset_seeds < 2:
+        raise InputError(f"--filtering.subset_seeds must be >= 2 (a spread needs two subsets), got "
+                         f"{filtering.subset_seeds}")
+    if not 1 <= args.guidance.seed_groups <= args.n // 2:
+        raise InputError(f"--guidance.seed_groups must lie in [1, n/2], got {args.guidance.seed_groups} with "
+                         f"--n {args.n}")
+    prc_real = min(args.n, 10000) if filtering.prc_real is None else filtering.prc_real
     if prc_real != 0 and not prc_real > PRC_NEIGHBOURS:
-        raise InputError(f"--prc-real must be > {PRC_NEIGHBOURS} (precision / recall use {PRC_NEIGHBOURS} nearest "
-                         f"neighbours), or 0 to skip them, got {prc_real}")
-    if args.ause_images < 1 or args.ause_fractions < 2:
-        raise InputError("--ause-images must be >= 1 and --ause-fractions >= 2")
-    if args.drop_fraction is not None and not 0.0 < args.drop_fraction < 1.0:
-        raise InputError(f"--drop-fraction must lie in (0, 1), got {args.drop_fraction}")
-    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
-        raise InputError(f"--inception-weights: no file at {args.inception_weights}")
+        raise InputError(f"--filtering.prc_real must be > {PRC_NEIGHBOURS} (precision / recall use "
+                         f"{PRC_NEIGHBOURS} nearest neighbours), or 0 to skip them, got {prc_real}")
+    if args.ause.images < 1 or args.ause.fractions < 2:
+        raise InputError("--ause.images must be >= 1 and --ause.fractions >= 2")
+    if filtering.drop_fraction is not None and not 0.0 < filtering.drop_fraction < 1.0:
+        raise InputError(f"--filtering.drop_fraction must lie in (0, 1), got {filtering.drop_fraction}")
+    if fid.inception_weights is not None and not Path(fid.inception_weights).is_file():
+        raise InputError(f"--fid.inception_weights: no file at {fid.inception_weights}")
     from uncdiff.lightning.data import DigitsDataModule
 
     digits = isinstance(inputs.datamodule, DigitsDataModule)
-    extractor = args.extractor if args.extractor != "auto" else ("digits-classifier" if digits else "inception")
+    extractor = fid.extractor if fid.extractor != "auto" else ("digits-classifier" if digits else "inception")
     if extractor == "digits-classifier" and not digits:
-        raise InputError("--extractor digits-classifier is for models of the digits data")
+        raise InputError("--fid.extractor digits-classifier is for models of the digits data")
     notes = []
-    dropout = args.dropout
+    dropout = args.estimator.dropout
     if dropout is None:
         dropout = inputs.module.hparams.dropout or 0.1
         if not inputs.module.hparams.dropout:
-            notes.append("The model was trained without dropout; MC-Dropout ran with rate 0.1 (set --dropout).")
+            notes.append("The model was trained without dropout; MC-Dropout ran with rate 0.1 (set "
+                         "--estimator.dropout).")
     root = Path(args.out)
     stores = {}
     for name in set_names(args):
@@ -164,9 +174,9 @@ def plan_evaluation(args, inputs: ModelInputs) -> Plan:
                          f"{PRC_NEIGHBOURS}")
     settings = {"format": 1, "checkpoint_sha256": inputs.sha256, "experiments": sorted(args.experiments),
                 "sets": {name: s.settings for name, s in stores.items()},
-                "subset_seeds": args.subset_seeds, "seed_groups": args.seed_groups,
+                "subset_seeds": filtering.subset_seeds, "seed_groups": args.guidance.seed_groups,
                 "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
-                "ause": {"images": args.ause_images, "fractions": args.ause_fractions},
+                "ause": {"images": args.ause.images, "fractions": args.ause.fractions},
                 "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule)}}
     check_output_dir(root, settings)
     for store in stores.values():
@@ -185,16 +195,17 @@ def ause_map_steps(settings: dict) -> list[int]:
 
 
 def check_ause_window(settings: dict) -> None:
-    """A --window without any of AUSE's steps would leave it no map to score."""
+    """An --estimator.window without any of AUSE's steps would leave it no map to score."""
     from uncdiff.evaluation.experiments import denoised_steps
 
     steps = settings["sampler"]["steps"]
     window = settings["estimator_options"]["window"]
     denoised = denoised_steps(steps)
     if not ause_map_steps(settings):
-        raise InputError(f"--window {window[0]:g} {window[1]:g} has no step among steps {denoised.start}..{steps - 1} "
-                         f"of {steps}: AUSE denoises only the second half of the steps and needs the window to "
-                         f"overlap it (e.g. --window 0.5 1), or leave ause out of --experiments")
+        raise InputError(f"--estimator.window {window[0]:g} {window[1]:g} has no step among steps "
+                         f"{denoised.start}..{steps - 1} of {steps}: AUSE denoises only the second half of the steps "
+                         f"and needs the window to overlap it (e.g. --estimator.window 0.5 1), or leave ause out of "
+                         f"--experiments")
 
 
 # --------------------------------------------------------------------------------------- running
@@ -204,13 +215,13 @@ def make_fid_extractor(args, plan: Plan, module, device):
 
     if plan.extractor == "inception":
         try:
-            extractor = make_extractor("inception", weights_path=args.inception_weights)
+            extractor = make_extractor("inception", weights_path=args.fid.inception_weights)
         except FileNotFoundError as error:
-            raise InputError(f"{error} For `train.py evaluate`, pass the file as --inception-weights PATH.") \
+            raise InputError(f"{error} For `uncdiff evaluate`, pass the file as --fid.inception_weights PATH.") \
                 from None
     else:
         extractor = make_extractor("digits-classifier", image_size=module.hparams.image_size,
-                                   cache_dir=args.fid_cache)
+                                   cache_dir=args.fid.cache)
     return extractor.to(device)
 
 
@@ -257,25 +268,25 @@ def held_out_images(datamodule, count: int) -> torch.Tensor:
 def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
     from uncdiff.evaluation.experiments import denoised_steps, sparsification_inputs, sparsification_row
     sampler = build_sampler(module, plan.ause["aleatoric"]["sampler"])
-    images = held_out_images(datamodule, args.ause_images).to(module.device)
+    images = held_out_images(datamodule, args.ause.images).to(module.device)
     seeds = list(range(len(images)))
     model = module.ema.ema_model.eval()
     errors = None
     for name, settings in plan.ause.items():
         hook = estimator_hook(module, name, settings["estimator_options"], None)
         result = sparsification_inputs(model, sampler, images, seeds, hook, batch_size=args.batch_size)
-        row, curve = sparsification_row(name, result.maps, result.errors, args.ause_fractions)
+        row, curve = sparsification_row(name, result.maps, result.errors, args.ause.fractions)
         report.sparsification.append(row)
         report.curves[name] = curve
         errors = result.errors  # the same for both: estimation never changes the denoised image
     random = torch.rand(errors.shape, generator=torch.Generator().manual_seed(0))
     for name, maps in (("random", random), ("oracle", errors)):
-        row, curve = sparsification_row(name, maps, errors, args.ause_fractions)
+        row, curve = sparsification_row(name, maps, errors, args.ause.fractions)
         report.sparsification.append(row)
         report.curves[name] = curve
     n, steps = len(sampler.timesteps), ause_map_steps(plan.ause["aleatoric"])
     report.header["AUSE images"] = f"{len(images)} held-out images, denoised from step {denoised_steps(n).start} of " \
-                                   f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --window's part)"
+                                   f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --estimator.window's part)"
 
 
 def device_name(device: torch.device) -> str:
@@ -301,7 +312,8 @@ def note_identical_images(plan: Plan, report) -> None:
                                     f"the same.")
 
 
-def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric):
+def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: dict, extractor, real_stats, fabric,
+                 command: list[str]):
     from uncdiff.evaluation.experiments import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, cost_rows,
                                     filtering_row, guidance_row, sign_outcome)
     from uncdiff.uncertainty.guidance import UncertaintyGuidance
@@ -320,12 +332,12 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
         "sampler": ", ".join(f"{k}={v}" for k, v in any_set["sampler"].items() if k != "clip")
         + " (x0 clipped, except BayesDiff's)",
         "samples per set": f"{args.n} (seeds {args.seed}..{args.seed + args.n - 1}), batch {args.batch_size}",
-        "random subsets (seeds)": args.subset_seeds, "seed groups": args.seed_groups,
-        "M (perturbations / passes)": 5 if args.M is None else args.M,
+        "random subsets (seeds)": args.filtering.subset_seeds, "seed groups": args.guidance.seed_groups,
+        "M (perturbations / passes)": 5 if args.estimator.M is None else args.estimator.M,
         "default gradient sign": f"{default_sign:+d} (UncertaintyGuidance)",
         "device": f"{device_name(fabric.device)} x {fabric.world_size} process(es)",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python train.py evaluate", *args.argv]),
+        "command": " ".join(["python", *command]),
     }, notes=list(plan.notes))
     fid = FeatureFID(real_stats, fabric.device)
     features = {name: set_features(store, extractor) for name, store in plan.stores.items()}
@@ -339,10 +351,11 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
             report.header["precision / recall"] = f"k = {prc['k']} nearest neighbours, against {len(real)} real " \
                                                   f"training images (random, seed 0), FID features"
             precision_recall = FeaturePrecisionRecall(real, prc["k"], fabric.device)
-        for name in args.filtering_estimators:
+        for name in args.filtering.estimators:
             store = plan.stores[name]
             scores = store.load_scores()
-            row = filtering_row(name, features[name], scores, drop, range(args.subset_seeds), fid, precision_recall)
+            row = filtering_row(name, features[name], scores, drop, range(args.filtering.subset_seeds), fid,
+                                precision_recall)
             if name == "bayesdiff":
                 report.notes.append("BayesDiff's set is sampled without x0 clipping (its variance propagation needs "
                                     "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
@@ -353,11 +366,11 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
             report.filtering.append(row)
     if "guidance" in args.experiments:
         for name in GUIDED:
-            report.guidance.append(guidance_row(name, features[name], features["plain"], args.seed_groups, fid))
+            report.guidance.append(guidance_row(name, features[name], features["plain"], args.guidance.seed_groups, fid))
         note_identical_images(plan, report)
         plus, minus = report.guidance[0], report.guidance[1]
         report.sign = sign_outcome(plus, minus, features["guided-gradient-plus"], features["guided-gradient-minus"],
-                                   args.seed_groups, fid)
+                                   args.guidance.seed_groups, fid)
     if "ause" in args.experiments:
         run_sparsification(args, plan, module, inputs.datamodule, report)
     if "cost" in args.experiments:
@@ -385,43 +398,44 @@ def build_report(args, plan: Plan, inputs: ModelInputs, summaries: dict, extract
     return report
 
 
-def _run(fabric, args, inputs: ModelInputs, plan: Plan, info: dict) -> None:
+def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, config: str) -> None:
     from uncdiff.evaluation.fid import datamodule_images, real_feature_stats
     from uncdiff.evaluation.report import log_to_wandb, write_report
 
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
-    # only to torch hub's cache, the digits classifier only to --fid-cache)
+    # only to torch hub's cache, the digits classifier only to --fid.cache)
     extractor = make_fid_extractor(args, plan, module, fabric.device)
     if fabric.is_global_zero:
         create_output_dir(plan.root, plan.settings, info)
+        record_config(plan.root, config)
     fabric.barrier()
     if "bayesdiff" in plan.stores:
         attach_laplace(fabric, inputs)
     # the real statistics first: rank 0 makes them, the others wait and read them
-    real_stats, _ = real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid_cache)
+    real_stats, _ = real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid.cache)
     summaries = {}
     for name, store in plan.stores.items():
-        summaries[name] = generate_run(fabric, module, store, info, progress=not args.no_progress, desc=name,
-                                       warm_up=True)
+        summaries[name] = generate_run(fabric, module, store, info, progress=args.progress, desc=name, warm_up=True)
     if not fabric.is_global_zero:
         return
-    report = build_report(args, plan, inputs, summaries, extractor, real_stats, fabric)
+    report = build_report(args, plan, inputs, summaries, extractor, real_stats, fabric, info["command"])
     written = write_report(plan.root, report)
     print(f"report: {plan.root / 'report.md'} ({', '.join(p.name for p in written[:-1])} and plots)")
-    if args.wandb:
-        print(f"W&B run: {log_to_wandb(plan.root, args.wandb_project, report)}")
+    if args.wandb.enabled:
+        print(f"W&B run: {log_to_wandb(plan.root, args.wandb.project, report)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    parser = build_parser()
+    args = parse_options(parser, argv)
     try:
         inputs = prepare_model(args, needs_laplace="filtering" in args.experiments
-                               and "bayesdiff" in args.filtering_estimators, needs_data=True)
+                               and "bayesdiff" in args.filtering.estimators, needs_data=True)
         plan = plan_evaluation(args, inputs)
-        make_fabric(args).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs))
+        make_fabric(args.fabric).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs),
+                                        config_yaml(parser, args))
     except InputError as error:  # the checks', and the FID extractor's, which comes before <out> is created
         sys.exit(f"error: {error}")
 
