@@ -239,15 +239,16 @@ def test_configs_run_both_callbacks_on_validation_epochs():
     """The issue's schedules: quickstart at validations with a small N and the digits
     classifier; CIFAR-10 with Inception, 10k samples of 20-step DDIM, on some validations, and a
     checkpoint of the best FID that runs when the FID does."""
-    import callbacks
     import yaml
+
+    from uncdiff import callbacks
     from uncdiff.lightning.cli import CONFIG_DIR
 
     for name in ("quickstart", "cifar"):
         config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
         every_val = config["trainer"]["check_val_every_n_epoch"]
         built = {c["class_path"].split(".")[-1]: (c, getattr(callbacks, c["class_path"].split(".")[-1])(
-            **c["init_args"])) for c in config["trainer"]["callbacks"] if c["class_path"].startswith("callbacks.")}
+            **c["init_args"])) for c in config["trainer"]["callbacks"] if c["class_path"].startswith("uncdiff.callbacks.")}
         fid_callback, figures = built["FIDTrajectory"][1], built["UncertaintySampling"][1]
         assert fid_callback.sampler == "ddim" and fid_callback.steps == 20
         assert fid_callback.every_n_epochs % every_val == 0 and figures.every_n_epochs % every_val == 0
@@ -296,7 +297,8 @@ def test_bad_options_fail_at_construction_naming_the_option(cls, options, option
 
 
 def test_a_threshold_table_file_is_checked_at_construction_and_used_when_sampling(tmp_path, monkeypatch):
-    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.uncertainty.calibration import calibrate_threshold_table
+    from uncdiff.uncertainty.guidance import save_table
     from uncdiff.core.samplers import make_sampler
 
     torch.manual_seed(0)
