@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
+from uncdiff.__main__ import COMMANDS
 from uncdiff.commands import calibrate as calibrate_cmd
 from uncdiff.commands.calibrate import main
 from uncdiff.uncertainty.guidance import load_table
@@ -24,8 +26,9 @@ from uncdiff.core.samplers import SampleNoise
 
 REPO = Path(__file__).resolve().parent.parent
 N, SEED, STEPS, M, Q = 6, 100, 4, 2, 0.7  # batches of 4 and 2 seeds; n >= 1 / (1 - q) = 3.3
-ARGS = ["--n", str(N), "--seed", str(SEED), "--steps", str(STEPS), "--sampler", "ddim", "--M", str(M),
-        "--quantile", str(Q), "--batch-size", "4", "--accelerator", "cpu", "--no-progress"]
+ARGS = ["--n", str(N), "--seed", str(SEED), "--sampler.steps", str(STEPS), "--sampler.name", "ddim",
+        "--estimator.M", str(M), "--quantile", str(Q), "--batch_size", "4", "--fabric.accelerator", "cpu",
+        "--progress", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +81,9 @@ def test_settings_say_what_the_table_was_made_for(table_file, tiny_checkpoint):
 
 def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
     out = tmp_path / "guided"
-    sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--steps", str(STEPS),
-                 "--sampler", "ddim", "--M", str(M), "--guidance", "gradient", "--guidance-table", str(table_file),
-                 "--accelerator", "cpu", "--no-progress"])
+    sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.steps", str(STEPS),
+                 "--sampler.name", "ddim", "--estimator.M", str(M), "--guidance.rule", "gradient",
+                 "--guidance.table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false"])
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["guidance"]["threshold"] == "table"
     assert settings["guidance_table_sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
@@ -88,22 +91,43 @@ def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
         ["000000.png", "000001.png"]
 
 
-@pytest.mark.parametrize("option, value, named", [("--M", "3", "num_perturbations: 2 there, 3 here"),
-                                                   ("--variant", "sample", "variant: 'centered' there, 'sample' here"),
-                                                   ("--eta", "0.5", "sampler.eta: 0.0 there, 0.5 here")])
+@pytest.mark.parametrize("option, value, named", [
+    ("--estimator.M", "3", "num_perturbations: 2 there, 3 here"),
+    ("--estimator.variant", "sample", "variant: 'centered' there, 'sample' here"),
+    ("--sampler.eta", "0.5", "sampler.eta: 0.0 there, 0.5 here")])
 def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpoint, tmp_path, option, value, named):
     out = tmp_path / "guided"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--steps", str(STEPS),
-            "--sampler", "ddim", "--M", str(M), "--guidance", "gradient", "--guidance-table", str(table_file),
-            "--accelerator", "cpu", "--no-progress", option, value]
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.steps", str(STEPS),
+            "--sampler.name", "ddim", "--estimator.M", str(M), "--guidance.rule", "gradient",
+            "--guidance.table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false", option, value]
     with pytest.raises(SystemExit) as error:
         sample_main(argv)
     assert named in str(error.value.code) and not out.exists()
 
 
 def test_train_py_dispatches_calibrate():
-    commands = runpy.run_path(str(REPO / "train.py"), run_name="train")["COMMANDS"]
-    assert commands["calibrate"] == "uncdiff.commands.calibrate"
+    main_of_train_py = runpy.run_path(str(REPO / "train.py"), run_name="train")["main"]
+    assert main_of_train_py.__module__ == "uncdiff.__main__"
+    assert COMMANDS["calibrate"] == "uncdiff.commands.calibrate"
+
+
+def test_print_config_round_trip_and_recorded_config(table_file, tiny_checkpoint, tmp_path, capsys):
+    """`--print_config > s.yaml`, then `--config s.yaml`: the same table as the fixture's (same
+    settings), and `<table>.config.yaml` is exactly s.yaml."""
+    out = tmp_path / "tau.pt"
+    with pytest.raises(SystemExit) as done:
+        main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), *ARGS, "--print_config"])
+    assert not done.value.code
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["quantile"] == Q and config["estimator"] == {"M": M, "variant": "centered"}
+    assert config["sampler"]["steps"] == STEPS and config["seed"] == SEED and config["fabric"]["devices"] == 1
+    (tmp_path / "s.yaml").write_text(printed)
+    main(["--config", str(tmp_path / "s.yaml")])
+    torch.testing.assert_close(load_table(out)[0], load_table(table_file)[0], rtol=0, atol=0)
+    assert (tmp_path / "tau.pt.config.yaml").read_text() == printed
+    recorded = yaml.safe_load(table_file.with_name("tau.pt.config.yaml").read_text())
+    assert {**recorded, "out": None} == {**config, "out": None}
 
 
 def tree(path: Path) -> dict:
@@ -115,27 +139,30 @@ def tree(path: Path) -> dict:
     ({"--checkpoint": "text"}, "not a checkpoint torch can read"),
     ({"--checkpoint": "other"}, "not a uncdiff DiffusionModule checkpoint"),
     ({"--out": "existing.pt"}, "exists; calibrate never overwrites it"),
+    ({"--out": "new/its.pt"}, "its.pt.config.yaml exists; calibrate never overwrites it"),
     ({"--quantile": "0"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "1"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "95"}, "--quantile must lie in (0, 1)"),
-    ({"--M": "1"}, "--M: num_perturbations must be an integer >= 2"),
+    ({"--estimator.M": "1"}, "--estimator.M: num_perturbations must be an integer >= 2"),
     ({"--n": "19"}, "--n must be >= 20 for --quantile 0.95"),
     ({"--n": "1", "--quantile": "0.5"}, "--n must be >= 2"),
     ({"--seed": str(2**32 - 10)}, "seeds must lie in [0, 2**32)"),
-    ({"--batch-size": "0"}, "--batch-size must be >= 1"),
-    ({"--steps": "5000"}, "sampler: steps must be in [1, 1000]"),
-    ({"--eta": "0.5", "--sampler": "ddpm"}, "--eta and --spacing apply to --sampler ddim"),
-    ({"--data": "digits"}, "--data: calibrate reads no training data"),
-    ({"--devices": "2"}, "calibrate runs in one process, not 2"),
+    ({"--batch_size": "0"}, "--batch_size must be >= 1"),
+    ({"--sampler.steps": "5000"}, "sampler: steps must be in [1, 1000]"),
+    ({"--sampler.eta": "0.5", "--sampler.name": "ddpm"}, "--sampler.eta and --sampler.spacing apply to --sampler.name ddim"),
+    ({"--data.name": "digits"}, "--data.name: calibrate reads no training data"),
+    ({"--fabric.devices": "2"}, "calibrate runs in one process, not 2"),
 ])
 def test_bad_input_fails_before_sampling(change, message, tiny_checkpoint, tmp_path, monkeypatch):
     (tmp_path / "text").write_text("not a checkpoint")
     torch.save({"state_dict": {"layer.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "other")
     (tmp_path / "existing.pt").write_bytes(b"an earlier table")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "its.pt.config.yaml").write_text("an earlier table's config")
     monkeypatch.setattr(calibrate_cmd, "calibrate_threshold_table",
                         lambda *a, **k: pytest.fail("sampled despite a bad input"))
     options = {"--checkpoint": str(tiny_checkpoint), "--out": str(tmp_path / "new" / "tau.pt"), "--n": "20",
-               "--steps": "4", "--M": "2", "--accelerator": "cpu"}
+               "--sampler.steps": "4", "--estimator.M": "2", "--fabric.accelerator": "cpu"}
     for key, value in change.items():
         options[key] = str(tmp_path / value) if key in ("--checkpoint", "--out") else value
     before = tree(tmp_path)

@@ -10,15 +10,17 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.commands.evaluate import main
 from uncdiff.lightning.module import DiffusionModule
 
 STEPS, M, N = 4, 2, 12
-ARGS = ["--n", str(N), "--batch-size", "6", "--steps", str(STEPS), "--M", str(M), "--laplace-images", "32",
-        "--bayesdiff-skip", "2", "--bayesdiff-draws", "3", "--ause-images", "8", "--subset-seeds", "3",
-        "--seed-groups", "2", "--accelerator", "cpu", "--no-progress"]
+ARGS = ["--n", str(N), "--batch_size", "6", "--sampler.steps", str(STEPS), "--estimator.M", str(M),
+        "--bayesdiff.laplace_images", "32", "--bayesdiff.skip", "2", "--bayesdiff.draws", "3", "--ause.images", "8",
+        "--filtering.subset_seeds", "3", "--guidance.seed_groups", "2", "--fabric.accelerator", "cpu",
+        "--progress", "false"]
 
 
 def read_csv(path):
@@ -29,9 +31,9 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def evaluation(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(root / "eval"), "--fid-cache", str(root / "cache"),
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(root / "eval"), "--fid.cache", str(root / "cache"),
             *ARGS]
-    main([*argv, "--wandb"])
+    main([*argv, "--wandb.enabled", "true"])
     return root / "eval", argv
 
 
@@ -68,6 +70,26 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     assert (f"{negative} of {N} BayesDiff scores (sums of the propagated Var[x0]) are negative" in report) \
         == (negative > 0)
     assert tiny_checkpoint.with_name("last.ckpt.laplace-32.pt").is_file()  # fitted once, next to the checkpoint
+
+
+def test_recorded_config_is_the_resolved_one(evaluation, capsys):
+    """<out>/config.yaml is what --print_config prints for the same command line, and parses back to
+    the same options."""
+    from uncdiff.commands.common import parse_options
+    from uncdiff.commands.evaluate import build_parser
+
+    out, argv = evaluation
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--wandb.enabled", "true", "--print_config"])
+    assert not done.value.code
+    printed = capsys.readouterr().out
+    assert (out / "config.yaml").read_text() == printed
+    config = yaml.safe_load(printed)
+    assert config["wandb"]["enabled"] is True and config["filtering"]["subset_seeds"] == 3
+    assert config["bayesdiff"] == {"draws": 3, "skip": 2, "moments": "spec", "laplace_images": 32}
+    parser = build_parser()
+    options = lambda argv: {k: v for k, v in parse_options(parser, argv).as_dict().items() if k != "config"}  # noqa: E731
+    assert options(["--config", str(out / "config.yaml")]) == options([*argv, "--wandb.enabled", "true"])
 
 
 def test_cost_follows_the_spec(evaluation):
@@ -119,8 +141,8 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
 
 def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval"
-    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid-cache", str(tmp_path / "cache"), *ARGS,
-          "--experiments", "filtering", "--filtering-estimators", "aleatoric", "--prc-real", "0"])
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
+          "--experiments", "filtering", "--filtering.estimators", "aleatoric", "--filtering.prc_real", "0"])
     (row,) = read_csv(out / "filtering.csv")
     assert row["fid_kept"] and "precision_kept" not in row
     assert "Precision / recall" not in (out / "report.md").read_text() and not (out / "sets" / "real").exists()
@@ -131,17 +153,18 @@ def tree(path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--subset-seeds", "1"], "--subset-seeds must be >= 2"),
-    (["--M", "1"], "num_perturbations must be an integer >= 2"),
-    (["--drop-fraction", "1.0"], "--drop-fraction must lie in (0, 1)"),
-    (["--prc-real", "5"], "--prc-real must be > 5"),
-    (["--prc-real", "-1"], "--prc-real must be > 5"),
-    (["--drop-fraction", "0.6"], "precision / recall need more than 5"),
+    (["--filtering.subset_seeds", "1"], "--filtering.subset_seeds must be >= 2"),
+    (["--estimator.M", "1"], "num_perturbations must be an integer >= 2"),
+    (["--filtering.drop_fraction", "1.0"], "--filtering.drop_fraction must lie in (0, 1)"),
+    (["--filtering.prc_real", "5"], "--filtering.prc_real must be > 5"),
+    (["--filtering.prc_real", "-1"], "--filtering.prc_real must be > 5"),
+    (["--filtering.drop_fraction", "0.6"], "precision / recall need more than 5"),
     (["--n", "10"], "holds another run"),
     # AUSE denoises steps 2..3 of 4: a window of steps 0..1 would give it no map
-    (["--window", "0", "0.5"], "--window 0 0.5 has no step among steps 2..3 of 4: AUSE denoises only the second half"),
-    (["--extractor", "inception", "--inception-weights", "/nonexistent.pth"],
-     "--inception-weights: no file at /nonexistent.pth"),
+    (["--estimator.window", "0", "0.5"],
+     "--estimator.window 0 0.5 has no step among steps 2..3 of 4: AUSE denoises only the second half"),
+    (["--fid.extractor", "inception", "--fid.inception_weights", "/nonexistent.pth"],
+     "--fid.inception_weights: no file at /nonexistent.pth"),
 ])
 def test_bad_input_fails_before_writing(evaluation, change, message):
     out, argv = evaluation
@@ -167,7 +190,7 @@ def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_pat
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     out = tmp_path / "eval"
     with pytest.raises(SystemExit) as error:
-        main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid-cache", str(tmp_path / "cache"), *ARGS,
-              "--experiments", "cost", "--extractor", "inception"])
-    assert "could not be downloaded" in str(error.value.code) and "--inception-weights PATH" in str(error.value.code)
+        main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
+              "--experiments", "cost", "--fid.extractor", "inception"])
+    assert "could not be downloaded" in str(error.value.code) and "--fid.inception_weights PATH" in str(error.value.code)
     assert not out.exists() and not (tmp_path / "cache").exists()

@@ -400,7 +400,7 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
 
 def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, config: str) -> None:
     from uncdiff.evaluation.fid import datamodule_images, real_feature_stats
-    from uncdiff.evaluation.report import log_to_wandb, write_report
+    from uncdiff.evaluation.report import write_report
 
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
@@ -424,6 +424,19 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, c
     print(f"report: {plan.root / 'report.md'} ({', '.join(p.name for p in written[:-1])} and plots)")
     if args.wandb.enabled:
         print(f"W&B run: {log_to_wandb(plan.root, args.wandb.project, report)}")
+
+
+def log_to_wandb(out: Path, project: str, report) -> str:
+    """The report's tables and plots in a W&B run (offline when W&B can't be reached; see
+    uncdiff.lightning.wandb_logger). Returns the run's directory."""
+    from uncdiff.evaluation.report import log_report
+    from uncdiff.lightning.wandb_logger import WandbLogger
+
+    logger = WandbLogger(save_dir=str(out), project=project, name=f"evaluate-{out.name}")
+    log_report(logger, out, report)
+    directory = logger.experiment.dir
+    logger.finalize("success")
+    return directory
 
 
 def main(argv: Optional[list[str]] = None) -> None:
