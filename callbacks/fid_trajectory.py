@@ -12,17 +12,11 @@ from uncdiff.callbacks.sampling import (Clock, check_estimator, check_every_n_ep
                                 check_mc_dropout, check_positive, check_sampler, due, gather_rows, sample_in_batches,
                                 shard)
 from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
-from uncdiff.evaluation.metrics import keep_best
+from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import save_atomic
+from uncdiff.lightning.data import dataset_key
 
 KINDS = ("unguided", "guided", "filtered")
-
-
-def dataset_key(datamodule, image_shape, split: str) -> str:
-    """The real-statistics cache key of a uncdiff data module's split: its class name without
-    'DataModule', lower-cased, and the image size, e.g. 'digits-16x16-train', 'cifar10-32x32-train'."""
-    stem = type(datamodule).__name__.removesuffix("DataModule").lower()
-    return f"{stem}-{image_shape[-2]}x{image_shape[-1]}-{split}"
 
 
 class FIDTrajectory(L.Callback):

@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
 from uncdiff.core.samplers import make_sampler
 from uncdiff.core.schedule import NoiseSchedule
-from uncdiff.uncertainty.sampling import SampleResult, make_estimator
+from uncdiff.uncertainty.guidance import UncertaintyGuidance
+from uncdiff.uncertainty.sampling import SampleResult, build_hook, make_estimator
 
 SCORE_ESTIMATORS = ("aleatoric", "mc_dropout")
 
@@ -64,17 +64,9 @@ def check_guidance(guidance: Optional[dict], steps: int) -> tuple[dict, Uncertai
     steps now; the options keep its absolute path, which `DiffusionModule.sample` reads (and
     checks against the model's image shape) when sampling."""
     options = dict(guidance or {})
-    built = dict(options)
+    hook = build_hook(guidance=options, steps=steps)
     if isinstance(options.get("table"), (str, Path)):
-        try:
-            built["table"] = table_from_file(options["table"], steps)
-        except ValueError as error:
-            raise ValueError(f"guidance.table: {error}") from None
         options["table"] = str(Path(options["table"]).resolve())
-    try:
-        hook = make_estimator("guided", **built)
-    except ValueError as error:
-        raise ValueError(f"guidance: {error}") from None
     return options, hook
 
 
@@ -102,7 +94,7 @@ def check_mc_dropout(pl_module: L.LightningModule, estimator_options: dict) -> N
     """MC-Dropout's options against the model itself (e.g. a model trained without dropout needs
     `dropout`), so a run fails when it starts, not at its first validation."""
     try:
-        make_estimator("mc_dropout", model=pl_module.ema.ema_model, **estimator_options)
+        build_hook("mc_dropout", estimator_options, net=pl_module.ema.ema_model)
     except ValueError as error:
         raise ValueError(f"estimator_options: {error}") from None
 

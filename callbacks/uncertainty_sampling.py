@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from uncdiff.callbacks.sampling import (Clock, check_every_n_epochs, check_fraction, check_guidance, check_positive,
                                 check_sampler, due, gather_rows, log_figure, sample_in_batches, shard)
-from uncdiff.evaluation.metrics import keep_best
+from uncdiff.core.filtering import keep_best
 from uncdiff.uncertainty.sampling import make_estimator
 
 SETS = ("unguided", "guided")

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uncdiff.uncertainty.guidance import (UncertaintyGuidance, calibrate_threshold_table, load_table, posterior_eps,
-                              save_table, uncertainty_gradient)
+from uncdiff.uncertainty.calibration import calibrate_threshold_table
+from uncdiff.uncertainty.guidance import (UncertaintyGuidance, load_table, posterior_eps, save_table,
+                                          uncertainty_gradient)
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, aleatoric_map

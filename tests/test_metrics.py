@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from uncdiff.evaluation.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
+from uncdiff.core.filtering import keep_best
+from uncdiff.evaluation.metrics import ause_aurg, random_subsets, sparsification_curve
 
 
 def brute_force_curve(unc, err, num_fractions):

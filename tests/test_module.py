@@ -94,7 +94,8 @@ def test_gradient_guidance_works_under_inference_mode(model):
 
 
 def test_table_threshold_from_a_calibration_file(model, tmp_path):
-    from uncdiff.uncertainty.guidance import calibrate_threshold_table, save_table
+    from uncdiff.uncertainty.calibration import calibrate_threshold_table
+    from uncdiff.uncertainty.guidance import save_table
     from uncdiff.core.samplers import make_sampler
 
     sampler = make_sampler(model.schedule, "ddim", steps=6)

@@ -1,6 +1,6 @@
 """The paper's experiments (docs/algorithms.md §6) as functions of generated images, scores and features: no
-files, no Lightning. `train.py evaluate` (uncdiff/evaluate_cmd.py) feeds them and
-`uncdiff/report.py` writes what they return.
+files, no Lightning. `train.py evaluate` (uncdiff/commands/evaluate.py) feeds them and
+`uncdiff/evaluation/report.py` writes what they return.
 
 - filtering: FID, and improved precision / recall, of the set kept by an estimator's scores versus
   random subsets of the same size;
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from uncdiff.evaluation.metrics import ause_aurg, keep_best, random_subsets, sparsification_curve
+from uncdiff.core.filtering import keep_best
+from uncdiff.evaluation.metrics import ause_aurg, random_subsets, sparsification_curve
 from uncdiff.core.samplers import EpsModel, SampleNoise, Sampler, StepContext
 
 SPREAD = 2.0  # a difference is reported as real when it exceeds SPREAD standard deviations

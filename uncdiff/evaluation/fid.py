@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
+from uncdiff.io import datasets
 from uncdiff.io.files import save_atomic
+from uncdiff.io.images import from_uint8, to_uint8
 
 ImageBatches = Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]]
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -96,7 +98,7 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """`[B, C, H, W]` in [-1, 1] -> `[B, 2048]`. Quantised to uint8 like a saved PNG; grey -> RGB."""
         _check_images(images)
-        x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        x = to_uint8(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.net(x)
@@ -105,13 +107,8 @@ class InceptionFeatures(nn.Module):
 # ------------------------------------------------------------------------------ small classifier
 
 def _digits(image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from uncdiff.lightning.data import DigitsDataModule
-
-    dm = DigitsDataModule(image_size=image_size)
-    dm.setup()
-    (train_x, train_y), (val_x, val_y) = dm.train_set.tensors, dm.val_set.tensors
-    to_float = lambda x, y: dm.on_after_batch_transfer((x, y), 0)  # the data module's own [-1, 1] scaling
-    return (*to_float(train_x, train_y), *to_float(val_x, val_y))
+    (train_x, train_y), (val_x, val_y) = datasets.digits(image_size)  # DigitsDataModule's default split
+    return from_uint8(train_x), train_y, from_uint8(val_x), val_y
 
 
 # name -> image_size -> (train images, train labels, held-out images, held-out labels)
@@ -257,8 +254,9 @@ def real_feature_stats(extractor: nn.Module, dataset: str, real_images: ImageBat
                        cache_dir: str = "cache") -> tuple[dict[str, Tensor], bool]:
     """The real-feature states for (dataset, extractor.name), from the cache file or computed once
     and cached (on rank 0 under DDP; the other ranks wait and read the file). Returns (states,
-    computed_now). `dataset` must name the exact image set (e.g. 'cifar10-train', 'digits16-train'):
-    it is the cache key. `real_images` may be a callable, called only when computing."""
+    computed_now). `dataset` must name the exact image set (e.g. 'digits-16x16-train', from
+    `uncdiff.lightning.data.dataset_key`): it is the cache key. `real_images` may be a callable,
+    called only when computing."""
     path = stats_path(cache_dir, dataset, extractor.name)
     computed = False
     if _world()[0] == 0 and not path.is_file():

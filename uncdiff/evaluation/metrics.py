@@ -1,5 +1,5 @@
 """Evaluation helpers of docs/algorithms.md §6 that are not FID: sparsification (AUSE / AURG) and the subsets
-of the filtering experiment."""
+of the filtering experiment (the filter itself is `uncdiff.core.filtering.keep_best`)."""
 
 from typing import Sequence
 
@@ -43,19 +43,6 @@ def ause_aurg(uncertainty: torch.Tensor, error: torch.Tensor, num_fractions: int
     _, oracle = sparsification_curve(error, error, num_fractions)
     area = curve_area(curve)
     return area - curve_area(oracle), float(curve[0]) - area
-
-
-def keep_best(scores: torch.Tensor, fraction_dropped: float) -> torch.Tensor:
-    """Bool mask `[N]` keeping all but the `round(p N)` samples with the highest score (filtering,
-    docs/algorithms.md §3/§6). Ties are broken by position; NaN scores count as highest."""
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
-    if not 0.0 <= fraction_dropped < 1.0:
-        raise ValueError(f"fraction_dropped must be in [0, 1), got {fraction_dropped!r}")
-    n_drop = round(fraction_dropped * scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores.cpu(), descending=True, stable=True)[:n_drop]] = False
-    return keep
 
 
 def random_subsets(n: int, keep: int, seeds: Sequence[int]) -> list[torch.Tensor]:

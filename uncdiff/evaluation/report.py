@@ -1,7 +1,9 @@
-"""The evaluation report: Markdown, one CSV per experiment, plots, and W&B tables when logging.
-Formats what `uncdiff.evaluation.experiments` computed; computes nothing itself."""
+"""The evaluation report: Markdown, one CSV per experiment, plots, and the same tables for a logger
+(W&B when the command logs). Formats what `uncdiff.evaluation.experiments` computed; computes
+nothing itself."""
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -11,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from uncdiff.io.files import write_atomic  # noqa: E402
 
 
 @dataclass
@@ -43,17 +47,20 @@ def table(rows: list[list[str]]) -> str:
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue().encode())
 
 
 # ----------------------------------------------------------------------------------------- plots
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    write_atomic(path, image.getvalue())
     plt.close(fig)
 
 
@@ -197,16 +204,14 @@ def write_report(out: Path, report: Report) -> list[Path]:
         plot_sparsification(report.curves, out / "sparsification.png")
     if report.cost:
         plot_cost(report.cost, out / "cost.png")
-    (out / "report.md").write_text(markdown(report))
+    write_atomic(out / "report.md", markdown(report).encode())
     return written + [out / "report.md"]
 
 
-def log_to_wandb(out: Path, project: str, report: Report) -> str:
-    """The report's tables and plots in a W&B run (offline when W&B can't be reached; see
-    uncdiff.lightning.wandb_logger). Returns the run's directory."""
-    from uncdiff.lightning.wandb_logger import WandbLogger
-
-    logger = WandbLogger(save_dir=str(out), project=project, name=f"evaluate-{out.name}")
+def log_report(logger, out: Path, report: Report) -> None:
+    """The report's tables (NaN as empty cells), the plots written in `out` and its header, into a
+    Lightning logger with `log_table`, `log_image` and `log_hyperparams` (the W&B logger that the
+    `evaluate` command makes: `uncdiff.lightning.wandb_logger.WandbLogger`)."""
     for name, rows in (("filtering", report.filtering), ("guidance", report.guidance),
                        ("sparsification", report.sparsification), ("cost", report.cost)):
         if rows:
@@ -217,6 +222,3 @@ def log_to_wandb(out: Path, project: str, report: Report) -> str:
             if (out / f"{name}.png").is_file():
                 logger.log_image(key=f"evaluate/{name}_plot", images=[str(out / f"{name}.png")])
     logger.log_hyperparams({k: str(v) for k, v in report.header.items()})
-    directory = logger.experiment.dir
-    logger.experiment.finish()
-    return directory

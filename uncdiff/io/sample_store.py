@@ -18,7 +18,6 @@ record exists, and a re-run generates only the chunks without one.
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import InputError, write_atomic
+from uncdiff.io.images import from_uint8, to_uint8
 
 GRID_SAMPLES = 64
 
@@ -62,11 +63,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """`[..., C, H, W]` in [-1, 1] -> uint8 (the same quantisation as the FID extractors')."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def heatmap(map_: torch.Tensor) -> np.ndarray:
@@ -173,7 +169,7 @@ class SampleStore:
                     scores: Optional[torch.Tensor], nfe: int, seconds: float) -> None:
         """Chunk `chunk`'s files: `images [B, C, H, W]` in [-1, 1], `maps [B, C, H, W]`, `scores [B]`;
         the record (seeds, scores, nfe, seconds) last."""
-        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        pixels = to_uint8(images.float()).permute(0, 2, 3, 1).numpy()
         for b, seed in enumerate(chunk.seeds):
             files = self.files(seed)
             image = pixels[b, ..., 0] if pixels.shape[-1] == 1 else pixels[b]
@@ -196,8 +192,6 @@ class SampleStore:
     def finish(self) -> dict:
         """All chunks done: write manifest.csv (filtering by `drop_fraction`), grid.png, dropped.png.
         Returns the run's summary (also written as summary.json)."""
-        from uncdiff.evaluation.metrics import keep_best
-
         records = self.records()
         seeds = [s for r in records for s in r["seeds"]]
         has_scores = records[0]["scores"] is not None
@@ -242,7 +236,7 @@ class SampleStore:
         pixels = [np.asarray(Image.open(self.root / self.files(s)["image"])) for c in self.chunks for s in c.seeds]
         x = torch.from_numpy(np.stack(pixels))
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.float() / 127.5 - 1
+        return from_uint8(x)
 
     def load_scores(self) -> Optional[torch.Tensor]:
         records = self.records()

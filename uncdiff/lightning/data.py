@@ -8,12 +8,14 @@ is what makes `--ckpt_path last` continue exactly, even from the middle of an ep
 
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from uncdiff.io.datasets import digits
+from uncdiff.io.images import from_uint8
 
 # Lightning warns about mid-epoch resumes unless the DataLoader itself is stateful; ours skips the
 # trained part of the epoch through the datamodule's state instead (see ImageDataModule.state_dict).
@@ -96,7 +98,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        return images.float() / 127.5 - 1.0, labels
+        return from_uint8(images), labels
 
     def state_dict(self) -> dict:
         """Where in the epoch training is: the next run skips the batches already trained on."""
@@ -110,12 +112,12 @@ class ImageDataModule(L.LightningDataModule):
         self._resume = dict(state) if state else None
 
 
-def to_uint8_images(images: torch.Tensor, size: int, max_value: float) -> torch.Tensor:
-    """Float `[N, C, h, w]` in [0, max_value] -> uint8 `[N, C, size, size]` (bilinear resize)."""
-    x = images.float() / max_value
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+def dataset_key(datamodule, image_shape: Sequence[int], split: str = "train") -> str:
+    """The one name of a data module's split at an image size: the key of its cached real FID
+    statistics. Its class name without 'DataModule', lower-cased, then `<H>x<W>-<split>`, e.g.
+    'digits-16x16-train', 'cifar10-32x32-train'."""
+    stem = type(datamodule).__name__.removesuffix("DataModule").lower()
+    return f"{stem}-{image_shape[-2]}x{image_shape[-1]}-{split}"
 
 
 class DigitsDataModule(ImageDataModule):
@@ -130,16 +132,9 @@ class DigitsDataModule(ImageDataModule):
         self.image_size, self.val_fraction = image_size, val_fraction
 
     def setup(self, stage: Optional[str] = None) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = to_uint8_images(torch.from_numpy(digits.images)[:, None], self.image_size, 16.0)
-        labels = torch.from_numpy(digits.target).long()
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-        n_val = max(int(len(images) * self.val_fraction), self.batch_size)
-        val, train = order[:n_val], order[n_val:]
-        self.train_set = TensorDataset(images[train], labels[train])
-        self.val_set = TensorDataset(images[val], labels[val])
+        (train_x, train_y), (val_x, val_y) = digits(self.image_size, self.val_fraction, min_val=self.batch_size)
+        self.train_set = TensorDataset(train_x, train_y)
+        self.val_set = TensorDataset(val_x, val_y)
 
 
 CIFAR_HELP = (

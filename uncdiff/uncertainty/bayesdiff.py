@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import DDIMSampler, StepContext
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
@@ -137,9 +138,8 @@ def fit_last_layer_laplace(net: nn.Module, images: Iterable | torch.Tensor, sche
     gen = torch.Generator().manual_seed(seed)
     h_w = torch.zeros(head.weight.shape, dtype=torch.float64, device=device)
     h_b = torch.zeros(head.bias.shape, dtype=torch.float64, device=device)
-    seen, was_training = 0, net.training
-    net.eval()
-    try:
+    seen = 0
+    with eval_mode(net):
         for x0 in image_batches(images, batch_size):
             x0 = x0[:num_images - seen].to(device, head.weight.dtype)
             t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=gen).to(device)
@@ -150,8 +150,6 @@ def fit_last_layer_laplace(net: nn.Module, images: Iterable | torch.Tensor, sche
             seen += x0.shape[0]
             if seen >= num_images:
                 break
-    finally:
-        net.train(was_training)
     if seen == 0:
         raise ValueError("no images to fit the Laplace approximation on")
     precision = lambda fisher: (fisher / sigma_noise**2 + prior_precision).reciprocal().to(head.weight.dtype)
@@ -178,12 +176,8 @@ class FeatureCachingEps:
         self._features: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             h = self.net.features(x, t)
-        finally:
-            self.net.train(was_training)
         self._x, self._t, self._features = x, t, h
         return self.net.head(h)
 

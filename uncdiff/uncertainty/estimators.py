@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import EpsModel, StepContext, predict_x0
 from uncdiff.core.schedule import NoiseSchedule
 
@@ -225,21 +226,18 @@ def dropout_layers(model: nn.Module) -> list[nn.Module]:
 def dropout_active(model: nn.Module, rate: Optional[float] = None) -> Iterator[None]:
     """Only the dropout layers in train mode (every other layer in eval: norms use their running
     statistics), optionally at dropout `rate`; all modes and rates are restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
     drops = dropout_layers(model)
     rates = [d.p for d in drops]
-    try:
-        model.eval()
-        for d in drops:
-            d.train()
-            if rate is not None:
-                d.p = rate
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for d, p in zip(drops, rates):
-            d.p = p
+    with eval_mode(model):
+        try:
+            for d in drops:
+                d.train()
+                if rate is not None:
+                    d.p = rate
+            yield
+        finally:
+            for d, p in zip(drops, rates):
+                d.p = p
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Uncertainty-guided sampling (docs/algorithms.md §4) as a sampler hook, and its threshold calibration.
+"""Uncertainty-guided sampling (docs/algorithms.md §4) as a sampler hook, and its threshold tables on disk
+(made by `uncdiff.uncertainty.calibration.calibrate_threshold_table`).
 
 On the steps of the guidance window the hook replaces `eps_bar` by a guided `eps_tilde` and lets
 the ordinary sampler step run, so it works unchanged under DDPM, DDIM or any later sampler.
@@ -10,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from uncdiff.core.samplers import EpsModel, Sampler, StepContext, predict_x0
+from uncdiff.core.samplers import EpsModel, StepContext, predict_x0
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
@@ -103,7 +104,7 @@ class UncertaintyGuidance:
     compute `U_t` (docs/algorithms.md §3, `num_perturbations` draws z from the per-sample `'uncertainty'`
     stream, reused inside the gradient), the mask `m = 1[U_t > tau]` (`threshold='percentile'`:
     `tau_b` is the `quantile` of image b's own values; `'table'`: `tau = table[step]`, a
-    `[steps, C, H, W]` tensor from `calibrate_threshold_table`), and return
+    `[steps, C, H, W]` tensor from `calibration.calibrate_threshold_table`), and return
     - `rule='gradient'`: `eps_bar + sign * lam * m * dU/d eps_bar` (see `uncertainty_gradient`);
     - `rule='posterior'`: `posterior_eps`.
     On the steps of `estimate_window` it records `U_t` into `scores`/`maps` (the estimator it owns,
@@ -195,32 +196,6 @@ class UncertaintyGuidance:
         if self.rule == "gradient":
             return ctx.eps + (self.sign * self.lam) * m.to(grad.dtype) * grad
         return posterior_eps(eps_i, ctx.eps, schedule.abar_at(ctx.t), m)
-
-
-def quantile_over_samples(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile along dim 0 with linear interpolation (as `torch.quantile`, which refuses
-    inputs over 2^24 elements)."""
-    s = x.sort(dim=0).values
-    pos = q * (x.shape[0] - 1)
-    lo = int(pos)
-    hi = min(lo + 1, x.shape[0] - 1)
-    return s[lo] + (pos - lo) * (s[hi] - s[lo])
-
-
-def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
-                              quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
-                              chunk_size: Optional[int] = None, batch_size: int = 256,
-                              device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (docs/algorithms.md §3)
-    over unguided samples, one per seed (docs/algorithms.md §4, `threshold='table'`). Use it with the same
-    sampler, step count, variant and number of perturbations."""
-    from uncdiff.uncertainty.sampling import generate  # generate's factory imports this module
-
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-    est = AleatoricUncertainty(num_perturbations, variant, chunk_size, keep_maps=True)
-    maps = generate(eps_model, sampler, shape, seeds, est, device, batch_size, progress).step_maps
-    return torch.stack([quantile_over_samples(maps[:, i], quantile) for i in range(maps.shape[1])])
 
 
 def save_table(path, table: torch.Tensor, settings: Mapping) -> None:

@@ -4,14 +4,15 @@ evaluations, over a plain `eps_model(x, t)` callable (no Lightning)."""
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
-from uncdiff.uncertainty.guidance import UncertaintyGuidance
 from uncdiff.core.samplers import EpsModel, Sampler, StepContext, sample
+from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
+from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
 
 ESTIMATORS = {
     "none": None,
@@ -116,3 +117,61 @@ def make_estimator(kind: str = "none", **options):
     if missing:
         raise ValueError(f"estimator {kind!r} needs the option(s) {missing}")
     return cls(**options)
+
+
+def guided_options(estimator_options: dict, guidance: dict) -> dict:
+    """The `UncertaintyGuidance` options of a guided run: `guidance` plus the estimator's options,
+    whose `window` (a plain estimator's estimation window) is guidance's `estimate_window` (its
+    `window` is the guidance window). An option set in both is an error naming it."""
+    options, names = dict(estimator_options), {k: k for k in estimator_options}
+    if "window" in options:
+        if "estimate_window" in options:
+            raise ValueError("estimator_options sets both window and estimate_window, with guidance the same "
+                             "(estimation) window: give one")
+        options["estimate_window"], names["estimate_window"] = options.pop("window"), "window"
+    both = sorted(set(options) & set(guidance))
+    if both:
+        raise ValueError("set in both estimator_options and guidance: "
+                         + ", ".join(f"estimator_options.{names[k]} and guidance.{k}" for k in both)
+                         + "; give each once")
+    return {**options, **guidance}
+
+
+def build_hook(estimator: str = "none", options: Optional[dict] = None, guidance: Optional[dict] = None, *,
+               net: Optional[torch.nn.Module] = None, laplace: Any = None, steps: Optional[int] = None,
+               image_shape: Optional[Sequence[int]] = None, device: torch.device | str | None = None):
+    """The sampler hook of a run's settings: the one place where they become an estimator.
+
+    - `guidance` (`UncertaintyGuidance` options, docs/algorithms.md §4): guided sampling, estimating
+      with the aleatoric estimator, whose `options` join guidance's (`guided_options`). With
+      `threshold='table'`, `table` may be the path of a `save_table` file: loaded, checked against
+      `steps` and `image_shape` where given, and moved to `device`.
+    - `'mc_dropout'`: dropout passes of `net`; `'bayesdiff'`: `net` with the fitted last-layer
+      Laplace posterior `laplace` (moved to `device`); pass the hook's `eps_model` to `generate`.
+    - any other `estimator`: `make_estimator(estimator, **options)` (None for `'none'`).
+    A bad setting is a ValueError naming it, before anything is sampled.
+    """
+    options = dict(options or {})
+    if guidance is not None:
+        if estimator not in ("none", "aleatoric"):
+            raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
+        guidance = guided_options(options, guidance)
+        if isinstance(guidance.get("table"), (str, Path)):  # a file from calibrate_threshold_table
+            try:
+                table = table_from_file(guidance["table"], steps, image_shape)
+            except ValueError as error:
+                raise ValueError(f"guidance.table: {error}") from None
+            guidance["table"] = table if device is None else table.to(device)
+        try:
+            return make_estimator("guided", **guidance)
+        except ValueError as error:
+            raise ValueError(f"guidance: {error}") from None
+    if estimator == "mc_dropout":
+        return make_estimator("mc_dropout", model=net, **options)
+    if estimator == "bayesdiff":
+        if laplace is None:
+            raise ValueError("estimator='bayesdiff' needs a fitted Laplace posterior: call fit_laplace() "
+                             "or load a checkpoint that holds one")
+        return make_estimator("bayesdiff", net=net, laplace=laplace if device is None else laplace.to(device),
+                              **options)
+    return make_estimator(estimator, **options)

@@ -1,0 +1,35 @@
+"""The threshold table of guidance's `threshold='table'` (docs/algorithms.md §4): per step and pixel, a
+quantile of the aleatoric map over unguided samples. Save and load it with `guidance.save_table` /
+`guidance.table_from_file`."""
+
+from typing import Optional, Sequence
+
+import torch
+
+from uncdiff.core.samplers import EpsModel, Sampler
+from uncdiff.uncertainty.estimators import AleatoricUncertainty
+from uncdiff.uncertainty.sampling import generate
+
+
+def quantile_over_samples(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile along dim 0 with linear interpolation (as `torch.quantile`, which refuses
+    inputs over 2^24 elements)."""
+    s = x.sort(dim=0).values
+    pos = q * (x.shape[0] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, x.shape[0] - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
+                              quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
+                              chunk_size: Optional[int] = None, batch_size: int = 256,
+                              device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (docs/algorithms.md §3)
+    over unguided samples, one per seed (docs/algorithms.md §4, `threshold='table'`). Use it with the same
+    sampler, step count, variant and number of perturbations."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    est = AleatoricUncertainty(num_perturbations, variant, chunk_size, keep_maps=True)
+    maps = generate(eps_model, sampler, shape, seeds, est, device, batch_size, progress).step_maps
+    return torch.stack([quantile_over_samples(maps[:, i], quantile) for i in range(maps.shape[1])])
