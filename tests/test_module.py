@@ -6,7 +6,11 @@ import torch
 
 from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import DigitsDataModule
+from uncdiff.core.samplers import make_sampler, sample
 from uncdiff.lightning.module import DiffusionModule
+from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
+from uncdiff.uncertainty.estimators import MCDropoutUncertainty
+from uncdiff.uncertainty.guidance import UncertaintyGuidance
 
 
 class LossHistory(L.Callback):
@@ -55,6 +59,12 @@ def test_sample_is_seeded_per_image_and_estimation_does_not_change_images(model)
     mc = model.sample(2, sampler="ddim", steps=4, estimator="mc_dropout")
     assert (mc.scores > 0).all()
     assert model.ema.ema_model.training  # the network's mode is restored
+    # the same as the plain sampling loop with the estimator as its hook, on the network in eval mode
+    net = model.ema.ema_model.eval()
+    loop = MCDropoutUncertainty(net)
+    images = sample(net, make_sampler(model.schedule, "ddim", steps=4), model.image_shape, [0, 1], hook=loop)
+    torch.testing.assert_close(mc.images, images)
+    torch.testing.assert_close(mc.scores, loop.scores)
 
 
 def test_guided_sampling_changes_images_and_reports_cost(model):
@@ -81,22 +91,31 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt")
     torch.testing.assert_close(loaded.laplace.var_W, model.laplace.var_W)
-    result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff",
-                           estimator_options={"skip": 1, "num_draws": 2, "moments": "regression"})
+    options = {"skip": 1, "num_draws": 2, "moments": "regression"}
+    result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff", estimator_options=options)
     assert result.scores.shape == (2,) and (result.scores > 0).all()
+    # what the checkpoint's posterior gives through the plain loop (features cached by the hook's eps_model)
+    hook = BayesDiffUncertainty(net=loaded.ema.ema_model.eval(), laplace=loaded.laplace, **options)
+    images = sample(hook.eps_model, make_sampler(loaded.schedule, "ddim", steps=5, clip=False), loaded.image_shape,
+                    [0, 1], hook=hook)
+    torch.testing.assert_close(result.images, images)
+    torch.testing.assert_close(result.maps, hook.maps)
 
 
 def test_gradient_guidance_works_under_inference_mode(model):
     """Lightning runs validation (and so the callbacks) under inference_mode."""
     with torch.inference_mode():
         guided = model.sample(2, sampler="ddim", steps=10, guidance={"rule": "gradient"})
-    assert torch.isfinite(guided.images).all()
+    # the guided images of the plain loop, outside inference mode
+    images = sample(model.ema.ema_model.eval(), make_sampler(model.schedule, "ddim", steps=10), model.image_shape,
+                    [0, 1], hook=UncertaintyGuidance(rule="gradient"))
+    torch.testing.assert_close(guided.images, images)
+    assert not torch.allclose(guided.images, model.sample(2, sampler="ddim", steps=10).images)
 
 
 def test_table_threshold_from_a_calibration_file(model, tmp_path):
     from uncdiff.uncertainty.calibration import calibrate_threshold_table
     from uncdiff.uncertainty.guidance import save_table
-    from uncdiff.core.samplers import make_sampler
 
     sampler = make_sampler(model.schedule, "ddim", steps=6)
     table = calibrate_threshold_table(model.ema.ema_model.eval(), sampler, model.image_shape, range(8),
@@ -105,7 +124,10 @@ def test_table_threshold_from_a_calibration_file(model, tmp_path):
     save_table(tmp_path / "tau.pt", table, {"steps": 6, "quantile": 0.9})
     guided = model.sample(2, sampler="ddim", steps=6,
                           guidance={"threshold": "table", "table": str(tmp_path / "tau.pt"), "rule": "posterior"})
-    assert torch.isfinite(guided.images).all()
+    # the file's table, used by the plain loop
+    hook = UncertaintyGuidance(threshold="table", table=table, rule="posterior")
+    torch.testing.assert_close(guided.images, sample(model.ema.ema_model.eval(), sampler, model.image_shape, [0, 1],
+                                                     hook=hook))
     with pytest.raises(ValueError, match="calibrated"):
         model.sample(2, sampler="ddim", steps=5, guidance={"threshold": "table", "table": str(tmp_path / "tau.pt")})
     with pytest.raises(ValueError, match="guidance.table: no threshold table file"):

@@ -132,18 +132,22 @@ def rank_files(root: Path, step: int) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | {"ranks": len(parts)}
 
 
+def figures_once(root):
+    """The figures are PNGs under the run dir at the second validation only (every_n_epochs=2), each
+    logged once to the run's one W&B run; returns that run's history and config."""
+    assert sorted(p.name for p in (root / "uncertainty").iterdir()) == ["step_00000004"]
+    assert sorted(p.stem for p in (root / "uncertainty" / "step_00000004").glob("*.png")) == sorted(FIGURES)
+    (run,) = (root / "wandb").glob("offline-run-*")
+    for name in FIGURES:
+        assert len(list(run.glob(f"files/media/images/val/uncertainty/{name}_*.png"))) == 1, name
+    return wandb_history_and_config(run)
+
+
 # ------------------------------------------------------------------------------------- tests
 
 def test_one_process_fit_writes_figures_fids_and_wandb_run(one_process, cache):
     root, trainer = one_process
-    # figures: PNGs under the run dir at the second validation only (every_n_epochs=2)
-    assert sorted(p.name for p in (root / "uncertainty").iterdir()) == ["step_00000004"]
-    assert sorted(p.stem for p in (root / "uncertainty" / "step_00000004").glob("*.png")) == sorted(FIGURES)
-
-    (run,) = (root / "wandb").glob("offline-run-*")
-    for name in FIGURES:
-        assert len(list(run.glob(f"files/media/images/val/uncertainty/{name}_*.png"))) == 1, name
-    history, config = wandb_history_and_config(run)
+    history, config = figures_once(root)
     for key in (*FID_KEYS, "val/fid/seconds", "val/fid/sampling_seconds", "val/fid/feature_seconds"):
         values = [h[key] for h in history if key in h]
         assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values), (key, values)
@@ -177,13 +181,7 @@ def test_one_process_fit_writes_figures_fids_and_wandb_run(one_process, cache):
 
 def test_two_processes_log_once_and_see_what_one_process_sees(two_processes, cache, tmp_path):
     root, trainer = two_processes
-    # rank 1 wrote nothing a logger or a figure would show twice
-    assert sorted(p.name for p in (root / "uncertainty").iterdir()) == ["step_00000004"]
-    assert sorted(p.stem for p in (root / "uncertainty" / "step_00000004").glob("*.png")) == sorted(FIGURES)
-    (run,) = (root / "wandb").glob("offline-run-*")
-    for name in FIGURES:
-        assert len(list(run.glob(f"files/media/images/val/uncertainty/{name}_*.png"))) == 1, name
-    history, _ = wandb_history_and_config(run)
+    history, _ = figures_once(root)  # rank 1 wrote nothing a logger or a figure would show twice
     rows = csv_metrics(root)
     for key in FID_KEYS:
         assert len([h for h in history if key in h]) == 2 and len(logged(rows, key)) == 2, key
@@ -299,7 +297,8 @@ def test_bad_options_fail_at_construction_naming_the_option(cls, options, option
 def test_a_threshold_table_file_is_checked_at_construction_and_used_when_sampling(tmp_path, monkeypatch):
     from uncdiff.uncertainty.calibration import calibrate_threshold_table
     from uncdiff.uncertainty.guidance import save_table
-    from uncdiff.core.samplers import make_sampler
+    from uncdiff.core.samplers import make_sampler, sample
+    from uncdiff.uncertainty.guidance import UncertaintyGuidance
 
     torch.manual_seed(0)
     module = DiffusionModule(**tiny_model_kwargs())
@@ -316,7 +315,11 @@ def test_a_threshold_table_file_is_checked_at_construction_and_used_when_samplin
     assert figures.guidance["table"] == fid_trajectory.guided_options["table"] == str(tmp_path / "tau.pt")
     trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True)
     results = figures.generate(trainer, module)
-    assert torch.isfinite(results["guided"]["images"]).all() and results["guided"]["scores"].shape == (2,)
+    assert results["guided"]["scores"].shape == (2,)
+    # the file's table in the plain sampling loop gives the same images (the default 5 perturbations)
+    hook = UncertaintyGuidance(rule="posterior", threshold="table", table=table)
+    loop = sample(module.ema.ema_model.eval(), sampler, module.image_shape, [0, 1], hook=hook)
+    torch.testing.assert_close(results["guided"]["images"], loop)
     with pytest.raises(ValueError, match="guidance.table: .*calibrated"):  # 3 steps in the table, 4 here
         UncertaintySampling(steps=4, guidance=guidance | {"table": "../tau.pt"})
 

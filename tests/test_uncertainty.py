@@ -204,6 +204,31 @@ def test_mc_dropout_positive_variance_with_dropout():
     assert not model.training and model.drop.p == 0.3
 
 
+def test_mc_dropout_variance_of_inverted_dropout_matches_its_closed_form():
+    """Through dropout alone, a pixel x is x / (1 - p) with probability 1 - p and 0 otherwise: its variance
+    over passes is x^2 p / (1 - p), which the unbiased variance of M passes estimates without bias."""
+
+    class DropoutOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x, t):
+            return self.drop(x)
+
+    p, m = 0.2, 400
+    model = DropoutOnly().eval()
+    ctx = make_ctx(model, b=4)
+    est = MCDropoutUncertainty(model, num_passes=m, dropout=p)
+    est(ctx)
+    ratio = est.maps / (ctx.x_t**2 * p / (1 - p))  # ~ 1 per pixel
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.03)
+    # sd(s^2) / var = sqrt((mu_4 / var^2 - 1) / M), mu_4 / var^2 = (1 - 3q + 3q^2) / (q (1 - q)) for Bernoulli(q)
+    q = 1 - p
+    assert ratio.std().item() == pytest.approx(((1 - 3 * q + 3 * q * q) / (q * (1 - q)) - 1) ** 0.5 / m**0.5, rel=0.2)
+    assert model.drop.p == 0.3 and not model.training
+
+
 def test_mc_dropout_on_unet_groupnorm():
     net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                attn_resolutions=(4,), dropout=0.1)
