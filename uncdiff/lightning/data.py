@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from uncdiff.io.datasets import digits
 from uncdiff.io.images import from_uint8
@@ -22,11 +22,16 @@ from uncdiff.io.images import from_uint8
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Shuffled (or ordered) indices, split into equal disjoint shards, one per DDP rank.
 
     The permutation of epoch e comes from a generator seeded with (seed, e). `skip` drops the
     first indices of one epoch's shard (used once, when resuming mid-epoch).
+
+    It is a `DistributedSampler` only so that Lightning keeps it whatever
+    `Trainer(use_distributed_sampler=...)` says (documented: an existing DistributedSampler is not
+    replaced); it shards by itself, so DistributedSampler's `__init__` (which wants the process
+    group and the dataset) is not run.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
@@ -76,6 +81,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self._resume: Optional[dict] = None
+        self._trained = (-1, 0)  # (epoch, batches trained on in it), counted in on_after_batch_transfer
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
@@ -83,10 +89,6 @@ class ImageDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError("uncdiff shards data itself: set trainer.use_distributed_sampler: false "
-                             "(train.py does this by default)")
         sampler = ResumableSampler(len(self.train_set), self.seed, shuffle=True)
         if self._resume is not None:
             sampler.resume_epoch = self._resume["epoch"]
@@ -97,6 +99,10 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, ResumableSampler(len(self.val_set), shuffle=False))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        if trainer is not None and trainer.training:  # count the training batches for state_dict
+            epoch, done = self._trained                # (Lightning's own count is in private classes)
+            self._trained = (trainer.current_epoch, done + 1 if epoch == trainer.current_epoch else 1)
         images, labels = batch
         return from_uint8(images), labels
 
@@ -105,11 +111,13 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return {}
-        return {"epoch": trainer.current_epoch,
-                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        epoch, done = self._trained
+        return {"epoch": trainer.current_epoch, "batches": done if epoch == trainer.current_epoch else 0}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None
+        if state:
+            self._trained = (state["epoch"], state["batches"])
 
 
 def dataset_key(datamodule, image_shape: Sequence[int], split: str = "train") -> str:

@@ -71,6 +71,16 @@ class WandbLogger(LightningWandbLogger):
     def finalize(self, status: str) -> None:
         """Close the run, so a later fit in the same process (a notebook, a test) gets its own."""
         super().finalize(status)
-        if self._experiment is not None:
-            self._experiment.finish()
-            self._experiment = None
+        close_run(self)
+
+
+def close_run(logger: LightningWandbLogger) -> None:
+    """Finish the W&B run `logger` started, if any, and let it start a new one when used again.
+
+    Lightning has no public API for this: its `experiment` property starts a run when there is none
+    (so it can't tell whether one exists) and keeps the run in the private `_experiment`, read and
+    reset here only (`wandb.finish()` alone would leave the logger holding a finished run, on which
+    a later `trainer.validate` fails). tests/test_lightning_api.py fails if the attribute goes."""
+    if logger._experiment is not None:
+        logger._experiment.finish()
+        logger._experiment = None
