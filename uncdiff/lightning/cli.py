@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from uncdiff.io.files import InputError, load_torch
+
 CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
 
 
@@ -50,6 +52,11 @@ class UncdiffCLI(LightningCLI):
             "plugins": {"class_path": "uncdiff.lightning.checkpoint_io.SafeCheckpointIO"}})
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        check_ckpt_path(self.config.get(f"{subcommand}.ckpt_path" if subcommand else "ckpt_path"))
+
     def before_instantiate_classes(self) -> None:
         """Point the logger and checkpoints into the run directory unless set explicitly."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -65,6 +72,18 @@ class UncdiffCLI(LightningCLI):
 
     def before_fit(self) -> None:
         refuse_to_overwrite(self.trainer.checkpoint_callbacks, self.config.fit.get("ckpt_path"))
+
+
+def check_ckpt_path(ckpt_path: Optional[str]) -> None:
+    """Exit with a message naming `--ckpt_path` when that file doesn't load with weights_only=True,
+    before Lightning reads it (its own error would suggest weights_only=False). Names Lightning
+    resolves itself ('last', 'best', URLs) are left to it; SafeCheckpointIO loads those."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return
+    try:
+        load_torch(ckpt_path, "checkpoint", mmap=True)
+    except InputError as error:
+        raise SystemExit(f"error: --ckpt_path: {error}") from None
 
 
 def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:
