@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from uncdiff.core.schedule import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace")
+CLIPPED_EPS = ("rederive", "keep")
 DDPM_VARIANCES = ("beta_tilde", "beta")
 MAX_SEED = 2**32
 
@@ -63,28 +64,49 @@ class SampleNoise:
 class Sampler(Protocol):
     schedule: NoiseSchedule
     timesteps: list[int]
-    clip: bool
+    clip: bool | float
     stochastic: bool
 
     def step(self, eps: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
              noise: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
+def clip_range(clip: bool | float) -> float:
+    """The half-width r of the x0 clipping interval [-r, r] that `clip` asks for: True means 1 (pixel
+    models in [-1, 1]), a number > 0 is r itself (diffusers' `clip_sample_range`), False/0 is none (0)."""
+    if isinstance(clip, bool):
+        return 1.0 if clip else 0.0
+    if not clip >= 0:
+        raise ValueError(f"clip must be a bool or a range >= 0, got {clip}")
+    return float(clip)
+
+
 def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int,
-               clip: bool) -> torch.Tensor:
-    """Clean-image estimate `(x_t - sqrt(1 - abar[t]) eps) / sqrt(abar[t])`, optionally clipped."""
+               clip: bool | float) -> torch.Tensor:
+    """Clean-image estimate `(x_t - sqrt(1 - abar[t]) eps) / sqrt(abar[t])`, clipped to [-r, r]
+    with `r = clip_range(clip)` when clipping is on."""
     a = schedule.abar_at(t)
     x0 = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
-    return x0.clamp(-1, 1) if clip else x0
+    r = clip_range(clip)
+    return x0.clamp(-r, r) if r > 0 else x0
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
     """`steps` training timesteps, descending. `uniform`: floor(i T / S); `quadratic`:
-    floor(linspace(0, sqrt(0.8 T), S)^2), both as in Song et al.'s DDIM code."""
+    floor(linspace(0, sqrt(0.8 T), S)^2), both as in Song et al.'s DDIM code. `leading`
+    (i floor(T / S)), `trailing` (round(T - i T / S) - 1) and `linspace` (round(linspace(0, T - 1, S)))
+    are diffusers' `timestep_spacing` values with `steps_offset = 0`; `leading` equals `uniform`
+    when S divides T (docs/diffusers.md, "Timestep spacing")."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     if spacing == "uniform":
         ts = [i * num_timesteps // steps for i in range(steps)]
+    elif spacing == "leading":
+        ts = [i * (num_timesteps // steps) for i in range(steps)]
+    elif spacing == "trailing":
+        ts = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1).tolist()[::-1]
+    elif spacing == "linspace":
+        ts = np.linspace(0, num_timesteps - 1, steps).round().astype(np.int64).tolist()
     elif spacing == "quadratic":
         ts = [int(v) for v in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
         if len(set(ts)) != steps:
@@ -102,13 +124,14 @@ class DDPMSampler:
     """
 
     def __init__(self, schedule: NoiseSchedule, steps: Optional[int] = None,
-                 variance: str = "beta_tilde", clip: bool = True):
+                 variance: str = "beta_tilde", clip: bool | float = True):
         if variance not in DDPM_VARIANCES:
             raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
         self.schedule = schedule
         self.timesteps = spaced_timesteps(schedule.num_timesteps,
                                           schedule.num_timesteps if steps is None else steps)
         self.variance = variance
+        clip_range(clip)  # fail now on a bad range
         self.clip = clip
         self.stochastic = True
 
@@ -127,24 +150,30 @@ class DDIMSampler:
     """DDIM (Song et al.): `x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z`,
     `sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')`.
 
-    With clipping, eps is re-derived from the clipped x0 so that the step stays on the line
-    through x_t and x0 (as in guided-diffusion).
+    With clipping, `clipped_eps` says which eps the direction term uses (docs/algorithms.md §2):
+    `rederive` (default) re-derives it from the clipped x0, so that the step stays on the line
+    through x_t and x0 (as in guided-diffusion; diffusers' `use_clipped_model_output=True`);
+    `keep` uses the network's eps unchanged (diffusers' default).
     """
 
     def __init__(self, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0,
-                 spacing: str = "uniform", clip: bool = True):
+                 spacing: str = "uniform", clip: bool | float = True, clipped_eps: str = "rederive"):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if clipped_eps not in CLIPPED_EPS:
+            raise ValueError(f"clipped_eps must be one of {CLIPPED_EPS}, got {clipped_eps!r}")
         self.schedule = schedule
         self.timesteps = spaced_timesteps(schedule.num_timesteps, steps, spacing)
         self.eta = eta
+        clip_range(clip)  # fail now on a bad range
         self.clip = clip
+        self.clipped_eps = clipped_eps
         self.stochastic = eta > 0
 
     def step(self, eps, t, t_prev, x_t, noise=None):
         a_t, a_prev = self.schedule.abar_at(t), self.schedule.abar_at(t_prev)
         x0 = predict_x0(self.schedule, x_t, eps, t, self.clip)
-        if self.clip:
+        if clip_range(self.clip) > 0 and self.clipped_eps == "rederive":
             eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps

@@ -35,6 +35,19 @@ class NoiseSchedule:
         self.betas = make_betas(schedule, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
 
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, name: str) -> "NoiseSchedule":
+        """A schedule with the given `abar[t]` `[T]` (a pretrained model's, e.g. exactly what a diffusers
+        scheduler computes), kept in float64; `name` says where it came from."""
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if abar.ndim != 1 or len(abar) < 2 or not bool(((abar > 0) & (abar < 1)).all() and (abar.diff() < 0).all()):
+            raise ValueError(f"alphas_cumprod must be a decreasing 1-D tensor of >= 2 values in (0, 1), "
+                             f"got shape {tuple(abar.shape)}")
+        schedule = cls.__new__(cls)
+        schedule.name, schedule.num_timesteps, schedule.alphas_cumprod = name, len(abar), abar
+        schedule.betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        return schedule
+
     def abar_at(self, t: int) -> float:
         """Scalar abar for one training timestep; t = -1 means 'before the first step' (abar = 1)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])

@@ -13,6 +13,7 @@ from uncdiff.core.samplers import make_sampler
 from uncdiff.uncertainty.sampling import SampleResult, generate, make_estimator
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.core.unet import UNet
+from uncdiff.io.diffusers_pipeline import load_pretrained
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
@@ -73,7 +74,9 @@ class DiffusionModule(L.LightningModule):
     Args (the U-Net's are passed to `UNet`): `lr`/`warmup_steps` give Adam with linear warm-up;
     `ema_*` configure ema-pytorch (decay, warm-up power, update cadence); `random_flip`
     flips images horizontally on the device; `seed` fixes all training randomness per step.
-    `sampler`, `sample_steps` configure `sample()`'s defaults.
+    `sampler`, `sample_steps` configure `sample()`'s defaults. `network`, when given, is used
+    instead of building `UNet` (e.g. a diffusers UNet, see `from_diffusers`): `network(x [B, C, H, W],
+    t [B]) -> eps` for images of `in_channels` x `image_size`^2; the U-Net options are then unused.
     """
 
     def __init__(
@@ -96,15 +99,17 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         sampler: str = "ddim",
         sample_steps: int = 50,
+        network: Optional[torch.nn.Module] = None,
     ):
         super().__init__()
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {lr}, {warmup_steps}")
-        self.save_hyperparameters()
-        self.net = UNet(image_size, in_channels, base_channels, channel_mults, num_res_blocks,
-                        attn_resolutions, dropout)
+        self.save_hyperparameters(ignore=["network"])
+        self.net = network if network is not None else UNet(image_size, in_channels, base_channels, channel_mults,
+                                                            num_res_blocks, attn_resolutions, dropout)
+        self.sampler_defaults: dict = {}  # a pretrained model's sampler options (from_diffusers), under explicit ones
         self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
         make_sampler(self.schedule, sampler, steps=sample_steps)  # fail now on a bad sampler option
         # include_online_model=False: the checkpoint holds the online weights once, under `net`.
@@ -185,8 +190,9 @@ class DiffusionModule(L.LightningModule):
         Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
         """
         options = dict(estimator_options or {})
-        sampler_obj = make_sampler(self.schedule, sampler or self.hparams.sampler,
-                                   steps=steps or self.hparams.sample_steps, **sampler_kwargs)
+        sampler = sampler or self.hparams.sampler
+        sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
+        sampler_obj = make_sampler(self.schedule, sampler, steps=steps or self.hparams.sample_steps, **sampler_kwargs)
         if guidance is not None:
             if estimator not in ("none", "aleatoric"):
                 raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
@@ -220,6 +226,26 @@ class DiffusionModule(L.LightningModule):
                                 progress)
         finally:
             model.train(was_training)
+
+    def sampler_options(self, sampler: str) -> dict:
+        """The model's own defaults among `sampler`'s options (a diffusers scheduler config's clipping,
+        DDPM variance, DDIM timestep spacing); empty for a model trained here."""
+        names = {"ddpm": ("clip", "variance"), "ddim": ("clip", "spacing")}.get(sampler, ())
+        return {k: v for k, v in self.sampler_defaults.items() if k in names}
+
+    @classmethod
+    def from_diffusers(cls, path, sampler: str = "ddim", sample_steps: int = 50) -> "DiffusionModule":
+        """A diffusers pipeline folder or bare `UNet2DModel` folder (docs/diffusers.md) as a module for
+        sampling, estimation, guidance and evaluation: its UNet is the (EMA) network, its scheduler
+        config the schedule and sampler defaults. On the CPU, in eval mode."""
+        pretrained = load_pretrained(path)
+        module = cls(image_size=pretrained.image_size, in_channels=pretrained.in_channels, dropout=pretrained.dropout,
+                     num_timesteps=pretrained.schedule.num_timesteps, sampler=sampler, sample_steps=sample_steps,
+                     network=pretrained.net)
+        module.schedule = pretrained.schedule
+        module.sampler_defaults = dict(pretrained.sampler_defaults)
+        module.pretrained_source = pretrained.source
+        return module.eval()
 
     def fit_laplace(self, images, num_images: int = 1000, **options) -> None:
         """Fit BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) on the EMA network from training

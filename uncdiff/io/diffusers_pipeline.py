@@ -1,0 +1,261 @@
+"""Pretrained diffusers models as uncdiff noise predictors (docs/diffusers.md).
+
+A diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`) or a bare `UNet2DModel`
+folder (`config.json` and its weights) becomes a `PretrainedDiffusion`: the UNet wrapped as the
+`eps_model(x, t) -> eps` callable every sampler, estimator and guidance rule takes, the noise
+schedule its scheduler config defines, and the sampler defaults that config implies. Every field
+uncdiff cannot honour is refused here, naming the field and its value, before any sampling.
+
+Configs are read as JSON; weights load through diffusers' `from_pretrained` (safetensors, or a
+`.bin` with `torch.load(weights_only=True)`), so no file in the folder can run code. diffusers is
+an optional extra: without it a folder is refused with the install command.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.io.files import InputError
+
+INSTALL = 'pip install -e ".[diffusers]"'
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+# DDPMScheduler's defaults: what a missing field means (diffusers fills them in the same way).
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                      "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True,
+                      "clip_sample_range": 1.0, "prediction_type": "epsilon", "thresholding": False,
+                      "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
+                      "set_alpha_to_one": True}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # our spacings of the same names
+VARIANCES = {"fixed_small": "beta_tilde", "fixed_small_log": "beta_tilde", "fixed_large": "beta",
+             "fixed_large_log": "beta"}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder that looks like a pipeline (`model_index.json`) or a bare model (`config.json`)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "config.json").is_file())
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not a readable JSON {what} ({type(error).__name__}: {error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def refuse(where: Path, key: str, value: Any, why: str) -> InputError:
+    return InputError(f"{where}: {key} = {value!r} is not supported: {why}")
+
+
+# ------------------------------------------------------------------------------------- schedule
+
+def diffusers_betas(config: dict, where: Path | str = "scheduler config") -> torch.Tensor:
+    """Betas `[T]` of a diffusers scheduler config, in float32 as diffusers computes them:
+    `trained_betas`, or `beta_schedule` `linear` / `scaled_linear` (linear in sqrt(beta)) between
+    `beta_start` and `beta_end`, or `squaredcos_cap_v2` (Nichol & Dhariwal's cosine, each beta
+    capped at 0.999)."""
+    c = {**SCHEDULER_DEFAULTS, **config}
+    T = c["num_train_timesteps"]
+    if not isinstance(T, int) or T < 2:
+        raise refuse(Path(where), "num_train_timesteps", T, "it must be an integer >= 2")
+    if c["trained_betas"] is not None:
+        betas = torch.tensor(c["trained_betas"], dtype=torch.float32)
+        if betas.shape != (T,):
+            raise refuse(Path(where), "trained_betas", f"<{betas.numel()} values>", f"it must hold num_train_timesteps = {T}")
+        return betas
+    name, start, end = c["beta_schedule"], c["beta_start"], c["beta_end"]
+    if name == "linear":
+        return torch.linspace(start, end, T, dtype=torch.float32)
+    if name == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
+    if name == "squaredcos_cap_v2":
+        def abar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise refuse(Path(where), "beta_schedule", name, f"uncdiff knows {BETA_SCHEDULES} (or trained_betas)")
+
+
+def check_scheduler_config(config: dict, where: Path) -> dict:
+    """The scheduler config with defaults filled in, after refusing every field uncdiff can't honour."""
+    c = {**SCHEDULER_DEFAULTS, **config}
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in SCHEDULERS:
+        raise refuse(where, "_class_name", name, f"uncdiff reads the configs of {SCHEDULERS}")
+    if c["prediction_type"] != "epsilon":
+        raise refuse(where, "prediction_type", c["prediction_type"],
+                     "uncdiff's samplers and uncertainty estimators need a noise (epsilon) predictor")
+    if c["thresholding"]:
+        raise refuse(where, "thresholding", c["thresholding"], "dynamic thresholding is not implemented; "
+                     "uncdiff clips x0 to [-clip_sample_range, clip_sample_range]")
+    if c["rescale_betas_zero_snr"]:
+        raise refuse(where, "rescale_betas_zero_snr", True, "a zero terminal SNR leaves x0 undefined for an "
+                     "epsilon predictor at the first step")
+    if c["timestep_spacing"] not in TIMESTEP_SPACINGS:
+        raise refuse(where, "timestep_spacing", c["timestep_spacing"], f"uncdiff maps {TIMESTEP_SPACINGS}")
+    if c["steps_offset"] != 0:
+        raise refuse(where, "steps_offset", c["steps_offset"], "uncdiff's timesteps end at 0 (steps_offset 0)")
+    if not c["set_alpha_to_one"]:
+        raise refuse(where, "set_alpha_to_one", False, "uncdiff's last DDIM step always goes to the clean image "
+                     "(alpha_bar = 1)")
+    if c["variance_type"] not in VARIANCES:
+        raise refuse(where, "variance_type", c["variance_type"], f"uncdiff's DDPM variances are {tuple(VARIANCES)} "
+                     "(a learned variance needs a network uncdiff does not run)")
+    r = c["clip_sample_range"]
+    if c["clip_sample"] and not (isinstance(r, (int, float)) and r > 0):
+        raise refuse(where, "clip_sample_range", r, "it must be a number > 0")
+    return c
+
+
+def schedule_from_config(config: dict, where: Path | str = "scheduler config") -> tuple[NoiseSchedule, dict]:
+    """The `NoiseSchedule` and the sampler defaults (`clip`, DDPM `variance`, DDIM `spacing`) of a
+    diffusers scheduler config; refuses (InputError naming the field) what uncdiff can't honour."""
+    where = Path(where)
+    c = check_scheduler_config(config, where)
+    # diffusers computes betas and their cumulative product in float32: that product is the schedule
+    # the model was trained and is sampled with there, so it is ours too (to float64 at use).
+    abar = torch.cumprod(1 - diffusers_betas(c, where), dim=0)
+    name = "trained_betas" if c["trained_betas"] is not None else c["beta_schedule"]
+    try:
+        schedule = NoiseSchedule.from_alphas_cumprod(abar, f"diffusers:{name}")
+    except ValueError as error:
+        raise InputError(f"{where}: {error}") from None
+    clip = (True if float(c["clip_sample_range"]) == 1.0 else float(c["clip_sample_range"])) if c["clip_sample"] else False
+    return schedule, {"clip": clip, "variance": VARIANCES[c["variance_type"]], "spacing": c["timestep_spacing"]}
+
+
+# ------------------------------------------------------------------------------------------ UNet
+
+class DiffusersEps(nn.Module):
+    """A diffusers `UNet2DModel` as uncdiff's network: `forward(x [B, C, H, W], t [B] long) -> eps`.
+
+    For BayesDiff (docs/algorithms.md §5b) it exposes `head` (the UNet's final conv, `conv_out`)
+    and `features(x, t)` (that conv's input), so that `net(x, t) == net.head(net.features(x, t))`.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def head(self) -> nn.Conv2d:
+        return self.unet.conv_out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, return_dict=False)[0]
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen = []
+        handle = self.unet.conv_out.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            self.unet(x, t, return_dict=False)
+        finally:
+            handle.remove()
+        return seen[0]
+
+
+def check_unet_config(config: dict, where: Path) -> tuple[int, int]:
+    """(image_size, channels) of an unconditional `UNet2DModel` config; refuses anything else."""
+    name = config.get("_class_name")
+    if name != "UNet2DModel":
+        why = ("a conditional UNet (text/class conditioning) needs inputs uncdiff's unconditional samplers don't "
+               "give" if name and "Condition" in name else "uncdiff runs unconditional UNet2DModel networks")
+        raise refuse(where, "_class_name", name, why)
+    for key in ("class_embed_type", "num_class_embeds"):
+        if config.get(key) is not None:
+            raise refuse(where, key, config[key], "a class-conditional UNet needs class labels uncdiff's samplers "
+                         "don't give")
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise refuse(where, "time_embedding_type", config["time_embedding_type"],
+                     "uncdiff runs DDPM UNets that take the training timestep (positional embedding)")
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise refuse(where, "sample_size", size, "uncdiff needs square images of a known size")
+    channels = config.get("in_channels", 3)
+    if config.get("out_channels", 3) != channels:
+        raise refuse(where, "out_channels", config.get("out_channels", 3),
+                     f"a noise predictor outputs as many channels as it takes (in_channels = {channels})")
+    return size, channels
+
+
+def import_unet_class():
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise InputError(f"loading a diffusers model folder needs the diffusers extra: {INSTALL}") from None
+    return UNet2DModel
+
+
+def load_unet(folder: Path) -> nn.Module:
+    """The `UNet2DModel` of `folder` (config.json + weights), on the CPU, in eval mode."""
+    config = read_json(folder / "config.json", "UNet config")
+    check_unet_config(config, folder / "config.json")
+    found = [name for name in WEIGHT_NAMES if (folder / name).is_file()]
+    if not found:
+        raise InputError(f"{folder} holds no weights ({' or '.join(WEIGHT_NAMES)}); sharded or variant "
+                         "weights are not read")
+    UNet2DModel = import_unet_class()
+    try:
+        # .bin files load with torch.load(weights_only=True) inside diffusers: tensors only, never code.
+        unet = UNet2DModel.from_pretrained(folder, use_safetensors=found[0].endswith(".safetensors"),
+                                           local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as error:
+        raise InputError(f"cannot load the UNet in {folder} ({type(error).__name__}: {str(error)[:500]})") from None
+    return unet.eval()
+
+
+# --------------------------------------------------------------------------------------- folders
+
+@dataclass
+class PretrainedDiffusion:
+    """What uncdiff needs of a diffusers model folder."""
+
+    net: DiffusersEps  # eps_model(x [B, C, H, W], t [B]) -> eps [B, C, H, W]
+    schedule: NoiseSchedule
+    image_size: int
+    in_channels: int
+    dropout: float
+    sampler_defaults: dict = field(default_factory=dict)  # clip, variance (DDPM), spacing (DDIM)
+    source: dict = field(default_factory=dict)  # the folder and its configs' class names
+
+
+def load_pretrained(path: str | Path) -> PretrainedDiffusion:
+    """A diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`) or a bare
+    `UNet2DModel` folder (`config.json`; its schedule is then DDPMScheduler's default, linear
+    1e-4..0.02 over 1000 steps with clipping) as a `PretrainedDiffusion`. Raises InputError for
+    anything uncdiff can't run, naming the file, field and value, before loading any weights."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        index = read_json(path / "model_index.json", "pipeline index")
+        if "unet" not in index:
+            raise InputError(f"{path / 'model_index.json'} names no unet: uncdiff needs an unconditional "
+                             f"UNet2DModel pipeline (this is a {index.get('_class_name')!r})")
+        unet_dir, scheduler_file = path / "unet", path / "scheduler" / "scheduler_config.json"
+        scheduler_config = read_json(scheduler_file, "scheduler config")
+    elif (path / "config.json").is_file():
+        unet_dir, scheduler_file, scheduler_config = path, Path("<DDPMScheduler defaults>"), {}
+    else:
+        raise InputError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a UNet2DModel folder "
+                         "(config.json)")
+    unet_config = read_json(unet_dir / "config.json", "UNet config")
+    size, channels = check_unet_config(unet_config, unet_dir / "config.json")
+    schedule, defaults = schedule_from_config(scheduler_config, scheduler_file)
+    unet = load_unet(unet_dir)
+    return PretrainedDiffusion(DiffusersEps(unet), schedule, size, channels, float(unet_config.get("dropout", 0.0)),
+                               defaults, {"folder": str(path), "unet": "UNet2DModel",
+                                          "scheduler": scheduler_config.get("_class_name", "DDPMScheduler")})
