@@ -2,6 +2,7 @@
 safety, resume, offline W&B, DDP through the CLI."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,102 @@ def test_bad_config_value_fails_before_training(tmp_path):
     result = train(["--config", "quickstart.yaml", "--model.image_size", "18"], tmp_path)
     assert result.returncode != 0 and "image_size" in result.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+# ------------------------------------------------------------------ the uncdiff entry point
+
+def installed_uncdiff() -> list[str]:
+    """The installed console script, else the package's `python -m uncdiff`."""
+    script = shutil.which("uncdiff", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "uncdiff"]
+
+
+def clean_env() -> dict:
+    """The environment of a user: no PYTHONPATH into the repository, W&B off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "PYTHONPATH"}
+    env.update(WANDB_MODE="disabled", WANDB_SILENT="true")
+    return env
+
+
+def test_bundled_config_by_bare_name_from_another_directory(tmp_path):
+    """`uncdiff fit --config quickstart.yaml` from a directory that is not the repository: the
+    installed package finds its bundled config."""
+    root = tmp_path / "run"
+    result = subprocess.run([*installed_uncdiff(), "fit", "--config", "quickstart.yaml", *QUICK,
+                             "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root)],
+                            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["fit", "--config", "quickstart.yaml", "--print_config"],
+    ["sample", "--checkpoint", "c.ckpt", "--out", "o", "--sampler.steps", "3", "--print_config"],
+    ["calibrate", "--checkpoint", "c.ckpt", "--out", "t.pt", "--print_config"],
+    ["evaluate", "--checkpoint", "c.ckpt", "--out", "o", "--experiments", "cost", "--print_config"],
+])
+def test_console_script_is_train_py(argv, tmp_path):
+    """`uncdiff ...`, `python -m uncdiff ...` and `python train.py ...` resolve the same config."""
+    runs = [subprocess.run(command + argv, cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                           timeout=600)
+            for command in (installed_uncdiff(), [sys.executable, "-m", "uncdiff"],
+                            [sys.executable, str(REPO / "train.py")])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+
+
+def test_help_lists_every_command(capsys):
+    from uncdiff.__main__ import main as uncdiff_main
+
+    uncdiff_main(["--help"])
+    listed = capsys.readouterr().out
+    for command in ("fit", "validate", "sample", "calibrate", "evaluate"):
+        assert f"\n  {command} " in listed
+
+
+def test_old_option_spellings_mean_today_s_options():
+    """The spellings of earlier versions parse to exactly today's options, for each command."""
+    from uncdiff.commands import calibrate, evaluate, sample
+    from uncdiff.commands.common import parse_options
+
+    common_old = ["--checkpoint", "c", "--out", "o", "--batch-size", "8", "--steps", "4", "--sampler", "ddim",
+                  "--eta", "0.5", "--no-progress", "--devices", "2", "--num-nodes", "1", "--accelerator", "cpu",
+                  "--strategy", "ddp"]
+    common_new = ["--checkpoint", "c", "--out", "o", "--batch_size", "8", "--sampler.steps", "4",
+                  "--sampler.name", "ddim", "--sampler.eta", "0.5", "--progress", "false", "--fabric.devices", "2",
+                  "--fabric.num_nodes", "1", "--fabric.accelerator", "cpu", "--fabric.strategy", "ddp"]
+    estimator_old = ["--M", "3", "--variant", "sample", "--window", "0.5", "1", "--dropout", "0.2",
+                     "--bayesdiff-draws", "4", "--bayesdiff-skip", "2", "--bayesdiff-moments", "regression",
+                     "--drop-fraction=0.25", "--guidance-lam", "2", "--guidance-quantile", "0.9",
+                     "--guidance-table", "t.pt", "--guidance-window", "0", "0.3", "--laplace-images", "16",
+                     "--data", "digits", "--data-root", "d", "--no-clip"]
+    estimator_new = ["--estimator.M", "3", "--estimator.variant", "sample", "--estimator.window", "0.5", "1",
+                     "--estimator.dropout", "0.2", "--bayesdiff.draws", "4", "--bayesdiff.skip", "2",
+                     "--bayesdiff.moments", "regression", "--filtering.drop_fraction=0.25", "--guidance.lam", "2",
+                     "--guidance.quantile", "0.9", "--guidance.table", "t.pt", "--guidance.window", "0", "0.3",
+                     "--bayesdiff.laplace_images", "16", "--data.name", "digits", "--data.root", "d",
+                     "--sampler.clip", "false"]
+    cases = [
+        (sample, [*common_old, *estimator_old, "--estimator", "mc_dropout", "--guidance", "gradient",
+                  "--guidance-sign", "-1"],
+         [*common_new, *estimator_new, "--estimator.name", "mc_dropout", "--guidance.rule", "gradient",
+          "--guidance.sign", "-1"]),
+        (calibrate, [*common_old, "--M", "3", "--variant", "sample", "--quantile", "0.9", "--clip"],
+         [*common_new, "--estimator.M", "3", "--estimator.variant", "sample", "--quantile", "0.9",
+          "--sampler.clip", "true"]),
+        (evaluate, [*common_old, *estimator_old, "--experiments", "filtering", "ause", "--filtering-estimators",
+                    "aleatoric", "--subset-seeds", "4", "--prc-real", "0", "--seed-groups", "2", "--ause-images",
+                    "5", "--ause-fractions", "9", "--save-maps", "--extractor", "inception", "--inception-weights",
+                    "w.pth", "--fid-cache", "cc", "--wandb", "--wandb-project", "p"],
+         [*common_new, *estimator_new, "--experiments", "filtering", "ause", "--filtering.estimators", "aleatoric",
+          "--filtering.subset_seeds", "4", "--filtering.prc_real", "0", "--guidance.seed_groups", "2",
+          "--ause.images", "5", "--ause.fractions", "9", "--save_maps", "true", "--fid.extractor", "inception",
+          "--fid.inception_weights", "w.pth", "--fid.cache", "cc", "--wandb.enabled", "true",
+          "--wandb.project", "p"]),
+    ]
+    for command, old, new in cases:
+        parser = command.build_parser()
+        parsed = parse_options(parser, new)
+        assert parse_options(parser, old) == parsed
+        assert parsed != parser.get_defaults()
