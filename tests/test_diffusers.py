@@ -238,3 +238,47 @@ def test_module_sample_matches_diffusers_from_the_same_initial_noise(pipeline):
     unet = UNet2DModel.from_pretrained(pipeline / "unet").eval()
     theirs = diffusers_loop(unet, DDIMScheduler.from_pretrained(pipeline / "scheduler"), x_T, 10)
     torch.testing.assert_close(result.images, theirs, **CHAIN)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+def test_train_py_sample_on_a_pipeline_folder(tmp_path):
+    """The issue's command on a pipeline folder: 8 samples with maps and scores, images equal to the
+    module's own sampling of the same seeds with the config's defaults."""
+    import csv
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parent.parent
+    folder = save_pipeline(tmp_path / "pipeline", num_train_timesteps=100)
+    out = tmp_path / "out"
+    command = [sys.executable, str(repo / "train.py"), "sample", "--checkpoint", str(folder), "--n", "8",
+               "--estimator", "aleatoric", "--out", str(out), "--sampler.steps", "5", "--estimator.M", "2",
+               "--fabric.accelerator", "cpu", "--progress", "false"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    expected = DiffusionModule.from_diffusers(folder).sample(seeds=list(range(8)), steps=5).images
+    expected = ((expected + 1) * 127.5).round().clamp(0, 255)
+    for r in rows:
+        image = torch.from_numpy(np.asarray(Image.open(out / r["image"])).astype(np.float32))
+        assert (image - expected[int(r["seed"]), 0]).abs().max() <= 1  # up to rounding at a level boundary
+        u = np.load(out / r["map"])
+        assert u.shape == (CHANNELS, SIZE, SIZE) and (u >= 0).all()
+        assert float(r["score"]) == pytest.approx(float(u.astype(np.float64).sum()), rel=1e-5)
+
+
+def test_a_folder_that_does_not_match_the_data_is_refused(pipeline):
+    from uncdiff.commands.common import check_data_matches, load_module
+    from uncdiff.lightning.data import CIFAR10DataModule
+
+    module = load_module(pipeline)
+    with pytest.raises(InputError, match="does not match"):
+        check_data_matches(CIFAR10DataModule(root="nowhere", download=False), module)

@@ -160,12 +160,17 @@ def add_sampler_arguments(parser: ArgumentParser, n: int = 64, steps: Optional[i
     g.add_argument("--sampler.steps", type=Optional[int], default=steps,
                    help="sampler steps (null: the checkpoint's sample_steps)")
     g.add_argument("--sampler.eta", type=Optional[float], default=None, help="DDIM eta (null: 0)")
-    g.add_argument("--sampler.spacing", type=Optional[Literal["uniform", "quadratic"]], default=None,
-                   help="DDIM timestep spacing (null: uniform)")
+    g.add_argument("--sampler.spacing", type=Optional[Literal["uniform", "quadratic", "leading", "trailing", "linspace"]],
+                   default=None, help="DDIM timestep spacing; leading/trailing/linspace are diffusers' (null: uniform, "
+                   "or a diffusers model's timestep_spacing)")
+    g.add_argument("--sampler.clipped_eps", type=Optional[Literal["rederive", "keep"]], default=None,
+                   help="DDIM with x0 clipping: eps re-derived from the clipped x0, or the network's kept "
+                   "(diffusers' default) (null: rederive, not recorded)")
     g.add_argument("--sampler.variance", type=Optional[Literal["beta_tilde", "beta"]], default=None,
-                   help="DDPM variance (null: beta_tilde)")
+                   help="DDPM variance (null: beta_tilde, or a diffusers model's variance_type)")
     g.add_argument("--sampler.clip", type=Optional[bool], default=None,
-                   help="clip x0 to [-1, 1] (null: on, off for BayesDiff, which needs affine steps)")
+                   help="clip x0 to [-1, 1] (null: on, or a diffusers model's clip_sample and range; off for "
+                   "BayesDiff, which needs affine steps)")
 
 
 def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None:
@@ -211,16 +216,24 @@ def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:
 # ------------------------------------------------------------------------------------- inputs
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file; of a folder (a diffusers model), of its files' relative names and contents."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        if Path(path).is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
 def load_module(path: str | Path) -> DiffusionModule:
-    """The `DiffusionModule` of a checkpoint written by `train.py fit`, on the CPU, in eval mode."""
+    """The `DiffusionModule` of a checkpoint written by `train.py fit`, or of a diffusers pipeline or
+    UNet2DModel folder (docs/diffusers.md), on the CPU, in eval mode."""
     path = Path(path)
+    if path.is_dir():
+        return DiffusionModule.from_diffusers(path)
     checkpoint = load_torch(path, "checkpoint", mmap=True)
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         raise InputError(f"{path} is not a checkpoint written by `train.py fit` (it has no state_dict and "
@@ -360,15 +373,19 @@ def sampler_settings(options: Namespace, module, estimator: str) -> dict:
     """The sampler of a run from the `sampler` options (the checkpoint's where unset)."""
     name = options.name or module.hparams.sampler
     s = {"name": name, "steps": module.hparams.sample_steps if options.steps is None else options.steps}
-    clip = options.clip if options.clip is not None else estimator != "bayesdiff"
+    own = module.sampler_options(name)  # a diffusers model's scheduler config; empty for ours
+    clip = options.clip if options.clip is not None else estimator != "bayesdiff" and own.get("clip", True)
     if name == "ddim":
         if options.variance is not None:
             raise InputError("--sampler.variance applies to --sampler.name ddpm")
-        s.update(eta=0.0 if options.eta is None else options.eta, spacing=options.spacing or "uniform", clip=clip)
+        s.update(eta=0.0 if options.eta is None else options.eta, spacing=options.spacing or own.get("spacing", "uniform"),
+                 clip=clip)
+        if options.clipped_eps is not None:
+            s["clipped_eps"] = options.clipped_eps
     else:
-        if options.eta is not None or options.spacing is not None:
-            raise InputError("--sampler.eta and --sampler.spacing apply to --sampler.name ddim")
-        s.update(variance=options.variance or "beta_tilde", clip=clip)
+        if options.eta is not None or options.spacing is not None or options.clipped_eps is not None:
+            raise InputError("--sampler.eta, --sampler.spacing and --sampler.clipped_eps apply to --sampler.name ddim")
+        s.update(variance=options.variance or own.get("variance", "beta_tilde"), clip=clip)
     return s
 
 
