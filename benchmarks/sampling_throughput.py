@@ -1,0 +1,126 @@
+"""Sampling throughput against diffusers, same UNet, same batch, one process (docs/diffusers.md).
+
+A randomly initialised diffusers `UNet2DModel` (weights don't change the cost) is saved as a
+pipeline folder and loaded with `DiffusionModule.from_diffusers`; diffusers' `DDIMPipeline` runs on
+the very network object uncdiff samples with. Methods, DDIM eta = 0, uniform (= leading) spacing:
+
+  (a) diffusers DDIMPipeline          (b) uncdiff plain DDIM
+  (c) aleatoric scores on every step  (d) gradient guidance on the paper's window (first 15%)
+  (e) BayesDiff, skip k = 5 (no x0 clipping: its propagation needs affine steps)
+
+Each runs `--rounds` times, alternating; the best round is kept. Printed: images/s, peak memory
+(GPU: torch's peak allocation; CPU: the process's peak RSS so far, which only grows), network
+evaluations per image (NFE), and each method's wall-time and NFE ratios to (a); `overhead` is
+wall ratio / NFE ratio (1.00 = no cost beyond the network).
+
+    python benchmarks/sampling_throughput.py                            # tiny UNet, CPU
+    python benchmarks/sampling_throughput.py --size cifar --n 256       # google/ddpm-cifar10-32's UNet, GPU
+    python benchmarks/sampling_throughput.py --size cifar --autocast bf16 --compile
+"""
+
+import argparse
+import contextlib
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from uncdiff.lightning.module import DiffusionModule
+
+# google/ddpm-cifar10-32's unet/config.json (35.7M parameters), and a tiny one for CPUs.
+UNETS = {
+    "cifar": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                  layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                  downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32),
+    "tiny": dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                 norm_num_groups=8, attention_head_dim=8),
+}
+METHODS = {
+    "(b) uncdiff DDIM": dict(),
+    "(c) aleatoric, every step": dict(estimator="aleatoric"),
+    "(d) gradient guidance": dict(guidance={"rule": "gradient", "estimate_window": (0.0, 0.15)}),
+    "(e) BayesDiff k=5": dict(estimator="bayesdiff", estimator_options={"skip": 5}, clip=False),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=tuple(UNETS), default="tiny")
+    parser.add_argument("--n", type=int, default=16, help="images per batch (one batch per measurement)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (shared by all methods)")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        DDPMPipeline(unet=UNet2DModel(**UNETS[args.size]), scheduler=DDPMScheduler()).save_pretrained(folder)
+        module = DiffusionModule.from_diffusers(folder).to(device)
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    unet = module.ema.ema_model.unet  # the one network object every method runs
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    module.fit_laplace(torch.rand(64, *module.image_shape, device=device) * 2 - 1, num_images=64)
+    if args.compile:
+        unet.compile()
+    pipeline = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def diffusers_ddim():
+        pipeline(batch_size=args.n, num_inference_steps=args.steps, eta=0.0, output_type="np",
+                 generator=torch.Generator(device).manual_seed(0))
+        return args.steps
+
+    def ours(options):
+        return module.sample(args.n, sampler="ddim", steps=args.steps, spacing="leading", batch_size=args.n,
+                             **options).nfe_per_image
+
+    runs = {"(a) diffusers DDIMPipeline": diffusers_ddim,
+            **{name: (lambda options=options: ours(options)) for name, options in METHODS.items()}}
+    best: dict[str, tuple[float, float, float]] = {}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            with autocast():
+                nfe = run()
+            sync(device)
+            seconds = time.perf_counter() - start
+            if name not in best or seconds < best[name][1]:
+                best[name] = (nfe, seconds, peak_memory_mib(device))
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"UNet2DModel {args.size} ({params:.1f}M parameters), {machine}, batch {args.n}, DDIM {args.steps} steps, "
+          f"autocast {args.autocast}, compile {args.compile}, best of {args.rounds} rounds")
+    nfe0, sec0, _ = best["(a) diffusers DDIMPipeline"]
+    print(f"{'method':28s} {'images/s':>9s} {'peak MiB':>9s} {'NFE/img':>8s} {'x wall (a)':>10s} "
+          f"{'x NFE (a)':>9s} {'overhead':>8s}")
+    for name, (nfe, sec, mem) in best.items():
+        print(f"{name:28s} {args.n / sec:9.2f} {mem:9.0f} {nfe:8.0f} {sec / sec0:10.2f} {nfe / nfe0:9.2f} "
+              f"{(sec / sec0) / (nfe / nfe0):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
