@@ -35,7 +35,7 @@ from uncdiff.lightning.cli import resolve_config_args
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
 from uncdiff.uncertainty.estimators import VARIANTS
-from uncdiff.uncertainty.sampling import make_estimator
+from uncdiff.uncertainty.sampling import build_hook, make_estimator
 
 DATASETS = ("digits", "cifar10")
 ESTIMATOR_CHOICES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
@@ -317,13 +317,6 @@ def check_data_matches(dm, module: DiffusionModule) -> None:
                          f"match the checkpoint's model ({channels} channels, {size}x{size})")
 
 
-def dataset_key(dm) -> str:
-    """The name of the exact real image set, the key of the FID statistics cache."""
-    from uncdiff.lightning.data import DigitsDataModule
-
-    return f"digits{dm.image_size}-train" if isinstance(dm, DigitsDataModule) else "cifar10-train"
-
-
 # ------------------------------------------------------------------------------------ BayesDiff
 
 def laplace_cache_path(checkpoint: Path, num_images: int) -> Path:
@@ -425,15 +418,10 @@ def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
 def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dict]) -> Any:
     """The sampler hook `DiffusionModule.sample` builds for these settings (built here to check
     them before sampling, and for the AUSE experiment, which denoises outside `sample`)."""
-    if guidance is not None:
-        if "table" in guidance:
-            guidance = {**guidance, "table": threshold_table(guidance["table"], module)}
-        return make_estimator("guided", **options, **guidance)
-    if estimator == "mc_dropout":
-        return make_estimator("mc_dropout", model=module.ema.ema_model, **options)
-    if estimator == "bayesdiff":
-        return make_estimator("bayesdiff", net=module.ema.ema_model, laplace=module.laplace, **options)
-    return make_estimator(estimator, **options)
+    if estimator == "bayesdiff" and module.laplace is None:  # options checked before the Laplace fit
+        return make_estimator("bayesdiff", net=module.ema.ema_model, laplace=None, **options)
+    return build_hook(estimator, options, guidance, net=module.ema.ema_model, laplace=module.laplace,
+                      image_shape=module.image_shape)
 
 
 def threshold_table(path: str, module):

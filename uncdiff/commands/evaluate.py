@@ -31,10 +31,11 @@ from jsonargparse import ArgumentParser, Namespace
 
 from uncdiff.commands.common import (InputError, ModelInputs, add_estimator_arguments, add_guidance_arguments,
                                      add_model_arguments, add_sampler_arguments, attach_laplace, build_sampler,
-                                     build_settings, config_yaml, dataset_key, estimator_hook, generate_run,
+                                     build_settings, config_yaml, estimator_hook, generate_run,
                                      make_fabric, new_parser, parse_options, prepare_model, record_config, run_info)
 from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
+from uncdiff.lightning.data import dataset_key
 
 EXPERIMENTS = ("filtering", "guidance", "ause", "cost")
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
@@ -177,11 +178,11 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "subset_seeds": filtering.subset_seeds, "seed_groups": args.guidance.seed_groups,
                 "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
                 "ause": {"images": args.ause.images, "fractions": args.ause.fractions},
-                "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule)}}
+                "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule, inputs.module.image_shape, "train")}}
     check_output_dir(root, settings)
     for store in stores.values():
         store.check()
-    return Plan(root, settings, stores, extractor, dataset_key(inputs.datamodule), notes, ause)
+    return Plan(root, settings, stores, extractor, dataset_key(inputs.datamodule, inputs.module.image_shape, "train"), notes, ause)
 
 
 def ause_map_steps(settings: dict) -> list[int]:
