@@ -77,7 +77,7 @@ def check_estimator(estimator: str, estimator_options: Optional[dict]) -> dict:
     if estimator == "bayesdiff":
         raise ValueError("estimator: 'bayesdiff' can't score samples during training: it needs a Laplace "
                          "posterior fitted after training (and unclipped DDIM). Run `train.py evaluate` or "
-                         "`train.py sample --estimator bayesdiff` on the checkpoint instead")
+                         "`train.py sample --estimator.name bayesdiff` on the checkpoint instead")
     if estimator not in SCORE_ESTIMATORS:
         raise ValueError(f"estimator must be one of {SCORE_ESTIMATORS} (it scores the samples), got {estimator!r}")
     try:

@@ -136,7 +136,7 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
         assert "invalid" not in rows["aleatoric"][metric]
     report = (copy / "report.md").read_text()
     assert f"{N} of {N} BayesDiff scores (sums of the propagated Var[x0]) are negative" in report
-    assert "`--bayesdiff-moments regression` gives usable variances" in report
+    assert "`--bayesdiff.moments regression` gives usable variances" in report
 
 
 def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):

@@ -165,9 +165,8 @@ def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dic
     note = (f"{negative} of {len(scores)} BayesDiff scores (sums of the propagated Var[x0]) are negative, which "
             f"no variance can be, so the BayesDiff filtering row is not meaningful.")
     if options.get("moments", "spec") == "spec":
-        note += (f" The spec's Monte Carlo covariance estimator (§5b) is dominated by noise at S = "
-                 f"{options['num_draws']} draws (README, Known deviations); `--bayesdiff-moments regression` "
-                 f"gives usable variances.")
+        note += (f" The paper's Monte Carlo covariance estimator (docs/algorithms.md §5b) is dominated by noise "
+                 f"at S = {options['num_draws']} draws; `--bayesdiff.moments regression` gives usable variances.")
     return marked, note
 
 
