@@ -70,7 +70,7 @@ def test_posterior_rule_by_hand():
     eps_bar = torch.randn(b, 1, 2, 2, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[[[1, 0], [1, 1]]], [[[0, 1], [1, 0]]]], dtype=torch.bool)
     abar = 0.37
-    out = posterior_eps(eps_i, eps_bar, abar, mask)
+    out = posterior_eps(eps_i, eps_bar, 1 / abar, mask)  # the paper's prior precision 1 / abar[t]
     for bi in range(b):
         for h in range(2):
             for w in range(2):

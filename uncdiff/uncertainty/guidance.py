@@ -19,56 +19,121 @@ from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_chunk_si
 
 RULES = ("gradient", "posterior")
 THRESHOLDS = ("percentile", "table")
+GRAD_WRT = ("eps", "x_t")
+REDUCTIONS = ("sum", "mean")
+ABAR_INVERSE = "abar_inverse"  # the posterior rule's prior precision 1 / abar[t] (the paper's form)
+
+
+def check_grad_wrt(grad_wrt: str) -> str:
+    if grad_wrt not in GRAD_WRT:
+        raise ValueError(f"grad_wrt must be one of {GRAD_WRT}, got {grad_wrt!r}")
+    return grad_wrt
+
+
+def check_reduce(reduce: str) -> str:
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    return reduce
+
+
+def check_prior_precision(prior_precision: float | str) -> float | str:
+    """A finite number >= 0, or `'abar_inverse'` (1 / abar[t] of the step)."""
+    if prior_precision == ABAR_INVERSE:
+        return ABAR_INVERSE
+    try:
+        value = float(prior_precision)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(prior_precision, bool) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"prior_precision must be a finite number >= 0 or {ABAR_INVERSE!r}, got {prior_precision!r}")
+    return value
 
 
 def uncertainty_gradient(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor, t: int,
                          schedule: NoiseSchedule, clip: bool, z: torch.Tensor, variant: str = "centered",
-                         chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`U_t [B, C, H, W]` and `dU/d eps_bar [B, C, H, W]` with `U = sum over pixels of U_t` per image.
+                         chunk_size: Optional[int] = None, grad_wrt: str = "eps",
+                         reduce: str = "sum") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`U_t [B, C, H, W]` and the guidance gradient `[B, C, H, W]` of docs/algorithms.md §4.
 
-    `U` is taken as a function of `eps_bar` alone, with `x_t` and the draws `z` held fixed: the
-    derivative flows through `x0_hat -> x_t^i -> eps_theta` *and*, for the `centered` variant,
-    through the direct `- eps_bar` in `(eps_i - eps_bar)^2` (the total derivative, docs/algorithms.md §4).
-    Images are independent, so the gradient of the batch sum is every image's own gradient.
+    The scalar differentiated is `U = sum over pixels of U_t` of each image (`reduce='sum'`; images
+    are independent, so the gradient of the batch sum is every image's own), or that divided by
+    the batch size B (`reduce='mean'`: the pixel maps averaged over the B images, then summed over
+    pixels), with the draws `z` held fixed. `grad_wrt` says with respect to what:
+    - `'eps'`: `eps_bar` alone, `x_t` fixed. The derivative flows through
+      `x0_hat -> x_t^i -> eps_theta` *and*, for the `centered` variant, through the direct
+      `- eps_bar` in `(eps_i - eps_bar)^2` (the total derivative);
+    - `'x_t'`: `x_t`, with `eps_bar = eps_theta(x_t, t)` following it: the partial derivatives in
+      `x_t` and `eps_bar` are taken first, then the one in `eps_bar` is carried back through
+      `eps_theta` at `x_t` (one more forward and backward pass of the B images).
 
     With all B*M perturbed rows in one chunk this is M forward passes and one backward. With
     smaller chunks, only one chunk's graph is held at a time: a first pass without graph gives
     `eps_i` and `dU/d eps_i`, and each chunk is then recomputed with its graph and
-    back-propagated (2M forward passes). Returns `(U, grad, rows evaluated)`.
+    back-propagated (2M forward passes). Returns `(U, gradient, rows evaluated)`.
 
     `eps_model` must be differentiable (not wrapped in `torch.no_grad`).
     """
+    check_grad_wrt(grad_wrt)
+    check_reduce(reduce)
     b, m = z.shape[:2]
     rows = b * m
-    eps_bar = eps_bar.detach()
+    wrt_x = grad_wrt == "x_t"
+    eps_bar, x_t = eps_bar.detach(), x_t.detach()
     with torch.enable_grad():
+        # leaves: eps_bar always (its partial is needed either way), x_t only when differentiating in it
+        e = eps_bar.clone().requires_grad_(True)
+        x = x_t.clone().requires_grad_(wrt_x)
+        leaves = (e, x) if wrt_x else (e,)
         if chunk_size is None or chunk_size >= rows:
-            e = eps_bar.clone().requires_grad_(True)
-            eps_i = perturbed_eps(eps_model, x_t, e, t, schedule, clip, z)
+            eps_i = perturbed_eps(eps_model, x, e, t, schedule, clip, z)
             require_grad(eps_i)
             u = reduce_perturbations(eps_i, e, variant)
-            (grad,) = torch.autograd.grad(u.sum(), e)
-            return u.detach(), grad, rows
+            partials = list(torch.autograd.grad(u.sum(), leaves))
+        else:
+            with torch.no_grad():
+                eps_i = perturbed_eps(eps_model, x_t, eps_bar, t, schedule, clip, z, chunk_size)
+            eps_i.requires_grad_(True)
+            u = reduce_perturbations(eps_i, e, variant)
+            # dU/d eps_i, and the direct term of the centered variant (None for `sample`)
+            g_rows, direct = torch.autograd.grad(u.sum(), (eps_i, e), allow_unused=True)
+            g_rows = g_rows.flatten(0, 1)
+            t_batch = torch.full((rows,), t, device=x_t.device, dtype=torch.long)
+            partials = [torch.zeros_like(eps_bar) if direct is None else direct] + ([torch.zeros_like(x_t)]
+                                                                                     if wrt_x else [])
+            for s in range(0, rows, chunk_size):
+                # x0_hat and the re-noising are cheap: rebuilt per chunk so each chunk's graph is freed.
+                # autograd.grad, not backward: the network's parameters get no .grad as a side effect.
+                e = eps_bar.clone().requires_grad_(True)
+                x = x_t.clone().requires_grad_(wrt_x)
+                x_i = renoise(predict_x0(schedule, x, e, t, clip), z, schedule.abar_at(t))[s:s + chunk_size]
+                out = eps_model(x_i, t_batch[s:s + chunk_size])
+                require_grad(out)
+                chunk = torch.autograd.grad(out, (e, x) if wrt_x else (e,), grad_outputs=g_rows[s:s + chunk_size])
+                partials = [p + c for p, c in zip(partials, chunk)]
+            rows *= 2
+        grad = partials[0]
+        if wrt_x:  # dU/dx_t = (partial in x_t) + J_eps_theta(x_t)^T (partial in eps_bar)
+            grad = partials[1] + eps_vjp(eps_model, x_t, t, partials[0], chunk_size)
+            rows += b
+    if reduce == "mean":
+        grad = grad / b
+    return u.detach(), grad, rows
 
-        with torch.no_grad():
-            eps_i = perturbed_eps(eps_model, x_t, eps_bar, t, schedule, clip, z, chunk_size)
-        eps_i.requires_grad_(True)
-        e = eps_bar.clone().requires_grad_(True)
-        u = reduce_perturbations(eps_i, e, variant)
-        # dU/d eps_i, and the direct term of the centered variant (None for `sample`)
-        g_rows, direct = torch.autograd.grad(u.sum(), (eps_i, e), allow_unused=True)
-        g_rows = g_rows.flatten(0, 1)
-        t_batch = torch.full((rows,), t, device=x_t.device, dtype=torch.long)
-        grad = torch.zeros_like(eps_bar) if direct is None else direct
-        for s in range(0, rows, chunk_size):
-            # x0_hat and the re-noising are cheap: rebuilt per chunk so each chunk's graph is freed.
-            # autograd.grad, not backward: the network's parameters get no .grad as a side effect.
-            e = eps_bar.clone().requires_grad_(True)
-            x_i = renoise(predict_x0(schedule, x_t, e, t, clip), z, schedule.abar_at(t))[s:s + chunk_size]
-            out = eps_model(x_i, t_batch[s:s + chunk_size])
+
+def eps_vjp(eps_model: EpsModel, x_t: torch.Tensor, t: int, v: torch.Tensor,
+            chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`J^T v [B, C, H, W]`, with J the Jacobian of `eps_theta(., t)` at `x_t [B, C, H, W]` (image by
+    image), evaluated `chunk_size` images at a time (all at once when None)."""
+    step = len(x_t) if chunk_size is None else chunk_size
+    t_batch = torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)
+    parts = []
+    with torch.enable_grad():
+        for s in range(0, len(x_t), step):
+            x = x_t[s:s + step].detach().requires_grad_(True)
+            out = eps_model(x, t_batch[s:s + step])
             require_grad(out)
-            grad = grad + torch.autograd.grad(out, e, grad_outputs=g_rows[s:s + chunk_size])[0]
-        return u.detach(), grad, 2 * rows
+            parts.append(torch.autograd.grad(out, x, grad_outputs=v[s:s + step])[0])
+    return torch.cat(parts)
 
 
 def require_grad(eps: torch.Tensor) -> None:
@@ -78,16 +143,17 @@ def require_grad(eps: torch.Tensor) -> None:
                            "network itself in eval mode.")
 
 
-def posterior_eps(eps_i: torch.Tensor, eps_bar: torch.Tensor, abar: float, mask: torch.Tensor) -> torch.Tensor:
+def posterior_eps(eps_i: torch.Tensor, eps_bar: torch.Tensor, prior_precision: float,
+                  mask: torch.Tensor) -> torch.Tensor:
     """docs/algorithms.md §4 `posterior` rule: `eps_tilde = m * mu + (1 - m) * eps_bar` with
     `sigma2` = unbiased variance over `{eps_1..eps_M, eps_bar}` and
-    `mu = (sum_i eps_i / sigma2) / (M / sigma2 + 1 / abar)`, the sum over the M perturbations of
-    each image (not over the batch). Computed as `sum_i eps_i / (M + sigma2 / abar)`, the same value
-    multiplied through by `sigma2`, which stays finite where `sigma2 = 0`.
+    `mu = (sum_i eps_i / sigma2) / (M / sigma2 + prior_precision)`, the sum over the M perturbations
+    of each image (not over the batch). Computed as `sum_i eps_i / (M + sigma2 * prior_precision)`,
+    the same value multiplied through by `sigma2`, which stays finite where `sigma2 = 0`.
     `eps_i [B, M, C, H, W]`, `eps_bar` and `mask` `[B, C, H, W]`."""
     m = eps_i.shape[1]
     sigma2 = torch.cat([eps_i, eps_bar[:, None]], dim=1).var(1, correction=1)
-    mu = eps_i.sum(1) / (m + sigma2 / abar)
+    mu = eps_i.sum(1) / (m + sigma2 * prior_precision)
     mask = mask.to(eps_bar.dtype)
     return mask * mu + (1 - mask) * eps_bar
 
@@ -105,8 +171,11 @@ class UncertaintyGuidance:
     stream, reused inside the gradient), the mask `m = 1[U_t > tau]` (`threshold='percentile'`:
     `tau_b` is the `quantile` of image b's own values; `'table'`: `tau = table[step]`, a
     `[steps, C, H, W]` tensor from `calibration.calibrate_threshold_table`), and return
-    - `rule='gradient'`: `eps_bar + sign * lam * m * dU/d eps_bar` (see `uncertainty_gradient`);
-    - `rule='posterior'`: `posterior_eps`.
+    - `rule='gradient'`: `eps_bar + sign * lam * m * dU`, `dU` the derivative of `U` (summed over
+      pixels; `reduce='mean'`: also averaged over the batch) with respect to `grad_wrt`, `eps_bar`
+      or `x_t` (see `uncertainty_gradient`);
+    - `rule='posterior'`: `posterior_eps` with `prior_precision`, a number or `'abar_inverse'`
+      (1 / abar[t], the paper's form).
     On the steps of `estimate_window` it records `U_t` into `scores`/`maps` (the estimator it owns,
     `self.estimator`, does this; on guided steps the map computed for guidance is recorded, at
     `eps_bar`, before the update). Outside the guidance window `eps_bar` is returned unchanged.
@@ -116,7 +185,8 @@ class UncertaintyGuidance:
                  sign: int = 1, lam: float = 1.0, threshold: str = "percentile", quantile: float = 0.95,
                  table: Optional[torch.Tensor] = None, window: Sequence[float] = (0.0, 0.15),
                  estimate_window: Sequence[float] = (0.0, 1.0), chunk_size: Optional[int] = None,
-                 keep_maps: bool = False):
+                 keep_maps: bool = False, grad_wrt: str = "eps", reduce: str = "sum",
+                 prior_precision: float | str = 1.0):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if sign not in (1, -1):
@@ -136,6 +206,8 @@ class UncertaintyGuidance:
             raise ValueError("table is only used with threshold='table'")
         self.window = check_window("window", window)
         self.rule, self.sign, self.lam = rule, int(sign), float(lam)
+        self.grad_wrt, self.reduce = check_grad_wrt(grad_wrt), check_reduce(reduce)
+        self.prior_precision = check_prior_precision(prior_precision)
         self.threshold, self.quantile, self.table = threshold, float(quantile), table
         self.estimator = AleatoricUncertainty(num_perturbations, check_variant(variant), check_chunk_size(chunk_size),
                                               check_window("estimate_window", estimate_window), keep_maps)
@@ -185,7 +257,7 @@ class UncertaintyGuidance:
         schedule, clip = ctx.sampler.schedule, ctx.sampler.clip
         if self.rule == "gradient":
             u, grad, rows = uncertainty_gradient(ctx.eps_model, ctx.x_t, ctx.eps, ctx.t, schedule, clip, z,
-                                                 est.variant, est.chunk_size)
+                                                 est.variant, est.chunk_size, self.grad_wrt, self.reduce)
         else:
             eps_i = perturbed_eps(ctx.eps_model, ctx.x_t, ctx.eps, ctx.t, schedule, clip, z, est.chunk_size)
             u, rows = reduce_perturbations(eps_i, ctx.eps, est.variant), eps_i.shape[0] * eps_i.shape[1]
@@ -195,7 +267,10 @@ class UncertaintyGuidance:
         m = self.mask(u, ctx)
         if self.rule == "gradient":
             return ctx.eps + (self.sign * self.lam) * m.to(grad.dtype) * grad
-        return posterior_eps(eps_i, ctx.eps, schedule.abar_at(ctx.t), m)
+        precision = self.prior_precision
+        if precision == ABAR_INVERSE:
+            precision = 1.0 / schedule.abar_at(ctx.t)
+        return posterior_eps(eps_i, ctx.eps, precision, m)
 
 
 def save_table(path, table: torch.Tensor, settings: Mapping) -> None:
