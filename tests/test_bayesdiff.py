@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uncdiff.uncertainty.bayesdiff import (BayesDiffUncertainty, FeatureCachingEps, LastLayerLaplace, fit_last_layer_laplace,
+from uncdiff.uncertainty.bayesdiff import (MOMENT_ESTIMATORS, BayesDiffUncertainty, FeatureCachingEps, LastLayerLaplace, fit_last_layer_laplace,
                                last_layer_fisher)
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, sample
 from uncdiff.core.schedule import NoiseSchedule
@@ -180,7 +180,7 @@ def k_coefficients(t, t_prev):
     return kx, (1 - abar(t_prev)) ** 0.5 - kx * (1 - abar(t)) ** 0.5
 
 
-@pytest.mark.parametrize("moments", ["spec", "regression"])
+@pytest.mark.parametrize("moments", ["paper", "regression"])
 def test_first_steps_by_hand(schedule, moments):
     """Steps 0, 1 (first draw block) and the final non-UQ step against the formulas written out."""
     var_eps, s_draws, seeds, shape = 0.02, 6, [3, 4], (1, 2, 3)
@@ -203,7 +203,7 @@ def test_first_steps_by_hand(schedule, moments):
     eps_j = AnalyticNet.eps_map(x_j.flatten(0, 1), torch.full((2 * s_draws,), t)).view(x_j.shape)
     mean_eps = eps_j.mean(1)
     torch.testing.assert_close(out1.double(), mean_eps, rtol=1e-4, atol=1e-5)
-    if moments == "spec":
+    if moments == "paper":
         cov = (x_j * eps_j).mean(1) - x_t.double() * mean_eps
         want = kx**2 * v + 2 * kx * ke * cov + ke**2 * var_eps
     else:
@@ -255,7 +255,7 @@ def test_skip_steps_scale_the_variance(schedule):
         torch.testing.assert_close(bd.step_maps[:, i], k_coefficients(t, t_prev)[0] ** 2 * bd.step_maps[:, i - 1])
 
 
-@pytest.mark.parametrize("moments", ["spec", "regression"])
+@pytest.mark.parametrize("moments", ["paper", "regression"])
 @pytest.mark.parametrize("skip, passes", [(5, 140), (1, 530)])
 def test_pass_counts_for_50_ddim_steps(schedule, skip, passes, moments):
     net = AnalyticNet()
@@ -317,3 +317,10 @@ def test_on_the_unet(schedule):
     assert torch.isfinite(together.maps).all() and (together.scores > 0).all()
     torch.testing.assert_close(alone.scores, together.scores, rtol=1e-4, atol=0)
     torch.testing.assert_close(alone.images, together.images, rtol=1e-4, atol=1e-5)
+
+
+def test_regression_is_the_default_and_spec_is_the_old_name_of_paper():
+    assert BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01)).moments == "regression"
+    assert MOMENT_ESTIMATORS[0] == "regression"
+    with pytest.warns(DeprecationWarning, match="'paper'"):
+        assert BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01), moments="spec").moments == "paper"

@@ -159,7 +159,7 @@ def test_ause_maps_sum_the_window_steps_of_the_denoised_half():
 def test_negative_bayesdiff_variances_mark_the_filtering_row_invalid():
     row = {"estimator": "bayesdiff", "fid_kept": 1.0, "verdict": "better than random",
            "precision_verdict": "within the spread", "recall_verdict": "worse than random"}
-    spec = {"num_draws": 10, "skip": 5, "moments": "spec"}
+    spec = {"num_draws": 10, "skip": 5, "moments": "paper"}
     marked, note = check_variance_scores(row, torch.tensor([0.5, -0.1, 2.0, -3.0]), spec)
     assert marked == {**row, "verdict": "better than random (scores invalid: negative variances)",
                       "precision_verdict": "within the spread (scores invalid: negative variances)",

@@ -164,7 +164,7 @@ def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dic
     marked = {k: v + NEGATIVE_VARIANCES if k == "verdict" or k.endswith("_verdict") else v for k, v in row.items()}
     note = (f"{negative} of {len(scores)} BayesDiff scores (sums of the propagated Var[x0]) are negative, which "
             f"no variance can be, so the BayesDiff filtering row is not meaningful.")
-    if options.get("moments", "spec") == "spec":
+    if options.get("moments", "regression") == "paper":
         note += (f" The paper's Monte Carlo covariance estimator (docs/algorithms.md §5b) is dominated by noise "
                  f"at S = {options['num_draws']} draws; `--bayesdiff.moments regression` gives usable variances.")
     return marked, note

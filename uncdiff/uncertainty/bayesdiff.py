@@ -3,6 +3,7 @@ network exposing `features(x, t)` (so that `net(x, t) == net.head(net.features(x
 propagation of its variance through deterministic DDIM steps as a sampler hook.
 """
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -15,7 +16,21 @@ from uncdiff.core.samplers import DDIMSampler, StepContext
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
 
-MOMENT_ESTIMATORS = ("spec", "regression")
+MOMENT_ESTIMATORS = ("regression", "paper")  # docs/algorithms.md §5b; the first is the default
+OLD_MOMENT_NAMES = {"spec": "paper"}  # earlier name -> today's, accepted with a deprecation warning
+
+
+def check_moments(moments: str) -> str:
+    """Today's name of a covariance estimator (`MOMENT_ESTIMATORS`); an earlier name is accepted
+    with a DeprecationWarning, anything else is a ValueError."""
+    if moments in OLD_MOMENT_NAMES:
+        new = OLD_MOMENT_NAMES[moments]
+        warnings.warn(f"moments={moments!r} is now called {new!r} (the paper's Monte Carlo covariance); "
+                      f"the default is 'regression'", DeprecationWarning, stacklevel=3)
+        return new
+    if moments not in MOMENT_ESTIMATORS:
+        raise ValueError(f"moments must be one of {MOMENT_ESTIMATORS}, got {moments!r}")
+    return moments
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,11 +221,11 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     step): 50 steps cost 50 + 10 * 9 = 140 passes per image with k = 5, 50 + 10 * 48 = 530 with k = 1.
 
     `moments` picks the estimator of `Cov` and `Var(eps_t)` from the draws:
-    - `'spec'` (the spec and the released code): `Cov = mean_j(x^(j) eps^(j)) - E[x_t] E[eps]`,
+    - `'paper'` (the paper and its released code; formerly `'spec'`): `Cov = mean_j(x^(j) eps^(j)) - E[x_t] E[eps]`,
       `Var(eps_t)` = the Laplace variance alone. Its Monte Carlo error, about
       `|E[eps]| sd(x_t) / sqrt(S)`, usually exceeds the covariance itself (`~ eps' Var[x_t]`), and
       the variance of the MAP eps over x_t is left out, so `Var` can turn negative.
-    - `'regression'`: statistical linearisation `eps(x) ~ E[eps] + g (x - E[x_t]) + residual` per
+    - `'regression'` (default): statistical linearisation `eps(x) ~ E[eps] + g (x - E[x_t]) + residual` per
       pixel with the slope `g = s_xe / s_xx` from the draws' sample moments: `Cov = g Var[x_t]`,
       `Var(eps_t)` = Laplace + `g^2 Var[x_t]` + the residual variance. Then
       `Var[x_t'] = (kx + ke g)^2 Var[x_t] + ke^2 (residual + Laplace) >= 0`, exact for a linear
@@ -223,10 +238,8 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     """
 
     def __init__(self, net: nn.Module, laplace: LastLayerLaplace, num_draws: int = 10, skip: int = 5,
-                 moments: str = "spec", keep_maps: bool = False, chunk_size: Optional[int] = None):
-        if moments not in MOMENT_ESTIMATORS:
-            raise ValueError(f"moments must be one of {MOMENT_ESTIMATORS}, got {moments!r}")
-        self.moments = moments
+                 moments: str = "regression", keep_maps: bool = False, chunk_size: Optional[int] = None):
+        self.moments = check_moments(moments)
         self.num_draws = check_count("num_draws", num_draws, 2)
         self.skip = check_count("skip", skip, 1)
         self.chunk_size = check_chunk_size(chunk_size)
@@ -287,7 +300,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     def _draw_moments(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From `num_draws` states `x^(j) ~ N(x_t, max(Var[x_t], 0))`: `E[eps]`, `Cov(x_t, eps_t)`
         and the variance of the MAP eps over x_t that the Laplace variance doesn't hold (zero for
-        `'spec'`); see the class docstring for the two estimators."""
+        `'paper'`); see the class docstring for the two estimators."""
         b, s = ctx.x_t.shape[0], self.num_draws
         var = self._var.clamp(min=0)
         z = ctx.noise.randn((s, *ctx.x_t.shape[1:]), stream="bayesdiff").to(ctx.x_t)
@@ -295,7 +308,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
         eps_j = evaluate_in_chunks(ctx.eps_model, x_j.flatten(0, 1), ctx.t, self.chunk_size).view(x_j.shape)
         self.nfe += b * s
         mean_eps = eps_j.mean(1)
-        if self.moments == "spec":
+        if self.moments == "paper":
             return mean_eps, (x_j * eps_j).mean(1) - ctx.x_t * mean_eps, torch.zeros_like(mean_eps)
         dx, de = x_j - x_j.mean(1, keepdim=True), eps_j - mean_eps[:, None]
         s_xx, s_xe, s_ee = (dx * dx).sum(1) / (s - 1), (dx * de).sum(1) / (s - 1), (de * de).sum(1) / (s - 1)
