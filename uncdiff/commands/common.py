@@ -376,8 +376,10 @@ def sampler_settings(options: Namespace, module, estimator: str) -> dict:
         if options.clipped_eps is not None:
             s["clipped_eps"] = options.clipped_eps
     else:
-        if options.eta is not None or options.spacing is not None or options.clipped_eps is not None:
-            raise InputError("--sampler.eta, --sampler.spacing and --sampler.clipped_eps apply to --sampler.name ddim")
+        if options.eta is not None or options.spacing is not None:
+            raise InputError("--sampler.eta and --sampler.spacing apply to --sampler.name ddim")
+        if options.clipped_eps is not None:
+            raise InputError("--sampler.clipped_eps applies to --sampler.name ddim")
         s.update(variance=options.variance or own.get("variance", "beta_tilde"), clip=clip)
     return s
 
