@@ -1,6 +1,7 @@
 """The threshold table of guidance's `threshold='table'` (docs/algorithms.md §4): per step and pixel, a
 quantile of the aleatoric map over unguided samples. Save and load it with `guidance.save_table` /
-`guidance.table_from_file`."""
+`guidance.table_from_file`. The same samples give the score variants' per-step reference statistics
+(docs/algorithms.md §3; `score_reference`)."""
 
 from typing import Optional, Sequence
 
@@ -9,6 +10,7 @@ import torch
 from uncdiff.core.samplers import EpsModel, Sampler
 from uncdiff.uncertainty.estimators import AleatoricUncertainty
 from uncdiff.uncertainty.sampling import generate
+from uncdiff.uncertainty.score_reference import reference_statistics
 
 
 def quantile_over_samples(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -21,6 +23,25 @@ def quantile_over_samples(x: torch.Tensor, q: float) -> torch.Tensor:
     return s[lo] + (pos - lo) * (s[hi] - s[lo])
 
 
+def calibrate_table_and_reference(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
+                                  quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
+                                  chunk_size: Optional[int] = None, batch_size: int = 256,
+                                  device: torch.device | str = "cpu",
+                                  progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """From one set of unguided samples, one per seed: the threshold table `tau [steps, C, H, W]`
+    (at each sampler step and position, the `quantile` of `U_t` over the samples; docs/algorithms.md §4,
+    `threshold='table'`) and the score variants' reference statistics `{'mean': [steps], 'std': [steps]}`
+    (at each step, the mean and standard deviation over the samples of the per-image total of `U_t`;
+    docs/algorithms.md §3). Use them with the same sampler, step count, variant and M."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    est = AleatoricUncertainty(num_perturbations, variant, chunk_size, keep_maps=True)
+    result = generate(eps_model, sampler, shape, seeds, est, device, batch_size, progress)
+    maps = result.step_maps
+    table = torch.stack([quantile_over_samples(maps[:, i], quantile) for i in range(maps.shape[1])])
+    return table, reference_statistics(result.step_totals)
+
+
 def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
                               quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
                               chunk_size: Optional[int] = None, batch_size: int = 256,
@@ -28,8 +49,5 @@ def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequ
     """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (docs/algorithms.md §3)
     over unguided samples, one per seed (docs/algorithms.md §4, `threshold='table'`). Use it with the same
     sampler, step count, variant and number of perturbations."""
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-    est = AleatoricUncertainty(num_perturbations, variant, chunk_size, keep_maps=True)
-    maps = generate(eps_model, sampler, shape, seeds, est, device, batch_size, progress).step_maps
-    return torch.stack([quantile_over_samples(maps[:, i], quantile) for i in range(maps.shape[1])])
+    return calibrate_table_and_reference(eps_model, sampler, shape, seeds, quantile, num_perturbations, variant,
+                                         chunk_size, batch_size, device, progress)[0]

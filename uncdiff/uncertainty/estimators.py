@@ -20,6 +20,7 @@ from uncdiff.core.samplers import EpsModel, StepContext, predict_x0
 from uncdiff.core.schedule import NoiseSchedule
 
 VARIANTS = ("centered", "sample")
+SCORES = ("sum", "step_normalized", "standardized")  # docs/algorithms.md §3, score variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,6 +43,67 @@ def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return variant
+
+
+def check_score(score: str, reference: Optional[dict]) -> tuple[str, Optional[dict]]:
+    """A score variant and its per-step reference statistics (`{'mean': [n], 'std': [n]}`, positive
+    and finite), or a ValueError: the normalised variants need them, `sum` takes none."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "sum":
+        if reference is not None:
+            raise ValueError("score='sum' uses no reference statistics; pass reference only with score="
+                             "'step_normalized' or 'standardized'")
+        return score, None
+    if reference is None:
+        raise ValueError(f"score={score!r} divides each step's total by reference statistics of unguided samples: "
+                         f"pass reference (the file `train.py calibrate` writes beside its table)")
+    try:
+        mean, std = (torch.as_tensor(reference[k], dtype=torch.float64).flatten() for k in ("mean", "std"))
+    except (KeyError, TypeError):
+        raise ValueError("reference must hold per-step 'mean' and 'std' tensors [steps]") from None
+    if len(mean) != len(std) or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise ValueError("reference 'mean' and 'std' must be finite and of the same length (one per sampler step)")
+    divisor = mean if score == "step_normalized" else std
+    bad = [i for i in range(len(divisor)) if not divisor[i] > 0]
+    if bad:
+        raise ValueError(f"score={score!r} divides by the reference {'mean' if score == 'step_normalized' else 'std'}, "
+                         f"which must be > 0 at every step; steps {bad[:5]} are not (were those maps all zero?)")
+    return score, {"mean": mean, "std": std}
+
+
+def variant_scores(totals: torch.Tensor, steps: Sequence[int], score: str = "sum",
+                   reference: Optional[dict] = None) -> torch.Tensor:
+    """The score `[B]` of per-step totals `totals [B, S]` (the sum over c, h, w of `U_t[b]` at the
+    sampler steps `steps`, length S), summed over those steps (docs/algorithms.md §3):
+
+    - `sum`: `sum_i T_i`;
+    - `step_normalized`: `sum_i T_i / mean_i`, so that every step weighs the same;
+    - `standardized`: `sum_i (T_i - mean_i) / std_i`,
+
+    with `mean_i`, `std_i` the reference statistics `reference['mean' | 'std'] [n]` at step i.
+    """
+    score, reference = check_score(score, reference)
+    totals = totals.double()
+    if score == "sum":
+        return totals.sum(1)
+    index = torch.as_tensor(list(steps), dtype=torch.long)
+    if len(index) and int(index.max()) >= len(reference["mean"]):
+        raise ValueError(f"reference statistics cover {len(reference['mean'])} steps; step {int(index.max())} "
+                         f"has none: calibrate them with this run's sampler and step count")
+    mean, std = reference["mean"][index].to(totals.device), reference["std"][index].to(totals.device)
+    if score == "step_normalized":
+        return (totals / mean).sum(1)
+    return ((totals - mean) / std).sum(1)
+
+
+def window_totals(totals: torch.Tensor, steps: Sequence[int], window: Sequence[float],
+                  num_steps: int) -> tuple[torch.Tensor, list[int]]:
+    """The columns of per-step totals `totals [B, S]` (at sampler steps `steps`) that lie in the
+    step `window` (fractions of `num_steps`, `window_steps`), and their steps."""
+    inside = set(window_steps(check_window("window", window), num_steps))
+    keep = [j for j, i in enumerate(steps) if i in inside]
+    return totals[:, keep], [steps[j] for j in keep]
 
 
 def check_count(name: str, value: int, minimum: int) -> int:
@@ -130,19 +192,24 @@ def aleatoric_map(eps_model: EpsModel, x_t: torch.Tensor, eps_bar: torch.Tensor,
 class StepwiseUncertainty:
     """Bookkeeping shared by the estimators that produce a map `U_t [B, C, H, W]` per step.
 
-    On the steps of `window` it accumulates the per-sample score `scores [B]` (docs/algorithms.md §3:
-    `S_b = sum over window steps and c, h, w of U_t[b]`), the running sum of the maps
-    `maps [B, C, H, W]`, and, with `keep_maps`, every step's map (`step_maps [B, S, C, H, W]`
-    for the steps `step_indices`). These describe the latest sampling run: a new run starts when
-    the hook sees step index 0. `nfe` counts the network evaluations (image rows through a
-    network) the estimator spent since construction or `reset()`.
+    On the steps of `window` it accumulates the running sum of the maps `maps [B, C, H, W]`, each
+    step's per-image total `step_totals [B, S]` (the sum over c, h, w of `U_t[b]` at the steps
+    `step_indices`) and, with `keep_maps`, every step's map (`step_maps [B, S, C, H, W]`). The
+    per-sample score `scores [B]` is the `score` variant of the totals (docs/algorithms.md §3):
+    `sum` (default; `S_b = sum over window steps and c, h, w of U_t[b]`), or `step_normalized` /
+    `standardized` with the per-step `reference` statistics `{'mean': [n], 'std': [n]}` of the
+    sampler's n steps. These describe the latest sampling run: a new run starts when the hook sees
+    step index 0. `nfe` counts the network evaluations (image rows through a network) the
+    estimator spent since construction or `reset()`.
 
     Subclasses implement `estimate(ctx) -> U [B, C, H, W]` (adding what they spend to `nfe`).
     """
 
-    def __init__(self, window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False):
+    def __init__(self, window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False, score: str = "sum",
+                 reference: Optional[dict] = None):
         self.window = check_window("window", window)
         self.keep_maps = bool(keep_maps)
+        self.score, self.reference = check_score(score, reference)
         self.reset()
 
     def reset(self) -> None:
@@ -154,11 +221,15 @@ class StepwiseUncertainty:
         self.maps: Optional[torch.Tensor] = None
         self.step_indices: list[int] = []
         self._step_maps: list[torch.Tensor] = []
+        self._step_totals: list[torch.Tensor] = []
 
     def start(self, ctx: StepContext) -> None:
         """Begin a new run's results at the sampler's first step."""
         if ctx.index == 0:
             self._start_run()
+            if self.reference is not None and len(self.reference["mean"]) != ctx.num_steps:
+                raise ValueError(f"the score's reference statistics cover {len(self.reference['mean'])} steps but "
+                                 f"this sampler runs {ctx.num_steps}: calibrate them with the same sampler and steps")
 
     def in_window(self, ctx: StepContext) -> bool:
         return ctx.index in window_steps(self.window, ctx.num_steps)
@@ -167,14 +238,25 @@ class StepwiseUncertainty:
         """Add step `ctx.index`'s map `u [B, C, H, W]` to the run's results."""
         u = u.detach()
         self.maps = u.clone() if self.maps is None else self.maps + u
+        self._step_totals.append(u.flatten(1).double().sum(1))
+        self.step_indices.append(ctx.index)
         if self.keep_maps:
             self._step_maps.append(u.clone())
-            self.step_indices.append(ctx.index)
+
+    @property
+    def step_totals(self) -> Optional[torch.Tensor]:
+        """`[B, S]` float64: per image, the sum over c, h, w of `U_t` at each step of `step_indices`."""
+        return torch.stack(self._step_totals, dim=1) if self._step_totals else None
 
     @property
     def scores(self) -> Optional[torch.Tensor]:
-        """`S_b [B]`: the sum over the window's steps and pixels of `U_t[b]`."""
-        return None if self.maps is None else self.maps.flatten(1).sum(1)
+        """`S_b [B]`: the `score` variant over the window's steps; for `sum` (default), the sum over
+        the window's steps and pixels of `U_t[b]`."""
+        if self.maps is None:
+            return None
+        if self.score == "sum":
+            return self.maps.flatten(1).sum(1)
+        return variant_scores(self.step_totals, self.step_indices, self.score, self.reference).to(self.maps.dtype)
 
     @property
     def step_maps(self) -> Optional[torch.Tensor]:
@@ -201,11 +283,11 @@ class AleatoricUncertainty(StepwiseUncertainty):
 
     def __init__(self, num_perturbations: int = 5, variant: str = "centered",
                  chunk_size: Optional[int] = None, window: Sequence[float] = (0.0, 1.0),
-                 keep_maps: bool = False):
+                 keep_maps: bool = False, score: str = "sum", reference: Optional[dict] = None):
         self.num_perturbations = check_count("num_perturbations", num_perturbations, 2)
         self.variant = check_variant(variant)
         self.chunk_size = check_chunk_size(chunk_size)
-        super().__init__(window, keep_maps)
+        super().__init__(window, keep_maps, score, reference)
 
     def draw_perturbations(self, ctx: StepContext) -> torch.Tensor:
         """`z [B, M, C, H, W]` for this step, from the per-sample `'uncertainty'` stream."""
@@ -266,7 +348,7 @@ class MCDropoutUncertainty(StepwiseUncertainty):
 
     def __init__(self, model: nn.Module, num_passes: int = 5, dropout: Optional[float] = None,
                  window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, score: str = "sum", reference: Optional[dict] = None):
         self.num_passes = check_count("num_passes", num_passes, 2)
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) or None (the model's own rate), got {dropout!r}")
@@ -280,7 +362,7 @@ class MCDropoutUncertainty(StepwiseUncertainty):
                              "(Ho et al.'s CIFAR-10 recipe)")
         self.model, self.dropout = model, dropout
         self.chunk_size = check_chunk_size(chunk_size)
-        super().__init__(window, keep_maps)
+        super().__init__(window, keep_maps, score, reference)
 
     def estimate(self, ctx: StepContext) -> torch.Tensor:
         b, m = ctx.x_t.shape[0], self.num_passes

@@ -9,10 +9,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from uncdiff.core.samplers import EpsModel, Sampler, StepContext, sample
+from uncdiff.core.samplers import EpsModel, SampleNoise, Sampler, StepContext, sample
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
+from uncdiff.uncertainty.score_reference import load_score_reference
 
 ESTIMATORS = {
     "none": None,
@@ -31,7 +32,10 @@ class SampleResult:
     `Var[x_0]` for BayesDiff); `scores [N]`: the per-sample score used for filtering; `nfe`: network
     evaluations in total (image rows through a network: the sampler's predictions plus the
     estimator's); `step_maps [N, S, C, H, W]` at the sampler steps `step_indices` when the estimator
-    keeps them.
+    keeps them. `step_totals [N, S]` (float64): per image, the sum over c, h, w of `U_t` at each step
+    `total_steps` where the estimator computed a map (every score variant and window is a function
+    of them, docs/algorithms.md §3); `noise_norms [N]` (float64): `|x_T|^2` of each sample's
+    starting noise (docs/algorithms.md §6b).
     """
 
     images: torch.Tensor
@@ -40,6 +44,9 @@ class SampleResult:
     nfe: int = 0
     step_maps: Optional[torch.Tensor] = None
     step_indices: Optional[list[int]] = None
+    step_totals: Optional[torch.Tensor] = None
+    total_steps: Optional[list[int]] = None
+    noise_norms: Optional[torch.Tensor] = None
 
     @property
     def nfe_per_image(self) -> float:
@@ -83,25 +90,37 @@ def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds:
         def hook(ctx: StepContext) -> torch.Tensor:
             return estimator(dataclasses.replace(ctx, eps_model=eps_model))
 
-    images, maps, scores, step_maps = [], [], [], []
+    images, maps, scores, step_maps, totals, norms = [], [], [], [], [], []
     for i in range(0, len(seeds), batch_size):
         images.append(sample(counted, sampler, shape, seeds[i:i + batch_size], hook, device, progress).cpu())
+        norms.append(noise_norms(seeds[i:i + batch_size], shape))
         if estimator is not None:
             maps.append(None if estimator.maps is None else estimator.maps.cpu())
             scores.append(None if estimator.scores is None else estimator.scores.cpu())
             step_maps.append(None if estimator.step_maps is None else estimator.step_maps.cpu())
+            totals.append(getattr(estimator, "step_totals", None))
+    totals = [None if t is None else t.cpu() for t in totals]
     return SampleResult(
         images=torch.cat(images), maps=_cat(maps), scores=_cat(scores),
         nfe=counted.count + (estimator.nfe if estimator is not None else 0),
         step_maps=_cat(step_maps),
-        step_indices=list(estimator.step_indices) if step_maps and step_maps[0] is not None else None)
+        step_indices=list(estimator.step_indices) if step_maps and step_maps[0] is not None else None,
+        step_totals=_cat(totals), total_steps=list(estimator.step_indices) if totals and totals[0] is not None
+        else None, noise_norms=torch.cat(norms))
+
+
+def noise_norms(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """`|x_T|^2 [N]` (float64) of the starting noise of each seed (its `initial` stream, as
+    `uncdiff.core.samplers.sample` draws it), recomputed on the CPU."""
+    return SampleNoise(seeds).initial(shape).double().flatten(1).pow(2).sum(1)
 
 
 def make_estimator(kind: str = "none", **options):
     """An estimator hook by name: `'none'` (None), `'aleatoric'` (`AleatoricUncertainty`),
     `'guided'` (`UncertaintyGuidance`), `'mc_dropout'` (`MCDropoutUncertainty`, needs `model`),
     `'bayesdiff'` (`BayesDiffUncertainty`, needs `net` and `laplace`); `options` go to its
-    constructor, and an option it doesn't take is an error naming it."""
+    constructor, and an option it doesn't take is an error naming it. A `reference` given as a path
+    (the score reference file of `train.py calibrate`) is loaded and checked."""
     if kind not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {kind!r}")
     cls = ESTIMATORS[kind]
@@ -109,6 +128,8 @@ def make_estimator(kind: str = "none", **options):
         if options:
             raise ValueError(f"estimator 'none' takes no options, got {sorted(options)}")
         return None
+    if isinstance(options.get("reference"), (str, Path)):  # a score reference file from calibrate
+        options = {**options, "reference": load_score_reference(options["reference"])[0]}
     params = inspect.signature(cls).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:
@@ -166,6 +187,11 @@ def build_hook(estimator: str = "none", options: Optional[dict] = None, guidance
             return make_estimator("guided", **guidance)
         except ValueError as error:
             raise ValueError(f"guidance: {error}") from None
+    if isinstance(options.get("reference"), (str, Path)):  # checked against the run's step count
+        try:
+            options["reference"] = load_score_reference(options["reference"], steps)[0]
+        except ValueError as error:
+            raise ValueError(f"reference: {error}") from None
     if estimator == "mc_dropout":
         return make_estimator("mc_dropout", model=net, **options)
     if estimator == "bayesdiff":
