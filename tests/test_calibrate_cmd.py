@@ -105,6 +105,69 @@ def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpo
     assert named in str(error.value.code) and not out.exists()
 
 
+def test_reference_statistics_are_the_per_step_mean_and_std_of_the_map_totals(table_file, tiny_checkpoint):
+    from uncdiff.uncertainty.score_reference import load_score_reference
+
+    module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
+    totals = textbook_maps(module.ema.ema_model, module.schedule, list(range(SEED, SEED + N)), STEPS, M)
+    totals = totals.double().flatten(2).sum(2)  # [N, steps]
+    reference, settings = load_score_reference(table_file.with_name("tau.pt.reference.pt"), steps=STEPS)
+    torch.testing.assert_close(reference["mean"], totals.mean(0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(reference["std"], totals.std(0), rtol=1e-3, atol=0)
+    assert settings["num_perturbations"] == M and settings["sampler"]["steps"] == STEPS
+
+
+@pytest.mark.parametrize("score", ["step_normalized", "standardized"])
+def test_sample_scores_with_the_reference(table_file, tiny_checkpoint, tmp_path, score):
+    """`sample --estimator.score` on other seeds: each score is the variant of that sample's
+    textbook per-step totals with the calibrated statistics."""
+    from uncdiff.uncertainty.score_reference import load_score_reference
+
+    reference_file = table_file.with_name("tau.pt.reference.pt")
+    out = tmp_path / "scored"
+    sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "3", "--sampler.steps", str(STEPS),
+                 "--sampler.name", "ddim", "--estimator.M", str(M), "--estimator.score", score,
+                 "--estimator.score_reference", str(reference_file), "--fabric.accelerator", "cpu",
+                 "--progress", "false"])
+    module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
+    totals = textbook_maps(module.ema.ema_model, module.schedule, [0, 1, 2], STEPS, M).double().flatten(2).sum(2)
+    ref, _ = load_score_reference(reference_file)
+    want = (totals / ref["mean"]).sum(1) if score == "step_normalized" else ((totals - ref["mean"]) / ref["std"]).sum(1)
+    got = torch.tensor([float(r["score"]) for r in json_manifest(out)], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["estimator_options"]["score"] == score
+    assert settings["score_reference_sha256"] == hashlib.sha256(reference_file.read_bytes()).hexdigest()
+
+
+def json_manifest(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--estimator.score", "standardized"], "needs the per-step reference statistics"),
+    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--sampler.steps", "5"],
+     "calibrated for 4 sampler steps; this run has 5"),
+    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--estimator.M", "3"],
+     "num_perturbations: 2 there, 3 here"),
+    (["--estimator.score_reference", "REF"], "used only by --estimator.score"),
+    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--guidance.rule", "posterior"],
+     "unguided run"),
+])
+def test_sample_refuses_bad_score_options_before_sampling(table_file, tiny_checkpoint, tmp_path, extra, named):
+    out = tmp_path / "scored"
+    reference_file = str(table_file.with_name("tau.pt.reference.pt"))
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.name", "ddim",
+            "--sampler.steps", str(STEPS), "--estimator.M", str(M), "--fabric.accelerator", "cpu",
+            "--progress", "false", *[reference_file if a == "REF" else a for a in extra]]
+    with pytest.raises(SystemExit) as error:
+        sample_main(argv)
+    assert named in str(error.value.code) and not out.exists()
+
+
 def test_train_py_dispatches_calibrate():
     main_of_train_py = runpy.run_path(str(REPO / "train.py"), run_name="train")["main"]
     assert main_of_train_py.__module__ == "uncdiff.__main__"
@@ -140,6 +203,7 @@ def tree(path: Path) -> dict:
     ({"--checkpoint": "other"}, "not a uncdiff DiffusionModule checkpoint"),
     ({"--out": "existing.pt"}, "exists; calibrate never overwrites it"),
     ({"--out": "new/its.pt"}, "its.pt.config.yaml exists; calibrate never overwrites it"),
+    ({"--out": "new/ref.pt"}, "ref.pt.reference.pt exists; calibrate never overwrites it"),
     ({"--quantile": "0"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "1"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "95"}, "--quantile must lie in (0, 1)"),
@@ -159,7 +223,8 @@ def test_bad_input_fails_before_sampling(change, message, tiny_checkpoint, tmp_p
     (tmp_path / "existing.pt").write_bytes(b"an earlier table")
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "its.pt.config.yaml").write_text("an earlier table's config")
-    monkeypatch.setattr(calibrate_cmd, "calibrate_threshold_table",
+    (tmp_path / "new" / "ref.pt.reference.pt").write_text("an earlier table's reference statistics")
+    monkeypatch.setattr(calibrate_cmd, "calibrate_table_and_reference",
                         lambda *a, **k: pytest.fail("sampled despite a bad input"))
     options = {"--checkpoint": str(tiny_checkpoint), "--out": str(tmp_path / "new" / "tau.pt"), "--n": "20",
                "--sampler.steps": "4", "--estimator.M": "2", "--fabric.accelerator": "cpu"}

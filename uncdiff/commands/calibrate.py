@@ -10,7 +10,10 @@
 sampler step and position over `--n` unguided samples, seeds `--seed .. --seed+n-1`
 (`uncdiff.uncertainty.guidance.calibrate_threshold_table`). The file (`save_table`) also holds the
 settings it was made with: use it with the same checkpoint, sampler, steps, `--estimator.M` and
-`--estimator.variant`. The command's full config is written beside it as `<out>.config.yaml`.
+`--estimator.variant`. The same samples give the per-step reference statistics of the score
+variants (docs/algorithms.md §3: at each step, the mean and standard deviation of the per-image total
+of `U_t`), written beside the table as `<out>.reference.pt` (`--estimator.score_reference` of `sample`
+and `evaluate`). The command's full config is written beside it as `<out>.config.yaml`.
 
 One process on one device: the quantile needs every sample's maps in one place. Every input is
 checked before sampling, and an existing `--out` is never overwritten.
@@ -30,9 +33,10 @@ from uncdiff.commands.common import (InputError, ModelInputs, _error, add_model_
                                      parse_options, prepare_model, run_info, sampler_settings)
 from uncdiff.core.samplers import EpsModel
 from uncdiff.io.files import write_atomic
-from uncdiff.uncertainty.calibration import calibrate_threshold_table
+from uncdiff.uncertainty.calibration import calibrate_table_and_reference
 from uncdiff.uncertainty.estimators import VARIANTS, check_count
 from uncdiff.uncertainty.guidance import save_table
+from uncdiff.uncertainty.score_reference import save_score_reference
 
 
 def build_parser() -> ArgumentParser:
@@ -54,6 +58,11 @@ def config_path(out: Path) -> Path:
     return out.with_name(out.name + ".config.yaml")
 
 
+def reference_path(out: Path) -> Path:
+    """Where the score variants' reference statistics are written: `<out>.reference.pt`."""
+    return out.with_name(out.name + ".reference.pt")
+
+
 def least_samples(quantile: float) -> int:
     """The smallest n with `n q >= 1` and `n (1 - q) >= 1`: with fewer samples, none is expected above
     (or below) the q-quantile, and its estimate is an interpolation between the extreme values.
@@ -65,7 +74,7 @@ def calibration_settings(args: Namespace, inputs: ModelInputs) -> dict:
     """The settings a table is made with (saved in it, plain Python values), every option checked.
     Writes nothing."""
     out = Path(args.out)
-    for path in (out, config_path(out)):
+    for path in (out, config_path(out), reference_path(out)):
         if path.exists():
             raise InputError(f"--out: {path} exists; calibrate never overwrites it (delete it or choose another "
                              f"--out)")
@@ -121,17 +130,20 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, settings: dict, info: dic
     # every step: the sampler's prediction and the M perturbed ones, for every sample
     with tqdm(total=n * sampler["steps"] * (1 + m), desc="calibrating", unit="eval", unit_scale=True,
               disable=not args.progress) as bar:
-        table = calibrate_threshold_table(ProgressEps(module.ema.ema_model, bar), build_sampler(module, sampler),
+        table, reference = calibrate_table_and_reference(ProgressEps(module.ema.ema_model, bar), build_sampler(module, sampler),
                                           module.image_shape, range(seeds["start"], seeds["start"] + n),
                                           settings["quantile"], m, settings["variant"],
                                           batch_size=settings["batch_size"], device=fabric.device)
     seconds = time.perf_counter() - start
-    if out.exists() or config_path(out).exists():
+    if out.exists() or config_path(out).exists() or reference_path(out).exists():
         sys.exit(f"error: --out: {out} appeared while calibrating; not overwritten, nothing written")
-    save_table(out, table, {**settings, "run": {**info, "seconds": round(seconds, 3)}})
+    record = {**settings, "run": {**info, "seconds": round(seconds, 3)}}
+    save_score_reference(reference_path(out), reference, record)
+    save_table(out, table, record)
     write_atomic(config_path(out), config.encode())  # after the table: a config always describes a table
     print(f"wrote {out}: the {settings['quantile']}-quantile of U_t, {list(table.shape)} (steps, C, H, W), "
-          f"over {n} samples in {seconds:.1f} s; its config in {config_path(out)}")
+          f"over {n} samples in {seconds:.1f} s; the score reference statistics in {reference_path(out)}; its "
+          f"config in {config_path(out)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

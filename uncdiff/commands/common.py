@@ -18,6 +18,7 @@ start generating, except `load_or_fit_laplace` (the Laplace cache next to the ch
 
 import argparse
 import hashlib
+import sys
 import inspect
 import time
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from uncdiff.io.files import InputError, load_torch, save_atomic, write_atomic
 from uncdiff.io.sample_store import SampleStore, settings_differences
 from uncdiff.lightning.cli import resolve_config_args
 from uncdiff.lightning.module import DiffusionModule
-from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
-from uncdiff.uncertainty.estimators import VARIANTS
+from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS, OLD_MOMENT_NAMES, LastLayerLaplace
+from uncdiff.uncertainty.estimators import SCORES, VARIANTS
 from uncdiff.uncertainty.sampling import build_hook, make_estimator
 
 DATASETS = ("digits", "cifar10")
@@ -183,13 +184,21 @@ def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None
     g.add_argument("--estimator.variant", type=Literal[VARIANTS], default="centered", help="aleatoric map (§3)")
     g.add_argument("--estimator.window", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "STOP"),
                    help="steps whose maps are summed into the score, as fractions of the steps")
+    g.add_argument("--estimator.score", type=Literal[SCORES], default="sum",
+                   help="score variant (§3): sum of the per-step totals, or each step's total divided by "
+                        "(step_normalized) or standardized with (standardized) the reference statistics")
+    g.add_argument("--estimator.score_reference", type=Optional[str], default=None,
+                   help="the score reference file `calibrate` writes (<table>.reference.pt), for the "
+                        "step_normalized and standardized scores")
     g.add_argument("--estimator.dropout", type=Optional[float], default=None,
                    help="MC-Dropout rate (null: the model's own)")
     g = parser.add_argument_group("BayesDiff (docs/algorithms.md §5b)")
     g.add_argument("--bayesdiff.draws", type=int, default=10, help="draws S per UQ step")
     g.add_argument("--bayesdiff.skip", type=int, default=5, help="UQ every k-th step")
-    g.add_argument("--bayesdiff.moments", type=Literal["spec", "regression"], default="spec",
-                   help="how Cov(x_t, eps) is estimated")
+    g.add_argument("--bayesdiff.moments", type=Literal[(*MOMENT_ESTIMATORS, *OLD_MOMENT_NAMES)],
+                   default=MOMENT_ESTIMATORS[0],
+                   help="how Cov(x_t, eps) is estimated: regression, or the paper's Monte Carlo form (paper; "
+                        "formerly spec)")
     g.add_argument("--bayesdiff.laplace_images", type=Optional[int], default=None,
                    help="fit the Laplace posterior on this many training images (null: the checkpoint's own "
                         "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt")
@@ -391,6 +400,10 @@ def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
         raise InputError(f"unknown estimator {est!r}; choose one of {', '.join(ESTIMATOR_CHOICES)}")
     m = 5 if m_option is None else m_option
     window = [float(v) for v in args.estimator.window]
+    score = score_options(args)
+    if score and (guide.rule != "none" or est not in ("aleatoric", "mc_dropout")):
+        raise InputError(f"--estimator.score {score['score']} applies to the scores of the aleatoric (and MC-Dropout) "
+                         f"estimator of an unguided run; this run is {'guided' if guide.rule != 'none' else est}")
     if guide.rule != "none":
         if est not in ("aleatoric", "none"):
             raise InputError(f"--guidance.rule uses the aleatoric estimator; got --estimator.name {est}")
@@ -408,13 +421,52 @@ def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
             raise InputError("--estimator.M needs an estimator (--estimator.name aleatoric | mc_dropout)")
         return est, {}, None
     if est == "aleatoric":
-        return est, {"num_perturbations": m, "variant": args.estimator.variant, "window": window}, None
+        return est, {"num_perturbations": m, "variant": args.estimator.variant, "window": window, **score}, None
     if est == "mc_dropout":
+        if score:
+            raise InputError("--estimator.score_reference holds statistics of the aleatoric maps (from calibrate), "
+                             "not of MC-Dropout's: score MC-Dropout with --estimator.score sum")
         return est, {"num_passes": m, "dropout": args.estimator.dropout, "window": window}, None
     if m_option is not None:
         raise InputError("BayesDiff's number of draws is --bayesdiff.draws, not --estimator.M")
-    return est, {"num_draws": args.bayesdiff.draws, "skip": args.bayesdiff.skip,
-                 "moments": args.bayesdiff.moments}, None
+    moments = args.bayesdiff.moments
+    if moments in OLD_MOMENT_NAMES:
+        print(f"note: --bayesdiff.moments {moments} is now called {OLD_MOMENT_NAMES[moments]}", file=sys.stderr)
+        moments = OLD_MOMENT_NAMES[moments]
+    return est, {"num_draws": args.bayesdiff.draws, "skip": args.bayesdiff.skip, "moments": moments}, None
+
+
+def score_options(args: Namespace) -> dict:
+    """The estimator options of `--estimator.score` (none for the default `sum`, so the settings of
+    runs that don't use a variant stay as they were): the variant and its reference file's absolute
+    path, which must be given exactly for the normalised variants."""
+    score, reference = args.estimator.score, args.estimator.score_reference
+    if score == "sum":
+        if reference is not None:
+            raise InputError("--estimator.score_reference is used only by --estimator.score step_normalized | "
+                             "standardized")
+        return {}
+    if reference is None:
+        raise InputError(f"--estimator.score {score} needs the per-step reference statistics of unguided samples: "
+                         f"pass --estimator.score_reference <table>.reference.pt (written by `calibrate`)")
+    return {"score": score, "reference": str(Path(reference).resolve())}
+
+
+def check_score_reference(path: str, sampler: dict, options: dict) -> None:
+    """Refuse a score reference file of another step count, sampler, M or map variant than this
+    run's (settings the file doesn't record are not checked)."""
+    from uncdiff.uncertainty.score_reference import load_score_reference
+
+    try:
+        _, made = load_score_reference(path, sampler["steps"])
+    except ValueError as error:
+        raise InputError(f"--estimator.score_reference: {error}") from None
+    run = {"sampler": sampler, "num_perturbations": options["num_perturbations"], "variant": options["variant"]}
+    made = {key: value for key, value in made.items() if key in run}
+    differ = settings_differences(made, {key: run[key] for key in made})
+    if differ:
+        raise InputError(f"--estimator.score_reference {path} was calibrated with other settings (the file's there, "
+                         f"this run's here: {'; '.join(differ)}): calibrate it for this run, or match its options")
 
 
 def estimator_hook(module, estimator: str, options: dict, guidance: Optional[dict]) -> Any:
@@ -477,6 +529,8 @@ def build_settings(args: Namespace, module, checkpoint_sha256: str, laplace: Opt
     if estimator == "bayesdiff" and not (sampler["name"] == "ddim" and sampler["eta"] == 0 and not sampler["clip"]):
         raise InputError("--estimator.name bayesdiff propagates moments through deterministic DDIM steps: it needs "
                          "--sampler.name ddim, --sampler.eta 0 and --sampler.clip false")
+    if "reference" in options:
+        check_score_reference(options["reference"], sampler, options)
     if guidance is not None and "table" in guidance:
         steps = threshold_table(guidance["table"], module).shape[0]
         if steps != sampler["steps"]:
@@ -490,11 +544,15 @@ def build_settings(args: Namespace, module, checkpoint_sha256: str, laplace: Opt
             raise InputError(f"--filtering.drop_fraction must lie in (0, 1), got {p}")
     elif estimator != "none":
         p = DEFAULT_DROP_FRACTION
-    return {"format": 1, "checkpoint_sha256": checkpoint_sha256,
-            "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size,
-            "sampler": sampler, "estimator": estimator, "estimator_options": options, "guidance": guidance,
-            "laplace": laplace, "drop_fraction": p, "save_maps": save_maps,
-            "guidance_table_sha256": file_sha256(Path(guidance["table"])) if guidance and "table" in guidance else None}
+    settings = {"format": 1, "checkpoint_sha256": checkpoint_sha256,
+                "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size,
+                "sampler": sampler, "estimator": estimator, "estimator_options": options, "guidance": guidance,
+                "laplace": laplace, "drop_fraction": p, "save_maps": save_maps,
+                "guidance_table_sha256": file_sha256(Path(guidance["table"])) if guidance and "table" in guidance
+                else None}
+    if "reference" in options:  # only then: the settings of runs without a score variant stay as they were
+        settings["score_reference_sha256"] = file_sha256(Path(options["reference"]))
+    return settings
 
 
 def build_sampler(module, sampler: dict):
@@ -569,6 +627,16 @@ def run_info(command: list[str], inputs: ModelInputs) -> dict:
 
 # ------------------------------------------------------------------------------------ generation
 
+def per_sample_values(result) -> dict:
+    """What a chunk's record keeps per sample beyond its score, for the per-sample study
+    (docs/algorithms.md §6b): `|x_T|^2`, and the per-step totals of `U_t` with their step indices."""
+    values = {"noise_norm": [float(v) for v in result.noise_norms]}
+    if result.step_totals is not None:
+        values.update(step_totals=[[float(v) for v in row] for row in result.step_totals],
+                      total_steps=[list(result.total_steps)] * len(result.step_totals))
+    return values
+
+
 def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool = True, desc: str = "sampling",
                  warm_up: bool = False) -> Optional[dict]:
     """Generate the missing chunks of `store` on all processes; rank 0 then writes the manifest and
@@ -595,7 +663,8 @@ def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool 
     for chunk in mine:
         start = time.perf_counter()
         result = module.sample(seeds=chunk.seeds, batch_size=len(chunk.seeds), **kwargs)
-        store.write_chunk(chunk, result.images, result.maps, result.scores, result.nfe, time.perf_counter() - start)
+        store.write_chunk(chunk, result.images, result.maps, result.scores, result.nfe, time.perf_counter() - start,
+                          per_sample_values(result))
         bar.update(store.done_samples() - bar.n)  # all ranks' finished chunks, as seen on disk
     fabric.barrier()
     bar.update(total - bar.n)

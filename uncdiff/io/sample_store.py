@@ -166,9 +166,10 @@ class SampleStore:
                 "heatmap": f"samples/{seed:06d}_map.png" if has_maps else ""}
 
     def write_chunk(self, chunk: Chunk, images: torch.Tensor, maps: Optional[torch.Tensor],
-                    scores: Optional[torch.Tensor], nfe: int, seconds: float) -> None:
+                    scores: Optional[torch.Tensor], nfe: int, seconds: float, extras: Optional[dict] = None) -> None:
         """Chunk `chunk`'s files: `images [B, C, H, W]` in [-1, 1], `maps [B, C, H, W]`, `scores [B]`;
-        the record (seeds, scores, nfe, seconds) last."""
+        the record (seeds, scores, nfe, seconds, and the JSON-able `extras`, e.g. per-sample values
+        that `record_values` reads back) last."""
         pixels = to_uint8(images.float()).permute(0, 2, 3, 1).numpy()
         for b, seed in enumerate(chunk.seeds):
             files = self.files(seed)
@@ -183,7 +184,7 @@ class SampleStore:
                 write_atomic(self.root / files["heatmap"], png_bytes(heatmap(maps[b])))
         record = {"chunk": chunk.index, "seeds": chunk.seeds,
                   "scores": None if scores is None else [float(s) for s in scores],
-                  "nfe": int(nfe), "seconds": float(seconds)}
+                  "nfe": int(nfe), "seconds": float(seconds), **(extras or {})}
         write_atomic(self.record_path(chunk), json.dumps(record).encode())
 
     def records(self) -> list[dict]:
@@ -237,6 +238,14 @@ class SampleStore:
         x = torch.from_numpy(np.stack(pixels))
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
         return from_uint8(x)
+
+    def record_values(self, key: str) -> Optional[list]:
+        """The per-sample list `key` of every chunk's record (from `write_chunk`'s `extras`), in seed
+        order; None when a record lacks it (a run written before it was recorded)."""
+        records = self.records()
+        if any(r.get(key) is None for r in records):
+            return None
+        return [v for r in records for v in r[key]]
 
     def load_scores(self) -> Optional[torch.Tensor]:
         records = self.records()
