@@ -46,7 +46,9 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     for plot in ("filtering.png", "guidance.png", "sparsification.png", "cost.png", "aleatoric_dropped.png"):
         assert (out / plot).stat().st_size > 0 and f"]({plot})" in report
     filtering = read_csv(out / "filtering.csv")
-    assert [r["estimator"] for r in filtering] == ["aleatoric", "mc_dropout", "bayesdiff"]
+    # the second BayesDiff set: the other covariance estimator on the same seeds (docs/algorithms.md §5b)
+    assert [r["estimator"] for r in filtering] == ["aleatoric", "mc_dropout", "bayesdiff", "bayesdiff-paper"]
+    assert [r.get("moments") for r in filtering[2:]] == ["regression", "paper"]
     assert all(int(r["kept"]) == N - round(N / 6) and float(r["fid_random_std"]) > 0 for r in filtering)
     for metric in ("precision", "recall"):  # improved precision / recall (docs/algorithms.md §6) of the same sets
         for r in filtering:
@@ -86,7 +88,7 @@ def test_recorded_config_is_the_resolved_one(evaluation, capsys):
     assert (out / "config.yaml").read_text() == printed
     config = yaml.safe_load(printed)
     assert config["wandb"]["enabled"] is True and config["filtering"]["subset_seeds"] == 3
-    assert config["bayesdiff"] == {"draws": 3, "skip": 2, "moments": "spec", "laplace_images": 32}
+    assert config["bayesdiff"] == {"draws": 3, "skip": 2, "moments": "regression", "laplace_images": 32}
     parser = build_parser()
     options = lambda argv: {k: v for k, v in parse_options(parser, argv).as_dict().items() if k != "config"}  # noqa: E731
     assert options(["--config", str(out / "config.yaml")]) == options([*argv, "--wandb.enabled", "true"])
@@ -112,7 +114,7 @@ def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
     main(argv)
     assert calls == []
     assert tree(out / "sets" / "real") == features != {}  # real features extracted once
-    assert capsys.readouterr().out.count(f"{N} already written, 0 to generate") == 7
+    assert capsys.readouterr().out.count(f"{N} already written, 0 to generate") == 8
     assert json.loads((out / "run.json").read_text()) == before
 
 
@@ -127,7 +129,8 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
     copy = tmp_path / "eval"
     shutil.copytree(out, copy)  # resumes: generates nothing, rewrites the report
     scores = SampleStore.load_scores
-    shifted = lambda self: scores(self) - 1e9 * (self.root.name == "bayesdiff")  # noqa: E731 (all negative)
+    # both BayesDiff sets (regression, the default, and paper): all negative
+    shifted = lambda self: scores(self) - 1e9 * self.root.name.startswith("bayesdiff")  # noqa: E731
     monkeypatch.setattr(SampleStore, "load_scores", shifted)
     main([*argv[:argv.index("--out") + 1], str(copy), *argv[argv.index("--out") + 2:]])
     rows = {r["estimator"]: r for r in read_csv(copy / "filtering.csv")}
@@ -194,3 +197,37 @@ def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_pat
               "--experiments", "cost", "--fid.extractor", "inception"])
     assert "could not be downloaded" in str(error.value.code) and "--fid.inception_weights PATH" in str(error.value.code)
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_study_end_to_end(evaluation):
+    """The per-sample study (docs/algorithms.md §6b) on the filtering sets: every estimator x score
+    variant x window, each correlation inside its bootstrap interval; the |x_T|^2 correlation of the
+    default score equals scipy's on the seeds' own starting noise, drawn here independently."""
+    import torch
+    from scipy import stats
+
+    from uncdiff.core.samplers import SampleNoise
+
+    out, _ = evaluation
+    rows = read_csv(out / "study.csv")
+    keys = [(r["estimator"], r["score"], r["window"]) for r in rows]
+    variants = [(s, w) for w in ("all steps", "first 15%", "last half")
+                for s in ("sum", "step_normalized", "standardized")]
+    assert keys == [("aleatoric", *v) for v in variants] + [("mc_dropout", *v) for v in variants] + \
+        [("bayesdiff", "sum", "final Var[x0]")]
+    for r in rows:
+        for target in ("noise", "realism", "confidence"):  # the digits extractor is a classifier
+            rho, low, high = (float(r[f"rho_{target}{s}"]) for s in ("", "_low", "_high"))
+            assert -1 <= low <= rho <= high <= 1
+    scores = [s for p in sorted((out / "sets" / "aleatoric" / "records").glob("*.json"))
+              for s in json.loads(p.read_text())["scores"]]
+    noise = SampleNoise(range(N)).initial((1, 8, 8)).double().pow(2).flatten(1).sum(1)
+    assert float(rows[0]["rho_noise"]) == pytest.approx(stats.spearmanr(scores, noise.numpy()).statistic)
+    curves = read_csv(out / "study_curves.csv")
+    assert len(curves) == 4 * len(rows)
+    assert {round(float(r["drop_fraction"]), 4) for r in curves} == {0.05, 0.1667, 0.3, 0.5}
+    report = (out / "report.md").read_text()
+    assert "## (e) What the scores rank" in report and "| aleatoric | standardized | last half |" in report
+    for plot in ("study_curves.png", "study_scatter.png"):
+        assert (out / plot).stat().st_size > 0 and f"]({plot})" in report
+    assert "with moments regression" in report and "with moments paper" in report

@@ -37,7 +37,7 @@ from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import dataset_key
 
-EXPERIMENTS = ("filtering", "guidance", "ause", "cost")
+EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
 # sample set -> how its options differ from the command's (see `set_arguments`)
 SETS = {
@@ -65,6 +65,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--filtering.prc_real", type=Optional[int], default=None,
                    help="real training images (a random subset) that filtering's precision / recall compare with "
                         "(null: min(n, 10000); 0 skips precision / recall)")
+    g.add_argument("--study.resamples", type=int, default=1000,
+                   help="bootstrap resamples of each Spearman interval of the per-sample study (>= 1000)")
     g.add_argument("--guidance.seed_groups", type=int, default=3,
                    help="seed groups the guided/unguided FIDs are repeated over")
     g.add_argument("--ause.images", type=int, default=100, help="held-out images for AUSE / AURG")
@@ -100,20 +102,35 @@ class Plan:
     ause: dict[str, dict] = field(default_factory=dict)  # estimator -> sampling settings of its AUSE maps
 
 
+def moments_sets(args: Namespace) -> dict[str, dict]:
+    """The filtering experiment's second BayesDiff set: the same seeds with the other covariance
+    estimator (docs/algorithms.md §5b), so that the report counts the negative scores of both."""
+    if "filtering" not in args.experiments or "bayesdiff" not in args.filtering.estimators:
+        return {}
+    from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS, OLD_MOMENT_NAMES
+
+    mine = OLD_MOMENT_NAMES.get(args.bayesdiff.moments, args.bayesdiff.moments)
+    other = next(m for m in MOMENT_ESTIMATORS if m != mine)
+    return {f"bayesdiff-{other}": {**SETS["bayesdiff"], "bayesdiff.moments": other}}
+
+
 def set_names(args: Namespace) -> list[str]:
     names = []
-    if "filtering" in args.experiments:
+    if "filtering" in args.experiments or "study" in args.experiments:  # the study scores the same sets
         names += list(args.filtering.estimators)
     if "guidance" in args.experiments:
         names += ["plain", *GUIDED]
     if "cost" in args.experiments:
         names = ["plain", *names] if names else list(SETS)
-    return [n for n in SETS if n in names]
+    return [n for n in SETS if n in names] + list(moments_sets(args))
 
 
 def set_arguments(args: Namespace, name: str, dropout: float) -> Namespace:
     """The options of a `sample` run of the set `name`."""
-    options = {"estimator.name": "aleatoric", "guidance.rule": "none", "guidance.sign": 1, **SETS[name]}
+    options = {"estimator.name": "aleatoric", "guidance.rule": "none", "guidance.sign": 1,
+               **{**SETS, **moments_sets(args)}[name]}
+    if name != "aleatoric":  # --estimator.score (docs/algorithms.md §3) scores the aleatoric set only
+        options.update({"estimator.score": "sum", "estimator.score_reference": None})
     if name == "mc_dropout":
         options["estimator.dropout"] = dropout
     set_args = args.clone()
@@ -133,6 +150,9 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     if not 1 <= args.guidance.seed_groups <= args.n // 2:
         raise InputError(f"--guidance.seed_groups must lie in [1, n/2], got {args.guidance.seed_groups} with "
                          f"--n {args.n}")
+    if "study" in args.experiments and args.study.resamples < 1000:
+        raise InputError(f"--study.resamples must be >= 1000 (the bootstrap intervals' percentiles), got "
+                         f"{args.study.resamples}")
     prc_real = min(args.n, 10000) if filtering.prc_real is None else filtering.prc_real
     if prc_real != 0 and not prc_real > PRC_NEIGHBOURS:
         raise InputError(f"--filtering.prc_real must be > {PRC_NEIGHBOURS} (precision / recall use "
@@ -290,6 +310,65 @@ def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
                                    f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --estimator.window's part)"
 
 
+def note_negative_variances(plan: Plan, report) -> None:
+    """How many BayesDiff scores (sums of Var[x0], which no variance can make negative) are negative
+    with each covariance estimator that ran (docs/algorithms.md §5b), as a column and a note."""
+    counts = []
+    for row in report.filtering:
+        if row["estimator"].startswith("bayesdiff"):
+            store = plan.stores[row["estimator"]]
+            scores = store.load_scores()
+            row["moments"] = store.settings["estimator_options"]["moments"]
+            row["negative_scores"] = int((scores < 0).sum())
+            counts.append(f"{row['negative_scores']} of {len(scores)} with moments {row['moments']}")
+    if counts:
+        report.notes.append("Negative BayesDiff scores (docs/algorithms.md §5b; both covariance estimators ran on the "
+                            "same seeds, each its own set): " + "; ".join(counts) + ".")
+
+
+def run_study(args: Namespace, plan: Plan, inputs: ModelInputs, features: dict, extractor, fid, report) -> None:
+    """docs/algorithms.md §6b on the filtering sets: every score variant and window from their recorded
+    per-step totals, correlated with |x_T|^2, the 5-NN realism distance and the classifier's
+    confidence; kept-set FID against random subsets at several drop fractions."""
+    from uncdiff.evaluation.study import (DROP_FRACTIONS, classifier_confidence, correlation_rows, drop_curve_rows,
+                                          nearest_real_distance, study_scores)
+
+    prc = plan.settings["precision_recall"]
+    real = real_features(plan.root, inputs.datamodule, prc["real_images"] if prc else min(args.n, 10000), extractor)
+    confidence_note = None
+    for name in args.filtering.estimators:
+        store = plan.stores[name]
+        noise = store.record_values("noise_norm")
+        if noise is None:
+            report.notes.append(f"The study skipped {name}: its set was sampled before |x_T|^2 and the per-step "
+                                f"totals were recorded; sample it again in a new --out.")
+            continue
+        targets = {"noise": torch.tensor(noise, dtype=torch.float64),
+                   "realism": nearest_real_distance(features[name], real)}
+        confidence = classifier_confidence(extractor, features[name])
+        if confidence is not None:
+            targets["confidence"] = confidence
+        else:
+            confidence_note = f"The FID extractor {extractor.name} is no classifier: the study has no confidence column."
+        if name == "bayesdiff":  # Var[x0] of the final state: no per-step totals, one score
+            scores = {("sum", "final Var[x0]"): store.load_scores()}
+        else:
+            totals = torch.tensor(store.record_values("step_totals"), dtype=torch.float64)
+            steps = store.record_values("total_steps")[0]
+            scores = study_scores(totals, steps, store.settings["sampler"]["steps"])
+        report.study += correlation_rows(name, scores, targets, args.study.resamples, seed=0)
+        report.study_curves += drop_curve_rows(name, features[name], scores, DROP_FRACTIONS,
+                                               range(args.filtering.subset_seeds), fid)
+        default = scores.get(("sum", "all steps"), next(iter(scores.values())))
+        report.study_points[name] = {"score": default, "noise": targets["noise"], "realism": targets["realism"]}
+    if confidence_note:
+        report.notes.append(confidence_note)
+    report.header["study"] = (f"Spearman with {args.study.resamples} bootstrap resamples (seed 0); realism = mean "
+                              f"distance to the 5 nearest of {len(real)} real training images in FID feature space; "
+                              f"drop fractions {', '.join(f'{f:.3g}' for f in DROP_FRACTIONS)} against "
+                              f"{args.filtering.subset_seeds} random subsets each")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -365,6 +444,17 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
                 if invalid:
                     report.notes.append(invalid)
             report.filtering.append(row)
+        for name in moments_sets(args):  # BayesDiff with the other covariance estimator, same seeds
+            scores = plan.stores[name].load_scores()
+            row = filtering_row(name, features[name], scores, drop, range(args.filtering.subset_seeds), fid,
+                                precision_recall)
+            row, invalid = check_variance_scores(row, scores, plan.stores[name].settings["estimator_options"])
+            if invalid:
+                report.notes.append(f"{name}: {invalid}")
+            report.filtering.append(row)
+        note_negative_variances(plan, report)
+    if "study" in args.experiments:
+        run_study(args, plan, inputs, features, extractor, fid, report)
     if "guidance" in args.experiments:
         for name in GUIDED:
             report.guidance.append(guidance_row(name, features[name], features["plain"], args.guidance.seed_groups, fid))
@@ -445,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = build_parser()
     args = parse_options(parser, argv)
     try:
-        inputs = prepare_model(args, needs_laplace="filtering" in args.experiments
+        inputs = prepare_model(args, needs_laplace=bool({"filtering", "study"} & set(args.experiments))
                                and "bayesdiff" in args.filtering.estimators, needs_data=True)
         plan = plan_evaluation(args, inputs)
         make_fabric(args.fabric).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs),

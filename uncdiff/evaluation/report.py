@@ -26,6 +26,9 @@ class Report:
     sparsification: list[dict] = field(default_factory=list)
     curves: dict = field(default_factory=dict)  # estimator -> RMSE curve [F]
     cost: list[dict] = field(default_factory=list)
+    study: list[dict] = field(default_factory=list)  # study.correlation_rows
+    study_curves: list[dict] = field(default_factory=list)  # study.drop_curve_rows
+    study_points: dict = field(default_factory=dict)  # estimator -> {"score", "noise", "realism"} [N] for scatters
     notes: list[str] = field(default_factory=list)
     images: list[tuple[str, str]] = field(default_factory=list)  # (caption, file) shown at the end
 
@@ -179,11 +182,86 @@ def markdown(report: Report) -> str:
                       + [[r["method"], fmt(r["nfe_per_image"], 1), fmt(r.get("nfe_ratio"), 2),
                           fmt(r["seconds_per_image"], 4), fmt(r.get("time_ratio"), 2)] for r in report.cost]), "",
                 "![cost](cost.png)", ""]
+    out += study_markdown(report)
     if report.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     for caption, name in report.images:
         out += [f"**{caption}**", "", f"![{caption}]({name})", ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- per-sample study
+
+def study_markdown(report: Report) -> list[str]:
+    """Section (e): what each score ranks (docs/algorithms.md §6b)."""
+    if not report.study:
+        return []
+    keys = [k for k in ("noise", "realism", "confidence") if f"rho_{k}" in report.study[0]]
+    names = {"noise": "|x_T|^2", "realism": "5-NN distance to real (lower = more realistic)",
+             "confidence": "classifier confidence"}
+    cell = lambda r, k: f"{fmt(r[f'rho_{k}'], 2)} [{fmt(r[f'rho_{k}_low'], 2)}, {fmt(r[f'rho_{k}_high'], 2)}]"  # noqa: E731
+    out = ["## (e) What the scores rank (per-sample study)", "",
+           f"Spearman correlation of each score with per-sample measures, on the filtering sets' own "
+           f"{report.study[0]['samples']} samples, [95% bootstrap interval]. Every score variant and window is computed "
+           f"from the same samples' per-step totals (no re-sampling). A positive correlation with the 5-NN distance "
+           f"means a high score marks a *less* realistic sample (what filtering assumes). Signs are stated only where "
+           f"the interval excludes 0. The normalised variants' per-step statistics are cross-fitted: each half of "
+           f"the samples is scored with the other half's.", "",
+           table([["estimator", "score", "window", *[names[k] for k in keys]]]
+                 + [[r["estimator"], r["score"], r["window"], *[cell(r, k) for k in keys]] for r in report.study]), ""]
+    if report.study_curves:
+        fractions = list(dict.fromkeys(r["drop_fraction"] for r in report.study_curves))
+        by = {}
+        for r in report.study_curves:
+            by.setdefault((r["estimator"], r["score"], r["window"]), {})[r["drop_fraction"]] = r
+        out += ["**Kept-set FID against random subsets, by drop fraction** (z = (kept - random mean) / random std; "
+                "negative is better; the verdict needs 2 std; study_curves.csv has every number).", "",
+                table([["estimator", "score", "window", *[f"drop {f:.3g}" for f in fractions]]]
+                      + [[*key, *[f"{fmt(row[f]['z'], 2)} ({short(row[f]['verdict'])})" for f in fractions]]
+                         for key, row in by.items()]), "",
+                "![study curves](study_curves.png)", ""]
+    if report.study_points:
+        out += ["![study scatter](study_scatter.png)", ""]
+    return out
+
+
+def short(verdict: str) -> str:
+    return {"better than random": "better", "worse than random": "worse"}.get(verdict, "–")
+
+
+def plot_study_curves(rows: list[dict], path: Path) -> None:
+    """Kept-set FID minus the random subsets' mean against the drop fraction, one panel per
+    estimator, one line per (score, window); the grey band is ± 2 std of the random subsets."""
+    estimators = list(dict.fromkeys(r["estimator"] for r in rows))
+    fig, axes = plt.subplots(1, len(estimators), figsize=(4.6 * len(estimators), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], estimators):
+        mine = [r for r in rows if r["estimator"] == name]
+        band = {r["drop_fraction"]: 2 * (r["fid_random_std"] or 0) for r in mine}
+        xs = sorted(band)
+        ax.fill_between(xs, [-band[x] for x in xs], [band[x] for x in xs], color="grey", alpha=0.3,
+                        label="random ± 2 std")
+        for i, key in enumerate(dict.fromkeys((r["score"], r["window"]) for r in mine)):
+            line = sorted((r for r in mine if (r["score"], r["window"]) == key), key=lambda r: r["drop_fraction"])
+            ax.plot([r["drop_fraction"] for r in line], [r["fid_kept"] - r["fid_random_mean"] for r in line],
+                    "o-", color=f"C{i % 10}", ms=3, lw=1, label=f"{key[0]}, {key[1]}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("fraction dropped (highest scores first)")
+        ax.set_ylabel("FID kept - random mean")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=6)
+    _save(fig, path)
+
+
+def plot_study_scatter(points: dict, path: Path) -> None:
+    """Score against |x_T|^2 and against the 5-NN realism distance, one row per estimator."""
+    fig, axes = plt.subplots(len(points), 2, figsize=(7, 2.8 * len(points)), squeeze=False)
+    for row, (name, p) in zip(axes, points.items()):
+        for ax, key, label in zip(row, ("noise", "realism"), ("|x_T|^2", "5-NN distance to real images")):
+            ax.scatter(p[key].numpy(), p["score"].numpy(), s=3, alpha=0.5)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel(f"{name} score", fontsize=8)
+    fig.suptitle("Default score (sum over all steps) per sample", fontsize=10)
+    _save(fig, path)
 
 
 def write_report(out: Path, report: Report) -> list[Path]:
@@ -204,6 +282,14 @@ def write_report(out: Path, report: Report) -> list[Path]:
         plot_sparsification(report.curves, out / "sparsification.png")
     if report.cost:
         plot_cost(report.cost, out / "cost.png")
+    for name, rows in (("study", report.study), ("study_curves", report.study_curves)):
+        if rows:
+            write_csv(out / f"{name}.csv", rows)
+            written.append(out / f"{name}.csv")
+    if report.study_curves:
+        plot_study_curves(report.study_curves, out / "study_curves.png")
+    if report.study_points:
+        plot_study_scatter(report.study_points, out / "study_scatter.png")
     write_atomic(out / "report.md", markdown(report).encode())
     return written + [out / "report.md"]
 
@@ -213,7 +299,8 @@ def log_report(logger, out: Path, report: Report) -> None:
     Lightning logger with `log_table`, `log_image` and `log_hyperparams` (the W&B logger that the
     `evaluate` command makes: `uncdiff.lightning.wandb_logger.WandbLogger`)."""
     for name, rows in (("filtering", report.filtering), ("guidance", report.guidance),
-                       ("sparsification", report.sparsification), ("cost", report.cost)):
+                       ("sparsification", report.sparsification), ("cost", report.cost), ("study", report.study),
+                       ("study_curves", report.study_curves)):
         if rows:
             columns = list(rows[0])
             logger.log_table(key=f"evaluate/{name}", columns=columns,
