@@ -15,6 +15,7 @@ from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, 
 from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import save_atomic
 from uncdiff.lightning.data import dataset_key
+from uncdiff.uncertainty.score_reference import load_score_reference
 
 KINDS = ("unguided", "guided", "filtered")
 
@@ -41,7 +42,11 @@ class FIDTrajectory(L.Callback):
     Options:
     - `sampler`, `steps`, `sampler_options` (e.g. `{eta: 0.0}`): the sampler of both sets;
     - `estimator` ('aleatoric' | 'mc_dropout'), `estimator_options`: the scores (BayesDiff needs a
-      Laplace posterior fitted after training: `train.py evaluate`/`sample` run it on a checkpoint);
+      Laplace posterior fitted after training: `train.py evaluate`/`sample` run it on a checkpoint).
+      The filtered set's score variant (docs/algorithms.md §3) is `estimator_options.score`
+      (`sum` by default; `step_normalized` or `standardized` with `reference`, the file
+      `train.py calibrate` writes beside its table, checked now against `steps` and kept as an
+      absolute path);
     - `guidance`: `UncertaintyGuidance` options (rule, sign, lam, window, quantile, ...; `table` may be
       a file from `save_table`). The guided run records uncertainty only on its guidance steps
       (where it is computed anyway), unless `guidance` sets `estimate_window`; this never changes
@@ -74,6 +79,13 @@ class FIDTrajectory(L.Callback):
         self.seed, self.sampler, self.steps = int(seed), sampler, int(steps)
         self.sampler_options = check_sampler(sampler, steps, sampler_options)
         self.estimator, self.estimator_options = estimator, check_estimator(estimator, estimator_options)
+        reference = self.estimator_options.get("reference")
+        if isinstance(reference, (str, Path)):  # the statistics must be those of these sampler steps
+            try:
+                load_score_reference(reference, self.steps)
+            except ValueError as error:
+                raise ValueError(f"estimator_options.reference: {error}") from None
+            self.estimator_options["reference"] = str(Path(reference).resolve())
         self.guidance, hook = check_guidance(guidance, steps)
         # the guided run records its map only where guidance computes it anyway: no extra cost
         self.guided_options = {"estimate_window": hook.window, **self.guidance}

@@ -330,3 +330,26 @@ def test_mc_dropout_scores_on_a_model_trained_without_dropout_fail_when_the_run_
     trainer = SimpleNamespace(datamodule=DigitsDataModule(image_size=8), loggers=[], limit_val_batches=1)
     with pytest.raises(ValueError, match="estimator_options: the model was trained without dropout"):
         callback.setup(trainer, DiffusionModule(**tiny_model_kwargs(dropout=0.0)), "fit")
+
+
+def test_filtered_set_takes_a_score_variant_with_a_checked_reference_file(tmp_path, monkeypatch):
+    """FIDTrajectory's filtered set scores with estimator_options.score (docs/algorithms.md §3): the
+    reference file is checked against its steps at construction and reaches the estimator that
+    `sample` builds, which scores with it."""
+    from uncdiff.uncertainty.estimators import variant_scores
+    from uncdiff.uncertainty.score_reference import save_score_reference
+
+    path = tmp_path / "tau.pt.reference.pt"
+    reference = {"mean": torch.tensor([4.0, 3.0, 2.0]), "std": torch.tensor([1.0, 2.0, 0.5])}
+    save_score_reference(path, reference, {})
+    with pytest.raises(ValueError, match="pass reference"):
+        FIDTrajectory(steps=3, estimator_options={"score": "standardized"})
+    with pytest.raises(ValueError, match="estimator_options.reference: .*calibrated for 3 sampler steps; this run has 4"):
+        FIDTrajectory(steps=4, estimator_options={"score": "standardized", "reference": str(path)})
+    callback = FIDTrajectory(steps=3, estimator_options={"score": "standardized", "reference": str(path)})
+    assert callback.estimator_options["reference"] == str(path.resolve())
+    module = DiffusionModule(**tiny_model_kwargs())
+    result = module.sample(n=3, steps=3, sampler="ddim", estimator="aleatoric",
+                           estimator_options=callback.estimator_options)
+    want = variant_scores(result.step_totals, result.total_steps, "standardized", reference)
+    torch.testing.assert_close(result.scores.double(), want, rtol=1e-5, atol=1e-5)
