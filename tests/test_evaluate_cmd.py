@@ -199,6 +199,55 @@ def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_pat
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
+def test_guidance_sweep_end_to_end(tiny_checkpoint, tmp_path):
+    """`--experiments sweep`: every setting is a row of sweep.csv, paired with the unguided set (sampled
+    once for all settings) on the same seeds: lam = 0 gives exactly the unguided images."""
+    out = tmp_path / "eval"
+    lams, wrts, priors = [0.0, 1.0, 100.0], ["eps", "x_t"], ["1", "abar_inverse"]
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
+          "--experiments", "sweep", "--sweep.n", "8", "--sweep.seed_groups", "2", "--sweep.lams", str(lams),
+          "--sweep.grad_wrt", str(wrts), "--sweep.prior_precisions", f"[{', '.join(priors)}]",
+          # guide every step, unclipped: on the first step alone, x0 clipping would cancel the guidance here
+          "--guidance.window", "0", "1", "--sampler.clip", "false"])
+    rows = read_csv(out / "sweep.csv")
+    assert [(r["rule"], r["grad_wrt"], r["lam"], r["prior_precision"]) for r in rows] == \
+        [("gradient", w, str(lam), "") for w in wrts for lam in lams] + \
+        [("posterior", "", "", p) for p in ("1.0", "abar_inverse")]
+    assert all(int(r["samples"]) == 8 and int(r["groups"]) == 2 and r["verdict"] for r in rows)
+    assert sorted(p.name for p in (out / "sets").iterdir()) == sorted(
+        ["plain"] + [f"sweep-gradient-{w}-lam{lam:g}" for w in wrts for lam in lams]
+        + ["sweep-posterior-prior1", "sweep-posterior-priorabar_inverse"])
+    for row in rows:
+        if row["lam"] == "0.0":  # no step at all: the unguided images of the same seeds, so FID differences 0
+            assert int(row["identical_to_unguided"]) == 8
+            assert float(row["difference"]) == float(row["group_difference_mean"]) == 0.0
+        assert float(row["fid_unguided"]) == float(rows[0]["fid_unguided"])  # one unguided set for all
+    report = (out / "report.md").read_text()
+    assert "## Guidance sweep (strength)" in report and "](sweep.png)" in report
+    assert (out / "sweep.png").stat().st_size > 0
+    run = json.loads((out / "run.json").read_text())
+    sets = run["settings"]["sets"]
+    assert sets["sweep-posterior-priorabar_inverse"]["guidance"]["prior_precision"] == "abar_inverse"
+    assert sets["sweep-gradient-x_t-lam100"]["guidance"] | {"window": None} == {
+        "rule": "gradient", "sign": 1, "lam": 100.0, "grad_wrt": "x_t", "reduce": "sum", "quantile": 0.95,
+        "window": None}
+    assert sets["sweep-gradient-x_t-lam100"]["seeds"] == sets["plain"]["seeds"] | {"count": 8}
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--sweep.n", "13"], "--sweep.n must lie in [1, --n]"),
+    (["--sweep.seed_groups", "7"], "--sweep.seed_groups must lie in [2, sweep n / 2]"),
+    (["--sweep.lams", "[1, 1]"], "--sweep.lams lists a value twice"),
+])
+def test_bad_sweep_input_fails_before_writing(tiny_checkpoint, tmp_path, change, message):
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as error:
+        main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
+              "--experiments", "sweep", *change])
+    assert message in str(error.value.code)
+    assert not out.exists()
+
+
 def test_study_end_to_end(evaluation):
     """The per-sample study (docs/algorithms.md §6b) on the filtering sets: every estimator x score
     variant x window, each correlation inside its bootstrap interval; the |x_T|^2 correlation of the

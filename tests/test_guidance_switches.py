@@ -191,3 +191,37 @@ def test_posterior_hook_against_its_closed_form(schedule, prior_precision):
 def test_switch_validation_names_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         UncertaintyGuidance(**kwargs)
+
+
+# ---------------------------------------------------------------------------------- command options
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--guidance.rule", "gradient"], {"sign": 1, "lam": 1.0, "grad_wrt": "eps", "reduce": "sum"}),
+    (["--guidance.rule", "gradient", "--guidance.grad_wrt", "x_t", "--guidance.reduce", "mean", "--guidance.lam",
+      "0.1"], {"sign": 1, "lam": 0.1, "grad_wrt": "x_t", "reduce": "mean"}),
+    (["--guidance.rule", "posterior"], {"prior_precision": 1.0}),
+    (["--guidance.rule", "posterior", "--guidance.prior_precision", "abar_inverse"],
+     {"prior_precision": "abar_inverse"}),
+    (["--guidance.rule", "posterior", "--guidance.prior_precision", "3"], {"prior_precision": 3.0}),
+])
+def test_command_options_reach_the_guidance_settings(argv, expected):
+    """`train.py sample --guidance.*`: each rule records only its own options."""
+    from uncdiff.commands.common import estimator_settings, parse_options
+    from uncdiff.commands.sample import build_parser
+
+    args = parse_options(build_parser(), ["--checkpoint", "x.ckpt", "--out", "out", *argv])
+    _, _, guidance = estimator_settings(args)
+    assert {k: v for k, v in guidance.items() if k not in ("rule", "quantile", "window")} == expected
+    UncertaintyGuidance(**guidance)  # what the hook is built from
+
+
+def test_callbacks_take_the_switches():
+    """The sampling callbacks pass guidance options through to the hook: the switches included."""
+    from uncdiff.callbacks.sampling import check_guidance
+
+    options, hook = check_guidance({"grad_wrt": "x_t", "reduce": "mean", "lam": 0.1}, steps=20)
+    assert (hook.grad_wrt, hook.reduce, hook.lam) == ("x_t", "mean", 0.1) and options["grad_wrt"] == "x_t"
+    _, hook = check_guidance({"rule": "posterior", "prior_precision": "abar_inverse"}, steps=20)
+    assert hook.prior_precision == "abar_inverse"
+    with pytest.raises(ValueError, match="grad_wrt"):
+        check_guidance({"grad_wrt": "x0"}, steps=20)

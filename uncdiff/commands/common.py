@@ -214,6 +214,13 @@ def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:
         g.add_argument("--guidance.rule", type=Literal[GUIDANCE_CHOICES], default="none", help="update rule")
         g.add_argument("--guidance.sign", type=int, default=1, help="gradient rule: +1 or -1")
     g.add_argument("--guidance.lam", type=float, default=1.0, help="gradient rule: step size lambda")
+    g.add_argument("--guidance.grad_wrt", type=Literal["eps", "x_t"], default="eps",
+                   help="gradient rule: differentiate U with respect to eps_bar, or x_t (the released code)")
+    g.add_argument("--guidance.reduce", type=Literal["sum", "mean"], default="sum",
+                   help="gradient rule: U summed over pixels per image, or also averaged over the batch (the "
+                        "released code)")
+    g.add_argument("--guidance.prior_precision", type=Union[float, Literal["abar_inverse"]], default=1.0,
+                   help="posterior rule: precision of the N(0, 1/p) prior on eps; abar_inverse = the paper's 1/abar[t]")
     g.add_argument("--guidance.quantile", type=float, default=0.95, help="per-image percentile threshold q")
     g.add_argument("--guidance.table", type=Optional[str], default=None,
                    help="threshold table file from `calibrate` (threshold 'table' instead of the per-image "
@@ -407,10 +414,11 @@ def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
     if guide.rule != "none":
         if est not in ("aleatoric", "none"):
             raise InputError(f"--guidance.rule uses the aleatoric estimator; got --estimator.name {est}")
-        guidance = {"rule": guide.rule, "sign": guide.sign, "lam": guide.lam, "quantile": guide.quantile,
-                    "window": [float(v) for v in guide.window]}
-        if guide.rule != "gradient":
-            del guidance["sign"], guidance["lam"]  # the posterior rule has neither
+        guidance = {"rule": guide.rule, "quantile": guide.quantile, "window": [float(v) for v in guide.window]}
+        if guide.rule == "gradient":  # each rule records only its own options
+            guidance.update(sign=guide.sign, lam=guide.lam, grad_wrt=guide.grad_wrt, reduce=guide.reduce)
+        else:
+            guidance["prior_precision"] = guide.prior_precision
         if guide.table:
             guidance.update(threshold="table", table=str(Path(guide.table).resolve()))
             del guidance["quantile"]

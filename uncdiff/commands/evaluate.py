@@ -8,7 +8,9 @@ images), of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versu
 (mean ± std over --filtering.subset_seeds); (b) guided versus unguided FID from the same seeds, for
 the gradient rule with both signs and the posterior rule, over --guidance.seed_groups; (c) AUSE /
 AURG of the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each
-method.
+method. Not run by default, as it is expensive: `sweep`, guided versus unguided FID over a grid of
+guidance strengths (--sweep.lams for each --sweep.grad_wrt, --sweep.prior_precisions), paired with the
+first --sweep.n samples of the unguided set, mean ± std over --sweep.seed_groups.
 
 Each sample set is an `uncdiff sample` run in <out>/sets/<name> (so all processes generate it,
 and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it) and
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from jsonargparse import ArgumentParser, Namespace
@@ -37,7 +39,8 @@ from uncdiff.io.files import load_torch, save_atomic
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import dataset_key
 
-EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")
+EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")  # the default ones
+OPTIONAL_EXPERIMENTS = ("sweep",)  # run only when named: expensive
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
 # sample set -> how its options differ from the command's (see `set_arguments`)
 SETS = {
@@ -56,8 +59,8 @@ def build_parser() -> ArgumentParser:
     parser = new_parser("uncdiff evaluate", __doc__)
     add_model_arguments(parser, "output directory of the report and its sample sets (a re-run resumes)")
     g = parser.add_argument_group("experiments")
-    g.add_argument("--experiments", type=Literal[EXPERIMENTS], nargs="+", default=list(EXPERIMENTS),
-                   help="which to run")
+    g.add_argument("--experiments", type=Literal[EXPERIMENTS + OPTIONAL_EXPERIMENTS], nargs="+",
+                   default=list(EXPERIMENTS), help=f"which to run (not by default: {', '.join(OPTIONAL_EXPERIMENTS)})")
     g.add_argument("--filtering.estimators", type=Literal[FILTERING_ESTIMATORS], nargs="+",
                    default=list(FILTERING_ESTIMATORS), help="estimators of the filtering experiment")
     g.add_argument("--filtering.subset_seeds", type=int, default=20,
@@ -69,6 +72,17 @@ def build_parser() -> ArgumentParser:
                    help="bootstrap resamples of each Spearman interval of the per-sample study (>= 1000)")
     g.add_argument("--guidance.seed_groups", type=int, default=3,
                    help="seed groups the guided/unguided FIDs are repeated over")
+    g = parser.add_argument_group("guidance sweep (--experiments sweep; docs/algorithms.md §4, strength)")
+    g.add_argument("--sweep.n", type=Optional[int], default=None,
+                   help="samples per setting, paired with the first ones of the unguided set (null: --n)")
+    g.add_argument("--sweep.lams", type=list[float], default=[1e-3, 1e-2, 1e-1, 1.0, 10.0],
+                   help="gradient rule: the lam values")
+    g.add_argument("--sweep.grad_wrt", type=list[Literal["eps", "x_t"]], default=["eps", "x_t"],
+                   help="gradient rule: each lam with each of these (--guidance.reduce applies)")
+    g.add_argument("--sweep.sign", type=int, default=1, help="gradient rule: the sign of every setting")
+    g.add_argument("--sweep.prior_precisions", type=list[Union[float, Literal["abar_inverse"]]],
+                   default=[0.01, 1.0, 100.0, "abar_inverse"], help="posterior rule: the prior precisions")
+    g.add_argument("--sweep.seed_groups", type=int, default=3, help="seed groups of the spread")
     g.add_argument("--ause.images", type=int, default=100, help="held-out images for AUSE / AURG")
     g.add_argument("--ause.fractions", type=int, default=50, help="points of the sparsification curves")
     g.add_argument("--save_maps", type=bool, default=False, help="also write every sample's map and heatmap")
@@ -122,13 +136,62 @@ def set_names(args: Namespace) -> list[str]:
         names += ["plain", *GUIDED]
     if "cost" in args.experiments:
         names = ["plain", *names] if names else list(SETS)
-    return [n for n in SETS if n in names] + list(moments_sets(args))
+    if "sweep" in args.experiments:
+        names.append("plain")
+    return [n for n in SETS if n in names] + list(moments_sets(args)) + list(sweep_sets(args))
+
+
+def sweep_sets(args: Namespace) -> dict[str, dict]:
+    """The sample sets of the guidance sweep -> how their options differ from the command's: the
+    gradient rule at each lam for each grad_wrt, the posterior rule at each prior precision."""
+    if "sweep" not in args.experiments:
+        return {}
+    sweep = args.sweep
+    common = {"n": sweep.n or args.n, "guidance.sign": sweep.sign}
+    sets = {f"sweep-gradient-{wrt}-lam{lam:g}": {**common, "guidance.rule": "gradient", "guidance.grad_wrt": wrt,
+                                                  "guidance.lam": float(lam)}
+            for wrt in sweep.grad_wrt for lam in sweep.lams}
+    sets.update({f"sweep-posterior-prior{p if isinstance(p, str) else format(p, 'g')}":
+                 {**common, "guidance.rule": "posterior", "guidance.prior_precision": p}
+                 for p in sweep.prior_precisions})
+    return sets
+
+
+def sweep_point(settings: dict) -> dict:
+    """The columns of a sweep set's row: its guidance settings (those of the other rule empty)."""
+    g = settings["guidance"]
+    gradient = g["rule"] == "gradient"
+    prior = g.get("prior_precision")
+    label = (f"gradient d/d{g['grad_wrt']} lam={g['lam']:g}" if gradient
+             else f"posterior prior={prior if isinstance(prior, str) else format(prior, 'g')}")
+    return {"point": label, "rule": g["rule"], "grad_wrt": g.get("grad_wrt"), "reduce": g.get("reduce"),
+            "sign": g.get("sign"), "lam": g.get("lam"), "prior_precision": prior}
+
+
+def check_sweep(args: Namespace) -> None:
+    sweep = args.sweep
+    n = sweep.n or args.n
+    if not 1 <= n <= args.n:
+        raise InputError(f"--sweep.n must lie in [1, --n] (its samples pair with the first ones of the unguided "
+                         f"set), got {sweep.n} with --n {args.n}")
+    if not 2 <= sweep.seed_groups <= n // 2:
+        raise InputError(f"--sweep.seed_groups must lie in [2, sweep n / 2] (a spread needs two groups of two "
+                         f"samples or more), got {sweep.seed_groups} with {n} samples per setting")
+    if not sweep.lams and not sweep.prior_precisions:
+        raise InputError("the sweep has no setting: give --sweep.lams or --sweep.prior_precisions")
+    if sweep.lams and not sweep.grad_wrt:
+        raise InputError("--sweep.lams needs at least one --sweep.grad_wrt")
+    for option, values in (("--sweep.lams", sweep.lams), ("--sweep.grad_wrt", sweep.grad_wrt),
+                           ("--sweep.prior_precisions", sweep.prior_precisions)):
+        if len(set(values)) != len(values):
+            raise InputError(f"{option} lists a value twice: {values}")
 
 
 def set_arguments(args: Namespace, name: str, dropout: float) -> Namespace:
     """The options of a `sample` run of the set `name`."""
     options = {"estimator.name": "aleatoric", "guidance.rule": "none", "guidance.sign": 1,
-               **{**SETS, **moments_sets(args)}[name]}
+               **({**SETS, **moments_sets(args)}[name] if name in SETS or name.startswith("bayesdiff")
+                  else sweep_sets(args)[name])}
     if name != "aleatoric":  # --estimator.score (docs/algorithms.md §3) scores the aleatoric set only
         options.update({"estimator.score": "sum", "estimator.score_reference": None})
     if name == "mc_dropout":
@@ -150,6 +213,8 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     if not 1 <= args.guidance.seed_groups <= args.n // 2:
         raise InputError(f"--guidance.seed_groups must lie in [1, n/2], got {args.guidance.seed_groups} with "
                          f"--n {args.n}")
+    if "sweep" in args.experiments:
+        check_sweep(args)
     if "study" in args.experiments and args.study.resamples < 1000:
         raise InputError(f"--study.resamples must be >= 1000 (the bootstrap intervals' percentiles), got "
                          f"{args.study.resamples}")
@@ -199,6 +264,8 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
                 "ause": {"images": args.ause.images, "fractions": args.ause.fractions},
                 "fid": {"extractor": extractor, "dataset": dataset_key(inputs.datamodule, inputs.module.image_shape, "train")}}
+    if "sweep" in args.experiments:
+        settings["sweep_seed_groups"] = args.sweep.seed_groups
     check_output_dir(root, settings)
     for store in stores.values():
         store.check()
@@ -310,6 +377,24 @@ def run_sparsification(args, plan: Plan, module, datamodule, report) -> None:
                                    f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --estimator.window's part)"
 
 
+def run_sweep(args: Namespace, plan: Plan, features: dict, fid, report) -> None:
+    """The guidance sweep's rows, with how many of each setting's samples are identical (as PNGs) to
+    the unguided sample of the same seed."""
+    from uncdiff.evaluation.experiments import sweep_outcome, sweep_rows
+
+    names = list(sweep_sets(args))
+    points = [(sweep_point(plan.stores[name].settings), features[name]) for name in names]
+    report.sweep = sweep_rows(points, features["plain"], args.sweep.seed_groups, fid)
+    plain = plan.stores["plain"].load_images()
+    for row, name in zip(report.sweep, names):
+        images = plan.stores[name].load_images()
+        row["identical_to_unguided"] = int((images == plain[:len(images)]).flatten(1).all(1).sum())
+    report.sweep_outcome = sweep_outcome(report.sweep)
+    report.header["sweep"] = (f"{report.sweep[0]['samples']} samples per setting (the first seeds of the unguided "
+                              f"set), {args.sweep.seed_groups} seed groups; gradient rule with reduce "
+                              f"{args.guidance.reduce}, sign {args.sweep.sign:+d}")
+
+
 def note_negative_variances(plan: Plan, report) -> None:
     """How many BayesDiff scores (sums of Var[x0], which no variance can make negative) are negative
     with each covariance estimator that ran (docs/algorithms.md §5b), as a column and a note."""
@@ -403,7 +488,8 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
     clipped = [s.settings for n, s in plan.stores.items() if n != "bayesdiff"]
     any_set = (clipped or [s.settings for s in plan.stores.values()])[0]
     default_sign = inspect.signature(UncertaintyGuidance).parameters["sign"].default
-    checkpoint = load_torch(inputs.checkpoint, "checkpoint", mmap=True)
+    # a diffusers folder has no training step
+    checkpoint = {} if Path(inputs.checkpoint).is_dir() else load_torch(inputs.checkpoint, "checkpoint", mmap=True)
     report = Report(header={
         "checkpoint": f"{inputs.checkpoint} (step {checkpoint.get('global_step', '?')}, sha256 {inputs.sha256[:12]})",
         "data": plan.dataset,
@@ -462,10 +548,12 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
         plus, minus = report.guidance[0], report.guidance[1]
         report.sign = sign_outcome(plus, minus, features["guided-gradient-plus"], features["guided-gradient-minus"],
                                    args.guidance.seed_groups, fid)
+    if "sweep" in args.experiments:
+        run_sweep(args, plan, features, fid, report)
     if "ause" in args.experiments:
         run_sparsification(args, plan, module, inputs.datamodule, report)
     if "cost" in args.experiments:
-        report.cost = cost_rows(summaries)
+        report.cost = cost_rows({name: s for name, s in summaries.items() if name in SETS})  # not the sweep's
     same = [n for n in ("aleatoric", "mc_dropout") if n in features and "plain" in features]
     for name in same:
         identical = torch.equal(plan.stores[name].load_images(), plan.stores["plain"].load_images())

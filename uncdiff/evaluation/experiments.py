@@ -5,6 +5,7 @@ files, no Lightning. `train.py evaluate` (uncdiff/commands/evaluate.py) feeds th
 - filtering: FID, and improved precision / recall, of the set kept by an estimator's scores versus
   random subsets of the same size;
 - guidance: FID of guided versus unguided samples from the same starting noise, over seed groups;
+- sweep: the same for a grid of guidance strengths (lam, grad_wrt, the posterior's prior precision);
 - sparsification: AUSE / AURG of pixel-wise uncertainty when denoising noised real images;
 - cost: network evaluations and seconds per image.
 
@@ -205,6 +206,42 @@ def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features:
             "group_difference_se": row["group_difference_se"],
             "verdict": compare(row["group_difference_mean"], row["group_difference_se"],
                                "+1 better", "-1 better")}
+
+
+def sweep_rows(points: Sequence[tuple[dict, Tensor]], unguided: Tensor, groups: int,
+               fid: Callable[[Tensor], float]) -> list[dict]:
+    """The guidance sweep (docs/algorithms.md §4, strength): for each point `(settings, guided
+    features [N, D])`, guided versus unguided FID from the same seeds (row i = seed i in both; the
+    unguided `[N', D]` may hold more rows, its first N are paired). Per seed group the paired
+    difference guided - unguided; the row gives their mean ± standard deviation over the groups and
+    a verdict only beyond 2 standard deviations of that spread (the group-to-group spread, not
+    the standard error of the mean: with many points, a point must stand out from the noise
+    between groups). The unguided FIDs are computed once for all points."""
+    rows, plain = [], {}
+    for settings, guided in points:
+        n = len(guided)
+        if n not in plain:
+            parts = seed_groups(n, groups)
+            plain[n] = (parts, [fid(unguided[idx]) for idx in parts], fid(unguided[:n]))
+        parts, u, full_u = plain[n]
+        differences = [fid(guided[idx]) - b for idx, b in zip(parts, u)]
+        mean, std = mean_std(differences)
+        full_g = fid(guided)
+        rows.append({**settings, "samples": n, "fid": full_g, "fid_unguided": full_u, "difference": full_g - full_u,
+                     "group_difference_mean": mean, "group_difference_std": std, "groups": len(parts),
+                     "verdict": compare(mean, std, "better than unguided", "worse than unguided")})
+    return rows
+
+
+def sweep_outcome(rows: Sequence[dict]) -> str:
+    """One line on the sweep: the point that beats unguided by the most among those judged better
+    (beyond 2 standard deviations), or that none does."""
+    better = [r for r in rows if r["verdict"] == "better than unguided"]
+    if not better:
+        return f"No setting of the {len(rows)} beats unguided sampling beyond {SPREAD:g} standard deviations."
+    best = min(better, key=lambda r: r["group_difference_mean"])
+    return (f"Best: {best['point']}, FID {best['group_difference_mean']:+.3g} ± {best['group_difference_std']:.2g} "
+            f"against unguided per seed group ({len(better)} of {len(rows)} settings better beyond {SPREAD:g} std).")
 
 
 # ------------------------------------------------------------------------------- sparsification

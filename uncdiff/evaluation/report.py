@@ -23,6 +23,8 @@ class Report:
     filtering: list[dict] = field(default_factory=list)
     guidance: list[dict] = field(default_factory=list)
     sign: Optional[dict] = None
+    sweep: list[dict] = field(default_factory=list)  # experiments.sweep_rows
+    sweep_outcome: Optional[str] = None
     sparsification: list[dict] = field(default_factory=list)
     curves: dict = field(default_factory=dict)  # estimator -> RMSE curve [F]
     cost: list[dict] = field(default_factory=list)
@@ -95,6 +97,42 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """FID guided - unguided per seed group (mean ± 2 std) against the gradient rule's lam (log axis;
+    symmetric-log when lam = 0 is a point), one line per grad_wrt, and against the posterior rule's
+    prior precision."""
+    gradient = [r for r in rows if r["rule"] == "gradient"]
+    posterior = [r for r in rows if r["rule"] == "posterior"]
+    panels = [p for p in (gradient, posterior) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, part in zip(axes[0], panels):
+        ax.axhline(0, color="grey", lw=1)
+        if part is gradient:
+            for i, wrt in enumerate(dict.fromkeys(r["grad_wrt"] for r in part)):
+                line = sorted((r for r in part if r["grad_wrt"] == wrt), key=lambda r: r["lam"])
+                ax.errorbar([r["lam"] for r in line], [r["group_difference_mean"] for r in line],
+                            yerr=[2 * (r["group_difference_std"] or 0) for r in line], fmt="o-", capsize=4,
+                            color=f"C{i}", label=f"d/d {wrt}")
+            lams = [r["lam"] for r in part]
+            if min(lams) > 0:
+                ax.set_xscale("log")
+            else:
+                ax.set_xscale("symlog", linthresh=min([v for v in lams if v > 0], default=1.0))
+            ax.set_xlabel(f"lam (gradient rule, sign {part[0]['sign']:+d}, reduce {part[0]['reduce']})")
+            ax.legend(fontsize=8)
+        else:
+            x = range(len(part))
+            ax.errorbar(x, [r["group_difference_mean"] for r in part],
+                        yerr=[2 * (r["group_difference_std"] or 0) for r in part], fmt="o", capsize=4, color="C3")
+            ax.set_xticks(list(x), [p if isinstance(p := r["prior_precision"], str) else f"{p:g}" for r in part],
+                          fontsize=8)
+            ax.set_xlabel("prior precision (posterior rule)")
+        ax.set_ylabel("FID guided - unguided\n(negative is better)")
+    fig.suptitle(f"Guidance sweep: {rows[0]['samples']} samples per point, mean ± 2 std over "
+                 f"{rows[0]['groups']} seed groups", fontsize=10)
+    _save(fig, path)
+
+
 def plot_sparsification(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, curve in curves.items():
@@ -164,6 +202,21 @@ def markdown(report: Report) -> str:
                     f"docs/algorithms.md §4 asks for the better-measured sign as the default; the default is "
                     f"{report.header.get('default gradient sign', '+1')}.", ""]
         out += ["![guidance](guidance.png)", ""]
+    if report.sweep:
+        r0 = report.sweep[0]
+        out += ["## Guidance sweep (strength)", "",
+                f"Each setting guides {r0['samples']} samples from the seeds of the unguided set (the same starting "
+                f"noise; the unguided samples are generated once for all settings). Difference = guided - unguided "
+                f"FID (negative is better), per seed group over {r0['groups']} groups: mean ± standard deviation. "
+                f"A verdict is given only beyond 2 standard deviations of the group-to-group spread.", "",
+                table([["setting", "FID", "unguided FID", "difference", "per-group difference (mean ± std)",
+                        "verdict", "samples identical to unguided"]]
+                      + [[r["point"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
+                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
+                          fmt(r.get("identical_to_unguided"))] for r in report.sweep]), ""]
+        if report.sweep_outcome:
+            out += [f"**{report.sweep_outcome}**", ""]
+        out += ["![sweep](sweep.png)", ""]
     if report.sparsification:
         out += ["## (c) Pixel-wise uncertainty versus error: AUSE / AURG (paper Table 2)", "",
                 "Real held-out images noised to the middle of the sampler's schedule and denoised, the uncertainty "
@@ -265,11 +318,13 @@ def plot_study_scatter(points: dict, path: Path) -> None:
 
 
 def write_report(out: Path, report: Report) -> list[Path]:
-    """report.md, filtering.csv, guidance.csv, sparsification.csv, cost.csv and their plots in `out`."""
+    """report.md, filtering.csv, guidance.csv, sweep.csv, sparsification.csv, cost.csv and their plots in
+    `out`."""
     written = []
     for name, rows, plot in (("filtering", report.filtering, plot_filtering),
                              ("guidance", report.guidance + ([{"set": "sign +1 vs -1", **report.sign}]
                                                              if report.sign else []), None),
+                             ("sweep", report.sweep, None),
                              ("sparsification", report.sparsification, None), ("cost", report.cost, plot_cost)):
         if rows:
             write_csv(out / f"{name}.csv", rows)
@@ -278,6 +333,8 @@ def write_report(out: Path, report: Report) -> list[Path]:
         plot_filtering(report.filtering, out / "filtering.png")
     if report.guidance:
         plot_guidance(report.guidance, out / "guidance.png")
+    if report.sweep:
+        plot_sweep(report.sweep, out / "sweep.png")
     if report.curves:
         plot_sparsification(report.curves, out / "sparsification.png")
     if report.cost:
@@ -298,7 +355,7 @@ def log_report(logger, out: Path, report: Report) -> None:
     """The report's tables (NaN as empty cells), the plots written in `out` and its header, into a
     Lightning logger with `log_table`, `log_image` and `log_hyperparams` (the W&B logger that the
     `evaluate` command makes: `uncdiff.lightning.wandb_logger.WandbLogger`)."""
-    for name, rows in (("filtering", report.filtering), ("guidance", report.guidance),
+    for name, rows in (("filtering", report.filtering), ("guidance", report.guidance), ("sweep", report.sweep),
                        ("sparsification", report.sparsification), ("cost", report.cost), ("study", report.study),
                        ("study_curves", report.study_curves)):
         if rows:
