@@ -553,7 +553,8 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
     if "ause" in args.experiments:
         run_sparsification(args, plan, module, inputs.datamodule, report)
     if "cost" in args.experiments:
-        report.cost = cost_rows({name: s for name, s in summaries.items() if name in SETS})  # not the sweep's
+        sweep = sweep_sets(args)
+        report.cost = cost_rows({name: s for name, s in summaries.items() if name not in sweep})
     same = [n for n in ("aleatoric", "mc_dropout") if n in features and "plain" in features]
     for name in same:
         identical = torch.equal(plan.stores[name].load_images(), plan.stores["plain"].load_images())
