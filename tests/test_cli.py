@@ -49,7 +49,7 @@ def test_quickstart_first_steps_offline_wandb_and_no_overwrite(tmp_path):
 
     resumed = train([*args, "--trainer.max_steps", "6", "--ckpt_path", "last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert len(list(run.glob("config-*.yaml"))) == 2
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # a new W&B run; the first is untouched
 
@@ -66,7 +66,7 @@ def test_ddp_through_the_cli(tmp_path):
     result = train(["--config", "quickstart.yaml", *QUICK, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.accelerator", "cpu"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
 
 
@@ -79,7 +79,7 @@ def test_cifar_recipe_first_steps(tmp_path, monkeypatch):
     main(["fit", "--config", "cifar.yaml", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
           "--trainer.logger", "false", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
           "--data.init_args.download", "false"])
-    ckpt = torch.load(tmp_path / "runs" / "cifar" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs" / "cifar" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))
     assert abs(n_params - 35.7e6) < 0.3e6

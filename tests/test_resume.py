@@ -53,7 +53,7 @@ def test_resume_equals_straight_run(tmp_path, n, limit):
 
 def test_checkpoint_holds_online_weights_once(tmp_path):
     fit(tmp_path, 2, every=2)
-    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     keys = ckpt["state_dict"].keys()
     n_net = sum(k.startswith("net.") for k in keys)
     assert n_net > 0
