@@ -7,7 +7,7 @@ can treat the rest of the network as a frozen feature map.
 """
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +70,11 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """`forward(x [B, C, H, W], t [B]) -> eps [B, C, H, W]`."""
+    """`forward(x [B, C, H, W], t [B]) -> eps [B, C, H, W]` (`[B, out_channels, H, W]` when given)."""
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
                  channel_mults: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1):
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, out_channels: Optional[int] = None):
         super().__init__()
         check_unet_config(image_size, base_channels, channel_mults, attn_resolutions, dropout)
         self.image_size, self.in_channels, self.base_channels = image_size, in_channels, base_channels
@@ -114,7 +114,8 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = norm(ch)
-        self.head = nn.Conv2d(ch, in_channels, 3, padding=1)
+        # out_channels: the predicted eps's channels, when the input also carries a condition (docs/algorithms.md §7)
+        self.head = nn.Conv2d(ch, in_channels if out_channels is None else out_channels, 3, padding=1)
         # Ho et al. initialise the layers that close each residual branch, and the output, to zero.
         for module in self.modules():
             if isinstance(module, ResBlock):

@@ -1,0 +1,184 @@
+"""Image-to-image diffusion in the manner of Palette (Saharia et al. 2022; docs/algorithms.md §7): the
+LightningModule of `DiffusionModule` (EMA, optimizer, warm-up, clipping, NaN stop, resume) with a
+network that reads the condition concatenated to x_t, and sampling with uncertainty through
+`uncdiff.uncertainty.image_to_image`."""
+
+import inspect
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from uncdiff.core.conditioning import ConditionedNet, check_mask
+from uncdiff.core.modes import eval_mode
+from uncdiff.core.samplers import make_sampler
+from uncdiff.core.unet import UNet
+from uncdiff.io.degradations import Task, check_task
+from uncdiff.io.files import InputError, load_torch
+from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
+from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
+from uncdiff.uncertainty.image_to_image import generate_conditional
+from uncdiff.uncertainty.sampling import SampleResult, build_hook
+
+UNET_OPTIONS = ("image_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
+                "dropout")
+NOT_HERE = ("network", "diffusers_unet", "diffusers_scheduler", "pretrained")
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the pixels where `mask [B, 1, H, W]` is 1 (all pixels for an all-ones mask)."""
+    weight = mask.expand_as(pred)
+    return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1)
+
+
+class ConditionalDiffusionModule(DiffusionModule):
+    """Trains `eps_theta(concat(y, x_t), t)` with the L2 loss on eps, restricted to the generated
+    pixels for `inpaint` and `uncrop` (docs/algorithms.md §7). `task` is one of
+    `uncdiff.io.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`), and decides
+    whether sampling takes a mask. `in_channels` are the image's; the U-Net reads `in_channels`
+    more (the condition) and predicts `in_channels`. Every other option is `DiffusionModule`'s
+    (uncdiff's U-Net only: no diffusers network).
+    """
+
+    def __init__(self, task: str = "inpaint", **kwargs):
+        given = [name for name in NOT_HERE if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(f"the image-to-image model builds uncdiff's U-Net; {', '.join(given)} can't be set")
+        kwargs = {k: v for k, v in kwargs.items() if k not in NOT_HERE}
+        defaults = {k: p.default for k, p in inspect.signature(DiffusionModule.__init__).parameters.items()
+                    if k in UNET_OPTIONS}
+        unet = {**defaults, **{k: v for k, v in kwargs.items() if k in UNET_OPTIONS}}
+        self_task = Task(check_task(task))
+        channels = self_task.condition_channels(unet["in_channels"])
+        network = UNet(unet["image_size"], unet["in_channels"] + channels, unet["base_channels"], unet["channel_mults"],
+                       unet["num_res_blocks"], unet["attn_resolutions"], unet["dropout"], out_channels=unet["in_channels"])
+        super().__init__(network=network, **kwargs)
+        self.task = self_task
+
+    @property
+    def condition_shape(self) -> tuple[int, int, int]:
+        return self.image_shape  # every task's condition has the image's channels (colorize: RGB gray)
+
+    def conditional_loss(self, net, x0: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`mean over mask of (eps_theta(concat(y, x_t), t) - eps)^2`, `t ~ U{0..T-1}`, from the global RNG."""
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        pred = net(torch.cat([y, self.schedule.q_sample(x0, t, eps)], dim=1), t)
+        return masked_mse(pred, eps, mask)
+
+    def unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 3:
+            raise ValueError("the image-to-image model trains on (image, condition, mask) batches: use "
+                             "uncdiff.lightning.palette_data.ImageToImageDataModule as the data")
+        x0, y, mask = batch
+        if tuple(x0.shape[1:]) != self.image_shape or tuple(y.shape[1:]) != self.condition_shape:
+            raise ValueError(f"the data's images {tuple(x0.shape[1:])} and conditions {tuple(y.shape[1:])} (C, H, W) "
+                             f"don't match the model's {self.image_shape}: set the data's image size or the model's")
+        return x0, y, mask
+
+    def on_fit_start(self) -> None:
+        data_task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+        if isinstance(data_task, Task) and data_task.name != self.task.name:
+            raise ValueError(f"the model is for task {self.task.name!r} but the data builds {data_task.name!r} pairs: "
+                             f"set model.task and data.init_args.task alike")
+
+    def training_step(self, batch, batch_idx):
+        x0, y, mask = self.unpack(batch)
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank))
+        if self.hparams.random_flip:  # the image, its condition and its mask together
+            flip = (torch.rand(x0.shape[0], device=x0.device) < 0.5)[:, None, None, None]
+            x0, y, mask = (torch.where(flip, v.flip(-1), v) for v in (x0, y, mask))
+        loss = self.conditional_loss(self.net, x0, y, mask)
+        check_finite_loss(self.trainer.strategy, loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, y, mask = self.unpack(batch)
+        with torch.random.fork_rng(devices=[x0.device] if x0.is_cuda else []):
+            torch.manual_seed(batch_idx)  # the same (t, eps) every validation: comparable losses
+            loss = self.conditional_loss(self.ema.ema_model, x0, y, mask)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def check_inputs(self, condition, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The condition `[N, C, H, W]` and mask (`[N or 1, 1, H, W]`, masked tasks only) checked against
+        the model: a ValueError naming what doesn't fit, before anything is sampled. Returns the mask
+        as `[N, 1, H, W]` (None for tasks without one)."""
+        if not isinstance(condition, torch.Tensor):
+            raise TypeError(f"this is an image-to-image model ({self.task.name}): sample(condition [N, C, H, W], "
+                            f"mask, ...) takes condition images, not {type(condition).__name__}")
+        if condition.dim() != 4 or tuple(condition.shape[1:]) != self.condition_shape:
+            raise ValueError(f"condition images of shape {tuple(condition.shape)} don't fit this {self.task.name} model, "
+                             f"which takes [N, {', '.join(map(str, self.condition_shape))}] (C, H, W)")
+        if not bool(torch.isfinite(condition).all()):
+            raise ValueError("condition images hold NaN or infinite values")
+        if not self.task.masked:
+            if mask is not None:
+                raise ValueError(f"task {self.task.name!r} takes no mask (only inpaint and uncrop do)")
+            return None
+        return check_mask(mask, (condition.shape[0], *self.image_shape))
+
+    def sample(self, condition: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: int = 0,
+               sampler: Optional[str] = None, steps: Optional[int] = None, estimator: str = "none",
+               guidance: Optional[dict] = None, seeds: Optional[Sequence[int]] = None, batch_size: int = 256,
+               progress: bool = False, estimator_options: Optional[dict] = None, **sampler_kwargs) -> SampleResult:
+        """One output per condition image `condition [N, C, H, W]` (in [-1, 1]), with the EMA network.
+
+        For `inpaint` and `uncrop`, `mask [N or 1, 1, H, W]` (1 = generate) is required: the known
+        pixels are the condition's, kept exactly, and the maps and scores cover the generated pixels
+        only. Sample i uses seed `seed + i` (or `seeds[i]`). Every other option is
+        `DiffusionModule.sample`'s (samplers, estimators, guidance), except `chunk_size`.
+        """
+        mask = self.check_inputs(condition, mask)
+        options = dict(estimator_options or {})
+        if "chunk_size" in options or "chunk_size" in (guidance or {}):
+            raise ValueError("chunk_size is not supported for image-to-image sampling: lower batch_size instead")
+        seeds = list(range(seed, seed + condition.shape[0])) if seeds is None else list(seeds)
+        sampler = sampler or self.hparams.sampler
+        sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
+        sampler_obj = make_sampler(self.schedule, sampler, steps=steps or self.hparams.sample_steps, **sampler_kwargs)
+
+        def make_hook(eps_model):
+            return build_hook(estimator, options, guidance, net=eps_model, laplace=self.laplace,
+                              steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device)
+
+        make_hook(ConditionedNet(self.ema.ema_model, condition[:1]))  # a bad setting fails before sampling
+        model = self.ema.ema_model
+        with eval_mode(model), torch.inference_mode(False):  # see DiffusionModule.sample
+            return generate_conditional(model, sampler_obj, condition, seeds, self.image_shape, mask, make_hook,
+                                        self.device, batch_size, progress)
+
+    def fit_laplace(self, images, num_images: int = 1000, conditions: Optional[torch.Tensor] = None,
+                    **options) -> None:
+        """BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) of the conditional EMA network,
+        from training pairs: `images [N, C, H, W]` and their `conditions [N, C, H, W]` (tensors, fitted
+        in one batch of `min(N, num_images)`)."""
+        if conditions is None or not isinstance(images, torch.Tensor) or conditions.shape != images.shape:
+            raise ValueError("the image-to-image model's Laplace fit needs images [N, C, H, W] and their conditions "
+                             "(conditions=, the same shape) as tensors")
+        n = min(num_images, images.shape[0])
+        net = ConditionedNet(self.ema.ema_model, conditions[:n].to(self.device))
+        self.laplace = fit_last_layer_laplace(net, images[:n], self.schedule, num_images=n, batch_size=n, **options)
+
+
+def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
+    """The `ConditionalDiffusionModule` of a checkpoint written by `train.py fit`, on the CPU, in eval
+    mode; an unconditional (or foreign) checkpoint is an `InputError` saying so, before any sampling."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder (a diffusers model?): image-to-image sampling needs a checkpoint of "
+                         f"an image-to-image model trained with `train.py fit`")
+    checkpoint = load_torch(path, "checkpoint", mmap=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise InputError(f"{path} is not a checkpoint written by `train.py fit` (no state_dict and hyper_parameters)")
+    if "task" not in hparams:
+        raise InputError(f"{path} is an unconditional model: it generates from noise and takes no condition images "
+                         f"(sample it with `train.py sample`)")
+    try:
+        module = ConditionalDiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"{path} is incompatible with this uncdiff ConditionalDiffusionModule "
+                         f"({type(error).__name__}: {str(error)[:500]})") from None
+    return module.eval()
