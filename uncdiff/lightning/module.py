@@ -260,9 +260,10 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # LightningCLI records how it built the module (`_instantiator`, an import path that
-        # load_from_checkpoint would call); our arguments are plain values, so drop it: a
-        # checkpoint holds tensors and plain values only.
-        checkpoint.get("hyper_parameters", {}).pop("_instantiator", None)
+        # load_from_checkpoint would call) and, for a model given by class_path, `_class_path`; our
+        # arguments are plain values, so drop both: a checkpoint holds tensors and plain values only.
+        for key in ("_instantiator", "_class_path"):
+            checkpoint.get("hyper_parameters", {}).pop(key, None)
         if self.laplace is not None:
             checkpoint["bayesdiff_laplace"] = self.laplace.state_dict()
 
