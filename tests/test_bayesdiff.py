@@ -1,6 +1,6 @@
 """BayesDiff (docs/algorithms.md §5b) against independent truths: per-sample autograd for the Fisher diagonal,
 sampled heads for the closed-form predictive variance, Monte Carlo trajectories for the DDIM
-variance propagation, and the pass counts the spec states."""
+variance propagation, and the pass counts docs/algorithms.md §5b states."""
 
 import numpy as np
 import pytest

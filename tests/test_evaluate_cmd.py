@@ -1,5 +1,5 @@
 """`train.py evaluate` end to end on a tiny checkpoint trained in the test, with tiny counts: the
-report and its tables, the cost in network evaluations against the spec's formulas, resuming
+report and its tables, the cost in network evaluations against the formulas of docs/algorithms.md, resuming
 without generating anything, and bad inputs (a missing FID extractor included) failing before
 anything is written.
 
@@ -119,7 +119,7 @@ def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
 
 
 def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_path, monkeypatch):
-    """Negative sums of Var[x0] (what the spec's moment estimator gives at S draws) are no
+    """Negative sums of Var[x0] (what the paper's Monte Carlo moment estimator gives at S draws) are no
     variances: the report says so and marks BayesDiff's filtering verdicts, not a clean result."""
     import shutil
 
