@@ -8,7 +8,9 @@ images), of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versu
 (mean ± std over --filtering.subset_seeds); (b) guided versus unguided FID from the same seeds, for
 the gradient rule with both signs and the posterior rule, over --guidance.seed_groups; (c) AUSE /
 AURG of the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each
-method. Not run by default, as it is expensive: `sweep`, guided versus unguided FID over a grid of
+method; (e) the per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling
+again: Spearman correlations of each score variant and window with |x_T|^2, realism and classifier
+confidence, and kept-set FID curves over drop fractions. Not run by default, as it is expensive: `sweep`, guided versus unguided FID over a grid of
 guidance strengths (--sweep.lams for each --sweep.grad_wrt, --sweep.prior_precisions), paired with the
 first --sweep.n samples of the unguided set, mean ± std over --sweep.seed_groups.
 
