@@ -5,6 +5,7 @@ one entry point for every command.
     uncdiff sample --checkpoint CKPT --out DIR    # samples, uncertainty maps, scores, filtering
     uncdiff calibrate --checkpoint CKPT --out tau.pt
     uncdiff evaluate --checkpoint CKPT --out DIR  # the paper's experiments, as a report
+    uncdiff export --checkpoint CKPT --out DIR    # a diffusers DDPMPipeline folder
 
 `uncdiff <command> --help` lists a command's options; docs/cli.md describes them all.
 """
@@ -15,13 +16,14 @@ from typing import Optional, Sequence
 
 # commands of our own; every other first word goes to LightningCLI (fit, validate, ...)
 COMMANDS = {"sample": "uncdiff.commands.sample", "calibrate": "uncdiff.commands.calibrate",
-            "evaluate": "uncdiff.commands.evaluate"}
+            "evaluate": "uncdiff.commands.evaluate", "export": "uncdiff.commands.export"}
 SUMMARY = {
     "fit": "train a model (LightningCLI: --config quickstart.yaml, --trainer.*, --model.*, --data.*)",
     "validate": "validate a checkpoint (LightningCLI, as fit, with --ckpt_path)",
     "sample": "N samples from a checkpoint, with uncertainty maps, scores and filtering (resumable)",
     "calibrate": "the threshold table of guided sampling, from unguided samples",
     "evaluate": "the paper's experiments on a checkpoint (FID, precision / recall, AUSE, cost) as a report",
+    "export": "a trained diffusers-UNet model as a diffusers DDPMPipeline folder (safetensors)",
 }
 
 

@@ -1,4 +1,4 @@
-"""Pretrained diffusers models as uncdiff noise predictors (docs/diffusers.md).
+"""diffusers models as uncdiff noise predictors, and uncdiff models as diffusers pipelines (docs/diffusers.md).
 
 A diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`) or a bare `UNet2DModel`
 folder (`config.json` and its weights) becomes a `PretrainedDiffusion`: the UNet wrapped as the
@@ -9,10 +9,17 @@ uncdiff cannot honour is refused here, naming the field and its value, before an
 Configs are read as JSON; weights load through diffusers' `from_pretrained` (safetensors, or a
 `.bin` with `torch.load(weights_only=True)`), so no file in the folder can run code. diffusers is
 an optional extra: without it a folder is refused with the install command.
+
+The other way: `build_unet` makes a fresh `UNet2DModel` from its config (a network `fit` trains),
+`unet_config_of` gives a network's config back as plain values (what a checkpoint stores instead of a
+pickled class), and `save_pipeline` writes a trained one as a `DDPMPipeline` folder.
 """
 
+import inspect
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +158,11 @@ class DiffusersEps(nn.Module):
         self.unet = unet
 
     @property
+    def image_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
     def head(self) -> nn.Conv2d:
         return self.unet.conv_out
 
@@ -193,11 +205,11 @@ def check_unet_config(config: dict, where: Path) -> tuple[int, int]:
     return size, channels
 
 
-def import_unet_class():
+def import_unet_class(what: str = "loading a diffusers model folder"):
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise InputError(f"loading a diffusers model folder needs the diffusers extra: {INSTALL}") from None
+        raise InputError(f"{what} needs the diffusers extra: {INSTALL}") from None
     return UNet2DModel
 
 
@@ -231,6 +243,7 @@ class PretrainedDiffusion:
     in_channels: int
     dropout: float
     sampler_defaults: dict = field(default_factory=dict)  # clip, variance (DDPM), spacing (DDIM)
+    scheduler_config: dict = field(default_factory=dict)  # as read ({} for a bare UNet: DDPMScheduler's defaults)
     source: dict = field(default_factory=dict)  # the folder and its configs' class names
 
 
@@ -257,5 +270,82 @@ def load_pretrained(path: str | Path) -> PretrainedDiffusion:
     schedule, defaults = schedule_from_config(scheduler_config, scheduler_file)
     unet = load_unet(unet_dir)
     return PretrainedDiffusion(DiffusersEps(unet), schedule, size, channels, float(unet_config.get("dropout", 0.0)),
-                               defaults, {"folder": str(path), "unet": "UNet2DModel",
+                               defaults, scheduler_config, {"folder": str(path), "unet": "UNet2DModel",
                                           "scheduler": scheduler_config.get("_class_name", "DDPMScheduler")})
+
+
+# ------------------------------------------------------------------------ training and export
+
+def build_unet(config: dict, where: str = "diffusers_unet") -> DiffusersEps:
+    """A randomly initialised `UNet2DModel` (from the global RNG) from `config`, the options of its
+    `config.json` (`_class_name` may be left out). Unknown options and UNets uncdiff can't run are
+    refused, naming the option."""
+    UNet2DModel = import_unet_class("a diffusers UNet2DModel network")
+    config = {"_class_name": "UNet2DModel", **config}
+    options = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in options)
+    if unknown:
+        raise InputError(f"{where}: {', '.join(map(repr, unknown))} "
+                         f"{'is not an option' if len(unknown) == 1 else 'are not options'} of UNet2DModel "
+                         f"(its options: {', '.join(sorted(options))})")
+    check_unet_config(config, Path(where))
+    try:
+        unet = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception as error:
+        raise InputError(f"{where}: UNet2DModel refuses this config ({type(error).__name__}: {error})") from None
+    return DiffusersEps(unet)
+
+
+def unet_config_of(net: DiffusersEps) -> dict:
+    """Every option of the network's `UNet2DModel` (defaults included), as plain JSON values: with
+    `build_unet` it rebuilds the same architecture, and a checkpoint holding it loads with
+    `weights_only=True`."""
+    return json.loads(json.dumps({k: v for k, v in net.unet.config.items() if not k.startswith("_")}))
+
+
+def ddpm_scheduler_config(schedule: NoiseSchedule, source: dict | None = None) -> dict:
+    """The `DDPMScheduler` config of a noise schedule. `source`, the diffusers scheduler config the
+    schedule came from, is kept (less what only DDIMScheduler reads); uncdiff's own schedules map to
+    diffusers' of the same betas (core.schedule.make_betas; equal to float32 rounding): `linear` to
+    `linear` between its first and last beta, `cosine` to `squaredcos_cap_v2` (the same cosine, capped
+    at 0.999), anything else to `trained_betas`. The sampler defaults are uncdiff's: x0 clipped to
+    [-1, 1], DDPM variance beta_tilde (`fixed_small`)."""
+    from diffusers import DDPMScheduler
+
+    options = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    if source is not None:
+        check_scheduler_config(source, Path("diffusers_scheduler"))
+        return {k: v for k, v in source.items() if k in options}
+    T = schedule.num_timesteps
+    config = {"num_train_timesteps": T, "clip_sample": True, "clip_sample_range": 1.0,
+              "variance_type": "fixed_small", "prediction_type": "epsilon", "timestep_spacing": "leading"}
+    if schedule.name == "linear":
+        config.update(beta_schedule="linear", beta_start=float(schedule.betas[0]), beta_end=float(schedule.betas[-1]))
+    elif schedule.name == "cosine":
+        config.update(beta_schedule="squaredcos_cap_v2")
+    else:
+        config.update(trained_betas=schedule.betas.tolist())
+    return config
+
+
+def save_pipeline(net: DiffusersEps, scheduler_config: dict, folder: str | Path) -> Path:
+    """Write `net`'s UNet and a `DDPMScheduler` of `scheduler_config` as a `DDPMPipeline` folder
+    (safetensors weights), which `DDPMPipeline.from_pretrained` loads. Written beside `folder` and
+    renamed into place, so `folder` is whole or absent; an existing `folder` is never overwritten."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = Path(folder)
+    if folder.exists():
+        raise InputError(f"{folder} exists; a pipeline is never written over it (delete it or choose another folder)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed export of this pid
+    try:
+        DDPMPipeline(unet=net.unet, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(
+            partial, safe_serialization=True)
+        if folder.exists():
+            raise InputError(f"{folder} appeared while exporting; not overwritten")
+        os.rename(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder

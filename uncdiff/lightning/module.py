@@ -1,6 +1,5 @@
 """The LightningModule: DDPM training (docs/algorithms.md §1) with an EMA copy used for all sampling."""
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
@@ -8,12 +7,13 @@ import torch
 import ema_pytorch
 
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
-from uncdiff.uncertainty.guidance import table_from_file
 from uncdiff.core.samplers import make_sampler
-from uncdiff.uncertainty.sampling import SampleResult, generate, make_estimator
+from uncdiff.core.modes import eval_mode
+from uncdiff.uncertainty.sampling import SampleResult, build_hook, generate
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.core.unet import UNet
-from uncdiff.io.diffusers_pipeline import load_pretrained
+from uncdiff.io.diffusers_pipeline import (DiffusersEps, build_unet, load_pretrained, schedule_from_config,
+                                           unet_config_of)
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
@@ -31,24 +31,6 @@ def step_seed(seed: int, step: int, batch_idx: int, rank: int) -> int:
     """One RNG seed per (run seed, optimizer step, micro-batch, rank): training randomness is a
     function of where the run is, not of its history, so a resumed run repeats it exactly."""
     return ((seed * MAX_STEPS + step) * 4096 + batch_idx % 4096) * MAX_RANKS + rank
-
-
-def guided_options(estimator_options: dict, guidance: dict) -> dict:
-    """The `UncertaintyGuidance` options of a guided run: `guidance` plus the estimator's options,
-    whose `window` (a plain estimator's estimation window) is guidance's `estimate_window` (its
-    `window` is the guidance window). An option set in both is an error naming it."""
-    options, names = dict(estimator_options), {k: k for k in estimator_options}
-    if "window" in options:
-        if "estimate_window" in options:
-            raise ValueError("estimator_options sets both window and estimate_window, with guidance the same "
-                             "(estimation) window: give one")
-        options["estimate_window"], names["estimate_window"] = options.pop("window"), "window"
-    both = sorted(set(options) & set(guidance))
-    if both:
-        raise ValueError("set in both estimator_options and guidance: "
-                         + ", ".join(f"estimator_options.{names[k]} and guidance.{k}" for k in both)
-                         + "; give each once")
-    return {**options, **guidance}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,9 +56,19 @@ class DiffusionModule(L.LightningModule):
     Args (the U-Net's are passed to `UNet`): `lr`/`warmup_steps` give Adam with linear warm-up;
     `ema_*` configure ema-pytorch (decay, warm-up power, update cadence); `random_flip`
     flips images horizontally on the device; `seed` fixes all training randomness per step.
-    `sampler`, `sample_steps` configure `sample()`'s defaults. `network`, when given, is used
-    instead of building `UNet` (e.g. a diffusers UNet, see `from_diffusers`): `network(x [B, C, H, W],
-    t [B]) -> eps` for images of `in_channels` x `image_size`^2; the U-Net options are then unused.
+    `sampler`, `sample_steps` configure `sample()`'s defaults.
+
+    The network is uncdiff's `UNet` unless one of these is given (the U-Net options are then unused;
+    docs/diffusers.md):
+    - `diffusers_unet`: the options of a diffusers `UNet2DModel` (its `config.json` fields), built
+      randomly initialised; `image_size`, `in_channels` and `dropout` are its own.
+    - `pretrained`: a diffusers pipeline or UNet2DModel folder to fine-tune: its UNet, weights and
+      scheduler config (schedule and sampler defaults). Checkpoints store the UNet's and scheduler's
+      configs (`diffusers_unet`, `diffusers_scheduler`), not the folder, and reload without it.
+    - `network`: a module `network(x [B, C, H, W], t [B]) -> eps` for images of `in_channels` x
+      `image_size`^2 (in Python only: a checkpoint can't rebuild it).
+    `diffusers_scheduler`, a diffusers scheduler config, replaces `num_timesteps` and `beta_schedule`
+    (the schedule it defines; its clipping, variance and spacing become the sampler defaults).
     """
 
     def __init__(
@@ -100,17 +92,42 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddim",
         sample_steps: int = 50,
         network: Optional[torch.nn.Module] = None,
+        diffusers_unet: Optional[dict] = None,
+        diffusers_scheduler: Optional[dict] = None,
+        pretrained: Optional[str] = None,
     ):
         super().__init__()
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {lr}, {warmup_steps}")
+        given = [name for name, value in (("network", network), ("diffusers_unet", diffusers_unet),
+                                          ("pretrained", pretrained)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one network: {' and '.join(given)} are both set")
         self.save_hyperparameters(ignore=["network"])
+        self.pretrained_source: Optional[dict] = None  # the folder a pretrained network came from
+        if pretrained is not None:
+            if diffusers_scheduler is not None:
+                raise ValueError("pretrained brings its own scheduler config: leave diffusers_scheduler unset")
+            loaded = load_pretrained(pretrained)
+            network, diffusers_scheduler = loaded.net.train(), loaded.scheduler_config  # loaded in eval mode
+            self.pretrained_source = loaded.source
+        elif diffusers_unet is not None:
+            network = build_unet(diffusers_unet, "model.diffusers_unet")
+        if isinstance(network, DiffusersEps):
+            config = unet_config_of(network)
+            # a checkpoint's hyperparameters rebuild the model without the folder: the configs, not the path
+            self.hparams.update(diffusers_unet=config, pretrained=None, image_size=network.image_size,
+                                in_channels=config["in_channels"], dropout=float(config.get("dropout", 0.0)))
         self.net = network if network is not None else UNet(image_size, in_channels, base_channels, channel_mults,
                                                             num_res_blocks, attn_resolutions, dropout)
-        self.sampler_defaults: dict = {}  # a pretrained model's sampler options (from_diffusers), under explicit ones
-        self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
+        self.sampler_defaults: dict = {}  # a diffusers scheduler config's sampler options, under explicit ones
+        if diffusers_scheduler is not None:
+            self.schedule, self.sampler_defaults = schedule_from_config(diffusers_scheduler, "model.diffusers_scheduler")
+            self.hparams.update(diffusers_scheduler=dict(diffusers_scheduler), num_timesteps=self.schedule.num_timesteps)
+        else:
+            self.schedule = NoiseSchedule(beta_schedule, num_timesteps)
         make_sampler(self.schedule, sampler, steps=sample_steps)  # fail now on a bad sampler option
         # include_online_model=False: the checkpoint holds the online weights once, under `net`.
         self.laplace: Optional[LastLayerLaplace] = None  # BayesDiff's posterior, once fitted
@@ -132,6 +149,9 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if tuple(x0.shape[1:]) != self.image_shape:  # a convolutional network would train on them regardless
+            raise ValueError(f"the data's images are {tuple(x0.shape[1:])} (C, H, W) but the model's are "
+                             f"{self.image_shape}: set the data's image size or the model's to match")
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank))
         if self.hparams.random_flip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
@@ -193,39 +213,17 @@ class DiffusionModule(L.LightningModule):
         sampler = sampler or self.hparams.sampler
         sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
         sampler_obj = make_sampler(self.schedule, sampler, steps=steps or self.hparams.sample_steps, **sampler_kwargs)
-        if guidance is not None:
-            if estimator not in ("none", "aleatoric"):
-                raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
-            guidance = guided_options(options, guidance)
-            if isinstance(guidance.get("table"), (str, Path)):  # a file from calibrate_threshold_table
-                try:
-                    table = table_from_file(guidance["table"], len(sampler_obj.timesteps), self.image_shape)
-                except ValueError as error:
-                    raise ValueError(f"guidance.table: {error}") from None
-                guidance["table"] = table.to(self.device)
-            hook = make_estimator("guided", **guidance)
-        elif estimator == "mc_dropout":
-            hook = make_estimator("mc_dropout", model=self.ema.ema_model, **options)
-        elif estimator == "bayesdiff":
-            if self.laplace is None:
-                raise ValueError("estimator='bayesdiff' needs a fitted Laplace posterior: call fit_laplace() "
-                                 "or load a checkpoint that holds one")
-            hook = make_estimator("bayesdiff", net=self.ema.ema_model, laplace=self.laplace.to(self.device), **options)
-        else:
-            hook = make_estimator(estimator, **options)
+        hook = build_hook(estimator, options, guidance, net=self.ema.ema_model, laplace=self.laplace,
+                          steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device)
         seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
         model = self.ema.ema_model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             eps_model = hook.eps_model if estimator == "bayesdiff" else model
             # Lightning validates under inference_mode, where the gradient guidance rule can't
             # re-enable autograd: leave it here (generate itself runs under no_grad).
             with torch.inference_mode(False):
                 return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size,
                                 progress)
-        finally:
-            model.train(was_training)
 
     def sampler_options(self, sampler: str) -> dict:
         """The model's own defaults among `sampler`'s options (a diffusers scheduler config's clipping,
@@ -238,25 +236,14 @@ class DiffusionModule(L.LightningModule):
         """A diffusers pipeline folder or bare `UNet2DModel` folder (docs/diffusers.md) as a module for
         sampling, estimation, guidance and evaluation: its UNet is the (EMA) network, its scheduler
         config the schedule and sampler defaults. On the CPU, in eval mode."""
-        pretrained = load_pretrained(path)
-        module = cls(image_size=pretrained.image_size, in_channels=pretrained.in_channels, dropout=pretrained.dropout,
-                     num_timesteps=pretrained.schedule.num_timesteps, sampler=sampler, sample_steps=sample_steps,
-                     network=pretrained.net)
-        module.schedule = pretrained.schedule
-        module.sampler_defaults = dict(pretrained.sampler_defaults)
-        module.pretrained_source = pretrained.source
-        return module.eval()
+        return cls(pretrained=str(path), sampler=sampler, sample_steps=sample_steps).eval()
 
     def fit_laplace(self, images, num_images: int = 1000, **options) -> None:
         """Fit BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) on the EMA network from training
         images (`[N, C, H, W]` in [-1, 1] or an iterable of such batches); stored in checkpoints."""
-        model = self.ema.ema_model
-        was_training = model.training
-        model.eval()
-        try:
-            self.laplace = fit_last_layer_laplace(model, images, self.schedule, num_images=num_images, **options)
-        finally:
-            model.train(was_training)
+        # fit_last_layer_laplace runs the network in eval mode itself
+        self.laplace = fit_last_layer_laplace(self.ema.ema_model, images, self.schedule, num_images=num_images,
+                                              **options)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # LightningCLI records how it built the module (`_instantiator`, an import path that
