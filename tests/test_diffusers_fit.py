@@ -289,3 +289,23 @@ def test_bundled_diffusers_digits_config_builds_a_16x16_unet2dmodel():
     assert module.image_shape == (1, 16, 16) and isinstance(module.net.unet, UNet2DModel)
     with torch.no_grad():
         assert module(torch.zeros(2, 1, 16, 16), torch.tensor([0, 999])).shape == (2, 1, 16, 16)
+
+
+def test_ddp_trains_a_unet2dmodel_with_identical_weights_on_both_ranks(tmp_path):
+    import lightning as L
+
+    from test_ddp import RecordRank
+    from uncdiff.lightning.data import DigitsDataModule
+
+    model = DiffusionModule(diffusers_unet=UNET, num_timesteps=T, lr=1e-3, warmup_steps=2, ema_decay=0.9)
+    before = model.net.unet.conv_in.weight.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordRank(tmp_path)])
+    trainer.fit(model, DigitsDataModule(image_size=SIZE, batch_size=8))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["seen"], r1["seen"])  # different data, the same weights (gradients all-reduced)
+    for key in ("net", "ema"):
+        for name, value in r0[key].items():
+            torch.testing.assert_close(r1[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert not torch.equal(r0["net"]["unet.conv_in.weight"], before)  # it trained
