@@ -148,7 +148,7 @@ def test_help_lists_every_command(capsys):
 
     uncdiff_main(["--help"])
     listed = capsys.readouterr().out
-    for command in ("fit", "validate", "sample", "calibrate", "evaluate"):
+    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export"):
         assert f"\n  {command} " in listed
 
 

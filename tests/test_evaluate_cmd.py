@@ -280,3 +280,18 @@ def test_study_end_to_end(evaluation):
     for plot in ("study_curves.png", "study_scatter.png"):
         assert (out / plot).stat().st_size > 0 and f"]({plot})" in report
     assert "with moments regression" in report and "with moments paper" in report
+
+
+@pytest.mark.parametrize("experiments, estimators, needed", [
+    (["cost"], ["aleatoric"], True),  # cost times every method, BayesDiff included
+    (["filtering"], ["aleatoric"], False),
+    (["study"], ["aleatoric", "bayesdiff"], True),
+    (["guidance", "ause"], ["aleatoric", "mc_dropout", "bayesdiff"], False),
+])
+def test_laplace_is_fitted_exactly_when_a_bayesdiff_set_is_sampled(experiments, estimators, needed):
+    from uncdiff.commands.common import parse_options
+    from uncdiff.commands.evaluate import build_parser, needs_laplace
+
+    args = parse_options(build_parser(), ["--checkpoint", "c.ckpt", "--out", "o", "--experiments", *experiments,
+                                          "--filtering.estimators", *estimators])
+    assert needs_laplace(args) is needed

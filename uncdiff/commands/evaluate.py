@@ -143,6 +143,11 @@ def set_names(args: Namespace) -> list[str]:
     return [n for n in SETS if n in names] + list(moments_sets(args)) + list(sweep_sets(args))
 
 
+def needs_laplace(args: Namespace) -> bool:
+    """Whether any set to sample is a BayesDiff set (the cost experiment alone samples one too)."""
+    return any(name.startswith("bayesdiff") for name in set_names(args))
+
+
 def sweep_sets(args: Namespace) -> dict[str, dict]:
     """The sample sets of the guidance sweep -> how their options differ from the command's: the
     gradient rule at each lam for each grad_wrt, the posterior rule at each prior precision."""
@@ -626,8 +631,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = build_parser()
     args = parse_options(parser, argv)
     try:
-        inputs = prepare_model(args, needs_laplace=bool({"filtering", "study"} & set(args.experiments))
-                               and "bayesdiff" in args.filtering.estimators, needs_data=True)
+        inputs = prepare_model(args, needs_laplace=needs_laplace(args), needs_data=True)
         plan = plan_evaluation(args, inputs)
         make_fabric(args.fabric).launch(_run, args, inputs, plan, run_info(["evaluate", *argv], inputs),
                                         config_yaml(parser, args))
