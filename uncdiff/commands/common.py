@@ -254,6 +254,9 @@ def load_module(path: str | Path) -> DiffusionModule:
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(checkpoint):
         raise InputError(f"{path} is not a checkpoint written by `train.py fit` (it has no state_dict and "
                          f"hyper_parameters)")
+    if "task" in checkpoint["hyper_parameters"]:  # a ConditionalDiffusionModule's (docs/palette.md)
+        raise InputError(f"{path} is an image-to-image model (task {checkpoint['hyper_parameters']['task']!r}): it "
+                         f"restores condition images and can't sample from noise alone (see docs/palette.md)")
     if not any(k.startswith("ema.ema_model.") for k in checkpoint["state_dict"]):
         raise InputError(f"{path} is not a uncdiff DiffusionModule checkpoint (no EMA weights 'ema.ema_model.*' "
                          f"in its state_dict)")

@@ -1,0 +1,93 @@
+"""Validation panels of an image-to-image model (docs/algorithms.md §7): for fixed held-out examples, the
+condition, the output, the ground truth, the pixel uncertainty and the real error side by side, and
+the metrics of the outputs as trajectories on W&B."""
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from uncdiff.callbacks.sampling import check_every_n_epochs, check_positive, check_sampler, due, log_figure
+from uncdiff.evaluation.image_to_image import error_calibration, l1_psnr
+from uncdiff.io.images import from_uint8
+from uncdiff.uncertainty.sampling import make_estimator
+
+COLUMNS = ("condition", "output", "ground truth", "uncertainty", "squared error")
+
+
+class ImageToImagePanels(L.Callback):
+    """At the end of validation (every `every_n_epochs` epochs, `uncdiff.callbacks.sampling.due`),
+    restore the first `num_examples` validation images of the run's `ImageToImageDataModule` with
+    the EMA network (seeds `seed ..`, the aleatoric estimator with `estimator_options`) and write
+    `<default_root_dir>/image_to_image/step_<global step>.png`: one row per example, the columns
+    `COLUMNS` (uncertainty and error summed over channels, each row on its own colour scale; the
+    known pixels of inpainting and uncropping are zero in both). Logged to W&B as
+    `val/i2i/panels`, with `val/i2i/{l1, psnr, ause, aurg}` over the generated pixels
+    (`uncdiff.evaluation.image_to_image`). Runs on rank 0.
+    """
+
+    def __init__(self, num_examples: int = 8, every_n_epochs: int = 1, seed: int = 0, sampler: str = "ddim",
+                 steps: int = 20, sampler_options: Optional[dict] = None, estimator_options: Optional[dict] = None,
+                 cmap: str = "magma"):
+        self.num_examples = check_positive("num_examples", num_examples)
+        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
+        self.seed, self.sampler, self.steps, self.cmap = int(seed), sampler, int(steps), cmap
+        self.sampler_options = check_sampler(sampler, steps, sampler_options)
+        self.estimator_options = dict(estimator_options or {})
+        try:
+            make_estimator("aleatoric", **self.estimator_options)
+        except ValueError as error:
+            raise ValueError(f"estimator_options: {error}") from None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(trainer.datamodule, "pairs") or not hasattr(pl_module, "check_inputs"):
+            raise ValueError("ImageToImagePanels needs an image-to-image run: model ConditionalDiffusionModule and "
+                             "data ImageToImageDataModule")
+
+    def examples(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dm = trainer.datamodule
+        n = min(self.num_examples, len(dm.val_set))
+        items = [dm.val_set[i] for i in range(n)]
+        pixels = torch.stack([item[0] for item in items])
+        y, mask = dm.pairs(pixels, torch.tensor([item[-1] for item in items]), 0)  # validation's pairs
+        return from_uint8(pixels), y, mask
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not due(trainer, self.every_n_epochs) or not trainer.is_global_zero:
+            return
+        x0, y, mask = self.examples(trainer)
+        masked = pl_module.task.masked
+        result = pl_module.sample(y, mask if masked else None, seed=self.seed, sampler=self.sampler, steps=self.steps,
+                                  estimator="aleatoric", estimator_options=self.estimator_options,
+                                  **self.sampler_options)
+        out, maps = result.images.float(), result.maps.float()
+        region = mask if masked else None
+        l1, psnr = l1_psnr(out, x0, region)
+        ause, aurg = error_calibration(maps, out, x0, region)
+        for name, value in (("l1", l1), ("psnr", psnr), ("ause", ause), ("aurg", aurg)):
+            pl_module.log(f"val/i2i/{name}", value, rank_zero_only=True)
+        error = (out - x0).pow(2) * (mask if masked else 1)
+        path = Path(trainer.default_root_dir) / "image_to_image" / f"step_{trainer.global_step:08d}.png"
+        self.draw(path, y, out, x0, maps.sum(1), error.sum(1))
+        log_figure(trainer, "val/i2i/panels", path, f"step {trainer.global_step}: " + " | ".join(COLUMNS))
+
+    def draw(self, path: Path, y, out, x0, uncertainty, error) -> None:
+        n = len(out)
+        fig = Figure(figsize=(2 * len(COLUMNS), 2 * n + 0.4))
+        axes = np.asarray(fig.subplots(n, len(COLUMNS), squeeze=False))
+        image = lambda v: ((v.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
+        for i in range(n):
+            cells = (image(y[i]), image(out[i]), image(x0[i]), uncertainty[i].numpy(), error[i].numpy())
+            for j, (ax, cell) in enumerate(zip(axes[i], cells)):
+                ax.imshow(cell, cmap=self.cmap if j >= 3 else ("gray" if cell.ndim == 2 else None),
+                          vmin=0 if j < 3 else None, vmax=1 if j < 3 else None)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(COLUMNS[j], fontsize=9)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
