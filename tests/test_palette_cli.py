@@ -1,0 +1,58 @@
+"""`train.py fit --config configs/inpaint_quickstart.yaml` end to end, in a subprocess: a few steps on
+the digits, offline, with the validation panels; the checkpoint loads as an image-to-image model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from uncdiff.core.conditioning import box_mask
+from uncdiff.lightning.palette import load_conditional
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "inpaint_quickstart.yaml"
+
+
+def run(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+
+
+def test_print_config_names_the_image_to_image_classes(tmp_path):
+    out = run(["fit", "--config", str(CONFIG), "--print_config"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = yaml.safe_load(out.stdout)
+    assert config["model"]["class_path"] == "uncdiff.lightning.palette.ConditionalDiffusionModule"
+    assert config["model"]["init_args"]["task"] == config["data"]["init_args"]["task"] == "inpaint"
+
+
+def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    panels = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ImageToImagePanels"))
+    panels["init_args"].update(every_n_epochs=1, steps=2, num_examples=2, estimator_options={"num_perturbations": 2})
+    small = tmp_path / "config.yaml"
+    small.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    out = run(["fit", "--config", str(small), "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", "3",
+               "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "1",
+               "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+               "--model.init_args.base_channels", "8", "--model.init_args.channel_mults", "[1,2]"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((run_dir / "image_to_image").glob("step_*.png"))) == 1
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/val/i2i/panels_*.png"))
+    module = load_conditional(run_dir / "checkpoints" / "last.ckpt")
+    assert module.task.name == "inpaint"
+    y, mask = torch.zeros(1, 1, 16, 16), box_mask(16)[None]
+    result = module.sample(y, mask, steps=2)
+    assert torch.equal(result.images[mask.expand_as(y) == 0], y[mask.expand_as(y) == 0])
+
+
+def test_model_and_data_of_different_tasks_are_an_error(tmp_path):
+    out = run(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(tmp_path / "run"),
+               "--trainer.max_steps", "1", "--trainer.logger", "false", "--model.init_args.task", "super_resolve",
+               "--model.init_args.base_channels", "8", "--model.init_args.channel_mults", "[1,2]"], tmp_path)
+    assert out.returncode != 0 and "set model.task and data.init_args.task alike" in out.stderr
