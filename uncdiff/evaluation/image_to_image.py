@@ -2,7 +2,7 @@
 pixel uncertainty map ranks the real per-pixel error (sparsification, restricted to the generated
 pixels). Images are `[N, C, H, W]` in [-1, 1]; masks `[N, 1, H, W]` with 1 at the generated pixels."""
 
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -34,3 +34,107 @@ def error_calibration(maps: torch.Tensor, outputs: torch.Tensor, targets: torch.
     `targets`, over the generated pixels (docs/algorithms.md §6's sparsification)."""
     error = (outputs.double() - targets.double()).pow(2)
     return ause_aurg(generated(maps.double(), mask), generated(error, mask), num_fractions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration against the true error, with the K-sample baseline (docs/algorithms.md §7)
+
+Restore = Callable[..., Any]  # restore(condition, mask, seeds, estimator, estimator_options) -> SampleResult
+
+
+def sample_variance(samples: torch.Tensor) -> torch.Tensor:
+    """The baseline map: the unbiased per-pixel variance over K independent samples of each input,
+    `samples [K, N, C, H, W]` -> `[N, C, H, W]`."""
+    if samples.shape[0] < 2:
+        raise ValueError(f"the sample-variance baseline needs K >= 2 samples per input, got {samples.shape[0]}")
+    return samples.double().var(0, correction=1)
+
+
+def mean_pairwise_ssim(samples: torch.Tensor) -> float:
+    """Sample diversity: SSIM (torchmetrics, data range 2 for [-1, 1]) averaged over all pairs of the
+    K samples of each input and over inputs; `samples [K, N, C, H, W]`. Lower is more diverse."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    k = samples.shape[0]
+    if k < 2:
+        raise ValueError(f"diversity needs K >= 2 samples per input, got {k}")
+    size = min(samples.shape[-2:])
+    # the standard Gaussian window (sigma 1.5, 11 wide) from 16 pixels on; below, a uniform odd window
+    # narrower than the image (torchmetrics pads by half the window)
+    window = {} if size >= 16 else {"gaussian_kernel": False, "kernel_size": size - 1 if size % 2 == 0 else size - 2}
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    values = [float(ssim(samples[i].float(), samples[j].float(), data_range=2.0, **window)) for i, j in pairs]
+    return sum(values) / len(values)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, mask: Optional[torch.Tensor],
+                      estimators: dict, num_samples: int = 6, seed_groups: Sequence[int] = (0, 1, 2),
+                      fid: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+                      num_fractions: int = 50) -> dict:
+    """How well each pixel uncertainty ranks the real error of the restored images (docs/algorithms.md §7).
+
+    For each seed group g, every held-out input (`x0`, `condition [N, C, H, W]`, `mask [N, 1, H, W]` or
+    None) is restored `num_samples` (K) times with distinct seeds; the first sample is *the* output.
+    Rows (`AUSE`, `AURG` of a map against the output's squared error over the generated pixels):
+
+    - each of `estimators` (`{row name: (estimator, options)}`, run by `restore` with the first
+      sample's seeds, so its output is the same image);
+    - `K-sample variance`: the per-pixel variance over the K samples (K = M + 1 costs what the
+      aleatoric estimator with M perturbations on every step costs);
+    - `random` (a uniform random map, seeded by g) and `oracle` (the error itself: AUSE 0).
+
+    Quality of the outputs: L1 and PSNR to the ground truth, diversity (mean pairwise SSIM of the K
+    samples of one input), and `fid(outputs, x0)` when given. Returns `{'rows': {name: {'ause': (mean,
+    std), 'aurg': (mean, std)}}, 'quality': {name: (mean, std)}, 'groups': len(seed_groups)}`, means
+    and standard deviations over the seed groups.
+    """
+    n = x0.shape[0]
+    k = int(num_samples)
+    if k < 2:
+        raise ValueError(f"num_samples must be >= 2 (the baseline's variance and the diversity), got {num_samples}")
+    per_row: dict[str, dict[str, list]] = {}
+    quality: dict[str, list] = {"l1": [], "psnr": [], "diversity_ssim": []}
+    if fid is not None:
+        quality["fid"] = []
+
+    def add(name: str, values: tuple[float, float]) -> None:
+        row = per_row.setdefault(name, {"ause": [], "aurg": []})
+        row["ause"].append(values[0])
+        row["aurg"].append(values[1])
+
+    for g in seed_groups:
+        seeds = [[(int(g) * k + j) * n + i for i in range(n)] for j in range(k)]
+        samples = torch.stack([restore(condition, mask, seeds[j], "none", {}).images for j in range(k)])
+        output = samples[0]
+        error = (output.double() - x0.double()).pow(2)
+        for name, (estimator, options) in estimators.items():
+            result = restore(condition, mask, seeds[0], estimator, dict(options))
+            add(name, error_calibration(result.maps, output, x0, mask, num_fractions))
+        add("K-sample variance", error_calibration(sample_variance(samples), output, x0, mask, num_fractions))
+        noise = torch.rand(error.shape, generator=torch.Generator().manual_seed(int(g)), dtype=torch.float64)
+        add("random", error_calibration(noise, output, x0, mask, num_fractions))
+        add("oracle", error_calibration(error, output, x0, mask, num_fractions))
+        l1, psnr = l1_psnr(output, x0, mask)
+        quality["l1"].append(l1)
+        quality["psnr"].append(psnr)
+        quality["diversity_ssim"].append(mean_pairwise_ssim(samples))
+        if fid is not None:
+            quality["fid"].append(float(fid(output, x0)))
+    return {"rows": {name: {m: mean_std(v) for m, v in row.items()} for name, row in per_row.items()},
+            "quality": {name: mean_std(v) for name, v in quality.items()}, "groups": len(seed_groups)}
+
+
+def calibration_markdown(study: dict) -> str:
+    """The study of `calibration_study` as two Markdown tables (mean ± std over seed groups)."""
+    fmt = lambda pair: f"{pair[0]:.4f} ± {pair[1]:.4f}"
+    lines = [f"| map | AUSE (lower is better) | AURG (higher is better) |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt(row['ause'])} | {fmt(row['aurg'])} |" for name, row in study["rows"].items()]
+    lines += ["", "| output quality | value |", "|---|---|"]
+    lines += [f"| {name} | {fmt(pair)} |" for name, pair in study["quality"].items()]
+    lines += ["", f"Mean ± standard deviation over {study['groups']} seed groups."]
+    return "\n".join(lines)

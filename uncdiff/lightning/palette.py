@@ -182,3 +182,14 @@ def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
         raise InputError(f"{path} is incompatible with this uncdiff ConditionalDiffusionModule "
                          f"({type(error).__name__}: {str(error)[:500]})") from None
     return module.eval()
+
+
+def restorer(module: ConditionalDiffusionModule, **sample_options):
+    """`restore(condition, mask, seeds, estimator, estimator_options) -> SampleResult` of `module` with
+    `sample_options` (sampler, steps, batch_size, ...): what `uncdiff.evaluation.image_to_image.calibration_study`
+    calls."""
+    def restore(condition, mask, seeds, estimator, estimator_options):
+        return module.sample(condition, mask if module.task.masked else None, seeds=seeds, estimator=estimator,
+                             estimator_options=estimator_options, **sample_options)
+
+    return restore

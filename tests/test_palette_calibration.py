@@ -1,0 +1,98 @@
+"""Calibration of image-to-image uncertainty against the real error (docs/algorithms.md §7), on a
+Gaussian model whose posterior variance differs from pixel to pixel, so a good map has something
+to find."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from uncdiff.core.samplers import DDIMSampler
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.evaluation.image_to_image import (calibration_markdown, calibration_study, l1_psnr, mean_pairwise_ssim,
+                                               sample_variance)
+from uncdiff.uncertainty.image_to_image import generate_conditional
+from uncdiff.uncertainty.sampling import make_estimator
+
+MU, S, R = 0.0, 0.5, 0.2
+GAIN = torch.tensor([0.0, 0.3, 1.0, 3.0]).repeat(4).view(1, 1, 4, 4)  # how well y observes each pixel
+
+
+class PerPixelGaussianEps(nn.Module):
+    """Exact `E[eps | x_t, y]` for `x0 ~ N(MU, S^2)` per pixel and `y = GAIN x0 + N(0, R^2)`
+    (channel 0 of the input is y, channel 1 is x_t), by Gaussian regression on (x_t, y)."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.abar = schedule.alphas_cumprod.float()
+
+    def forward(self, z, t):
+        y, x = z[:, :1], z[:, 1:]
+        a = self.abar[t][:, None, None, None]
+        c_xx, c_yy, c_xy = a * S**2 + 1 - a, GAIN**2 * S**2 + R**2, a.sqrt() * GAIN * S**2
+        det = c_xx * c_yy - c_xy**2
+        return (1 - a).sqrt() * (c_yy * (x - a.sqrt() * MU) - c_xy * (y - GAIN * MU)) / det
+
+
+@pytest.fixture(scope="module")
+def problem():
+    schedule = NoiseSchedule()
+    gen = torch.Generator().manual_seed(0)
+    x0 = (MU + S * torch.randn(48, 1, 4, 4, generator=gen)).clamp(-1, 1)
+    y = GAIN * x0 + R * torch.randn(48, 1, 4, 4, generator=gen)
+    net, sampler = PerPixelGaussianEps(schedule), DDIMSampler(schedule, 50, eta=1.0, clip=False)
+
+    def restore(condition, mask, seeds, estimator, options):
+        make_hook = None if estimator == "none" else (lambda model: make_estimator(estimator, **options))
+        return generate_conditional(net, sampler, condition, seeds, (1, 4, 4), mask, make_hook)
+
+    return restore, x0, y
+
+
+def test_the_study_ranks_the_sample_variance_above_random_and_the_oracle_first(problem):
+    restore, x0, y = problem
+    study = calibration_study(restore, x0, y, None, {"aleatoric": ("aleatoric", {"num_perturbations": 3})},
+                              num_samples=4, seed_groups=(0, 1))
+    rows = study["rows"]
+    assert set(rows) == {"aleatoric", "K-sample variance", "random", "oracle"}
+    assert abs(rows["oracle"]["ause"][0]) < 1e-12
+    assert all(rows["oracle"]["aurg"][0] >= row["aurg"][0] - 1e-12 for row in rows.values())
+    # the posterior variance is S^2 at unobserved pixels and ~R^2 / GAIN^2 at well observed ones
+    assert rows["K-sample variance"]["ause"][0] < 0.5 * rows["random"]["ause"][0]
+    assert study["groups"] == 2 and set(study["quality"]) == {"l1", "psnr", "diversity_ssim"}
+    assert "| K-sample variance |" in calibration_markdown(study)
+
+
+def test_quality_metrics_against_textbook_formulas():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1, torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[:, :, :2] = 1
+    l1, psnr = l1_psnr(a, b, mask)
+    diffs = [((a[i, 0, :2] - b[i, 0, :2]) / 2) for i in range(3)]
+    assert l1 == pytest.approx(float(torch.cat([d.flatten() for d in diffs]).abs().mean()))
+    assert psnr == pytest.approx(sum(-10 * torch.log10(d.pow(2).mean()).item() for d in diffs) / 3, rel=1e-6)
+    samples = torch.randn(4, 2, 1, 8, 8, generator=gen)
+    loop = torch.stack([((samples[:, n] - samples[:, n].mean(0)) ** 2).sum(0) / 3 for n in range(2)])
+    assert torch.allclose(sample_variance(samples).float(), loop, atol=1e-6)
+    same = samples[:1].repeat(4, 1, 1, 1, 1).clamp(-1, 1)
+    assert mean_pairwise_ssim(same) == pytest.approx(1.0, abs=1e-5)
+    assert mean_pairwise_ssim(samples.clamp(-1, 1)) < 0.5
+    assert len(list(itertools.combinations(range(4), 2))) == 6  # the pairs averaged over
+
+
+def test_the_study_runs_on_a_conditional_module():
+    from test_palette import tiny_conditional
+    from uncdiff.core.conditioning import box_mask
+    from uncdiff.lightning.palette import restorer
+
+    module = tiny_conditional("inpaint")
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    mask = box_mask(8)[None].repeat(3, 1, 1, 1)
+    y = torch.where(mask > 0, torch.randn_like(x0), x0)
+    study = calibration_study(restorer(module, steps=3), x0, y, mask,
+                              {"aleatoric": ("aleatoric", {"num_perturbations": 2}),
+                               "mc_dropout": ("mc_dropout", {"num_passes": 2})}, num_samples=3, seed_groups=(0, 1))
+    assert {"aleatoric", "mc_dropout", "K-sample variance", "random", "oracle"} == set(study["rows"])
+    assert all(torch.isfinite(torch.tensor(row["ause"])).all() for row in study["rows"].values())
