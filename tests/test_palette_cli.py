@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -56,3 +57,26 @@ def test_model_and_data_of_different_tasks_are_an_error(tmp_path):
                "--trainer.max_steps", "1", "--trainer.logger", "false", "--model.init_args.task", "super_resolve",
                "--model.init_args.base_channels", "8", "--model.init_args.channel_mults", "[1,2]"], tmp_path)
     assert out.returncode != 0 and "set model.task and data.init_args.task alike" in out.stderr
+
+
+@pytest.mark.parametrize("task", ["inpaint", "colorize", "uncrop"])
+def test_cifar_configs_print_and_run_their_first_steps(task, tmp_path, monkeypatch, capsys):
+    """The CIFAR-10 configs on a CIFAR-10-format fixture (in-process: its md5 sums aren't the real files'),
+    with a small U-Net: the task's pairs reach the model and a checkpoint is written."""
+    from test_data import write_cifar_fixture
+    from uncdiff.lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", "--config", f"{task}.yaml", "--print_config"])
+    assert printed.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["task"] == config["data"]["init_args"]["task"] == task
+    write_cifar_fixture(tmp_path / "data", n_per_batch=4)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    main(["fit", "--config", f"{task}.yaml", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+          "--trainer.logger", "false", "--model.init_args.base_channels", "8",
+          "--model.init_args.channel_mults", "[1,2]", "--data.init_args.data.init_args.batch_size", "2",
+          "--data.init_args.data.init_args.num_workers", "0", "--data.init_args.data.init_args.download", "false"])
+    module = load_conditional(tmp_path / "runs" / task / "checkpoints" / "last.ckpt")
+    assert module.task.name == task and module.net.conv_in.in_channels == 6
