@@ -351,6 +351,8 @@ def test_bad_conditions_and_masks_are_clear_errors_before_sampling():
         sr.sample(torch.randn(2, 1, 8, 8), mask)
     with pytest.raises(ValueError, match="chunk_size"):
         sr.sample(torch.randn(2, 1, 8, 8), estimator="aleatoric", estimator_options={"chunk_size": 2})
+    with pytest.raises(ValueError, match="generated pixels"):
+        inpaint.sample(torch.randn(2, 1, 8, 8), mask, estimator="aleatoric", estimator_options={"score": "standardized"})
     with pytest.raises(ValueError, match="colorize"):
         ConditionalDiffusionModule(task="colorize", **tiny_model_kwargs())
     with pytest.raises(ValueError, match="diffusers_unet"):

@@ -134,6 +134,9 @@ class ConditionalDiffusionModule(DiffusionModule):
         options = dict(estimator_options or {})
         if "chunk_size" in options or "chunk_size" in (guidance or {}):
             raise ValueError("chunk_size is not supported for image-to-image sampling: lower batch_size instead")
+        if mask is not None and options.get("score", "sum") != "sum":  # restrict_to_generated sums the masked map
+            raise ValueError(f"score={options['score']!r}: with a mask the per-sample score is the sum of the map over "
+                             f"the generated pixels (score 'sum')")
         seeds = list(range(seed, seed + condition.shape[0])) if seeds is None else list(seeds)
         sampler = sampler or self.hparams.sampler
         sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
