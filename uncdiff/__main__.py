@@ -6,6 +6,8 @@ one entry point for every command.
     uncdiff calibrate --checkpoint CKPT --out tau.pt
     uncdiff evaluate --checkpoint CKPT --out DIR  # the paper's experiments, as a report
     uncdiff export --checkpoint CKPT --out DIR    # a diffusers DDPMPipeline folder
+    uncdiff restore --checkpoint CKPT --conditions DIR [--masks DIR] --out DIR   # image-to-image outputs, maps
+    uncdiff evaluate_i2i --checkpoint CKPT --out DIR   # image-to-image: uncertainty vs the real error, a report
 
 `uncdiff <command> --help` lists a command's options; docs/cli.md describes them all.
 """
@@ -16,7 +18,8 @@ from typing import Optional, Sequence
 
 # commands of our own; every other first word goes to LightningCLI (fit, validate, ...)
 COMMANDS = {"sample": "uncdiff.commands.sample", "calibrate": "uncdiff.commands.calibrate",
-            "evaluate": "uncdiff.commands.evaluate", "export": "uncdiff.commands.export"}
+            "evaluate": "uncdiff.commands.evaluate", "export": "uncdiff.commands.export",
+            "restore": "uncdiff.commands.restore", "evaluate_i2i": "uncdiff.commands.evaluate_i2i"}
 SUMMARY = {
     "fit": "train a model (LightningCLI: --config quickstart.yaml, --trainer.*, --model.*, --data.*)",
     "validate": "validate a checkpoint (LightningCLI, as fit, with --ckpt_path)",
@@ -24,6 +27,8 @@ SUMMARY = {
     "calibrate": "the threshold table of guided sampling, from unguided samples",
     "evaluate": "the paper's experiments on a checkpoint (FID, precision / recall, AUSE, cost) as a report",
     "export": "a trained diffusers-UNet model as a diffusers DDPMPipeline folder (safetensors)",
+    "restore": "image-to-image: restore a folder of condition images (and masks), with uncertainty maps (resumable)",
+    "evaluate_i2i": "image-to-image: L1/PSNR, FID, diversity, and AUSE of the maps vs the real error, as a report",
 }
 
 

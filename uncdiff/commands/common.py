@@ -148,10 +148,11 @@ def add_model_arguments(parser: ArgumentParser, out_help: str) -> None:
     g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
 
 
-def add_sampler_arguments(parser: ArgumentParser, n: int = 64, steps: Optional[int] = None) -> None:
-    """Seeds, batch and sampler: every command."""
+def add_sampler_arguments(parser: ArgumentParser, n: Optional[int] = 64, steps: Optional[int] = None,
+                          n_help: str = "number of samples, seeds seed..seed+n-1") -> None:
+    """Seeds, batch and sampler: every command (`n` None: `--n` may be null, as `n_help` says)."""
     g = parser.add_argument_group("samples")
-    g.add_argument("--n", type=int, default=n, help="number of samples, seeds seed..seed+n-1")
+    g.add_argument("--n", type=int if n is not None else Optional[int], default=n, help=n_help)
     g.add_argument("--seed", type=int, default=0, help="seed of the first sample")
     g.add_argument("--batch_size", type=int, default=256,
                    help="samples per batch; also the unit of work and of resuming, so part of the run's settings")
@@ -256,7 +257,8 @@ def load_module(path: str | Path) -> DiffusionModule:
                          f"hyper_parameters)")
     if "task" in checkpoint["hyper_parameters"]:  # a ConditionalDiffusionModule's (docs/palette.md)
         raise InputError(f"{path} is an image-to-image model (task {checkpoint['hyper_parameters']['task']!r}): it "
-                         f"restores condition images and can't sample from noise alone (see docs/palette.md)")
+                         f"restores condition images and can't sample from noise alone: use `train.py restore` and "
+                         f"`train.py evaluate_i2i` (docs/palette.md)")
     if not any(k.startswith("ema.ema_model.") for k in checkpoint["state_dict"]):
         raise InputError(f"{path} is not a uncdiff DiffusionModule checkpoint (no EMA weights 'ema.ema_model.*' "
                          f"in its state_dict)")

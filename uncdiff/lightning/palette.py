@@ -11,10 +11,11 @@ import torch
 
 from uncdiff.core.conditioning import ConditionedNet, check_mask
 from uncdiff.core.modes import eval_mode
-from uncdiff.core.samplers import make_sampler
+from uncdiff.core.samplers import SampleNoise, make_sampler
 from uncdiff.core.unet import UNet
 from uncdiff.io.degradations import Task, check_task
 from uncdiff.io.files import InputError, load_torch
+from uncdiff.io.images import from_uint8
 from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
 from uncdiff.uncertainty.image_to_image import generate_conditional
@@ -118,6 +119,18 @@ class ConditionalDiffusionModule(DiffusionModule):
                 raise ValueError(f"task {self.task.name!r} takes no mask (only inpaint and uncrop do)")
             return None
         return check_mask(mask, (condition.shape[0], *self.image_shape))
+
+    def conditions_from_pixels(self, pixels: torch.Tensor, mask: Optional[torch.Tensor],
+                               seeds: Sequence[int]) -> torch.Tensor:
+        """The conditions `[N, C, H, W]` of uint8 condition images `pixels [N, C, H, W]` (e.g. read from
+        files): in [-1, 1], and for `inpaint` and `uncrop` the pixels to generate (`mask [N, 1, H, W]`
+        is 1) replaced by standard normal noise, as in training (docs/algorithms.md §7), drawn from
+        each sample's seed (`seeds[i]`, stream `'condition'`), so whatever a file holds there is ignored."""
+        y = from_uint8(pixels)
+        if not self.task.masked:
+            return y
+        noise = SampleNoise(seeds).randn(y.shape[1:], stream="condition")
+        return torch.where(mask.expand_as(y) > 0.5, noise, y)
 
     def sample(self, condition: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: int = 0,
                sampler: Optional[str] = None, steps: Optional[int] = None, estimator: str = "none",

@@ -1,0 +1,180 @@
+"""The image-to-image commands: `train.py restore` (a folder of condition images and masks, `sample`'s
+resumable per-sample-seeded store) and `train.py evaluate_i2i` (the calibration study as a report), on a
+tiny conditional model saved the way `fit` saves it."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import tiny_model_kwargs
+from test_palette import save_checkpoint, tiny_conditional
+from uncdiff.__main__ import main as uncdiff_main
+from uncdiff.core.conditioning import box_mask
+from uncdiff.lightning.module import DiffusionModule
+from uncdiff.lightning.palette import load_conditional
+
+SIZE = 8
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An inpainting and a super-resolution checkpoint (8x8 digits), each in a run folder with the config
+    `fit` saves next to it, and an unconditional one."""
+    root = tmp_path_factory.mktemp("i2i")
+    out = {}
+    for task in ("inpaint", "super_resolve"):
+        run = root / task
+        (run / "checkpoints").mkdir(parents=True)
+        out[task] = save_checkpoint(tiny_conditional(task, dropout=0.1), run / "checkpoints" / "last.ckpt")
+        data = {"class_path": "uncdiff.lightning.palette_data.ImageToImageDataModule",
+                "init_args": {"task": task, "mask": "box",
+                              "data": {"class_path": "uncdiff.lightning.data.DigitsDataModule",
+                                       "init_args": {"image_size": SIZE, "batch_size": 16}}}}
+        (run / "config-20250101-000000.yaml").write_text(yaml.safe_dump({"data": data}))
+    out["plain"] = save_checkpoint(DiffusionModule(**tiny_model_kwargs()), root / "plain.ckpt")
+    return out
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Three 8x8 grey condition images and their box masks (white = generate)."""
+    rng = np.random.default_rng(0)
+    mask = (box_mask(SIZE)[0].numpy() * 255).astype(np.uint8)
+    for name in ("a.png", "b.png", "c.png"):
+        write_png(tmp_path / "cond" / name, rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+        write_png(tmp_path / "masks" / name, mask)
+    return tmp_path / "cond", tmp_path / "masks"
+
+
+def restore(checkpoint, out, conditions, *extra, masks=None):
+    args = ["restore", "--checkpoint", str(checkpoint), "--out", str(out), "--conditions", str(conditions),
+            "--sampler.steps", "3", "--estimator.M", "2", "--progress", "false", "--fabric.accelerator", "cpu",
+            "--fabric.devices", "1", *extra]
+    uncdiff_main(args + (["--masks", str(masks)] if masks is not None else []))
+
+
+def load_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path)).astype(np.float32))
+
+
+def test_restore_keeps_the_known_pixels_and_writes_sample_s_store(checkpoints, folders, tmp_path):
+    conditions, masks = folders
+    out = tmp_path / "out"
+    restore(checkpoints["inpaint"], out, conditions, "--seed", "10", "--batch_size", "2", masks=masks)
+    rows = list(csv.DictReader(open(out / "inputs.csv")))
+    assert [r["condition"] for r in rows] == [str(conditions.resolve() / n) for n in ("a.png", "b.png", "c.png")]
+    assert [int(r["seed"]) for r in rows] == [10, 11, 12]
+    box = box_mask(SIZE)[0] > 0.5
+    for row in rows:
+        output, given = load_png(out / row["image"]), load_png(Path(row["condition"]))
+        assert torch.equal(output[~box], given[~box])  # known pixels exactly, through the PNGs
+        seed = int(row["seed"])
+        heat = np.load(out / "samples" / f"{seed:06d}_map.npy")
+        assert (heat[:, ~box.numpy()] == 0).all() and (heat[:, box.numpy()] > 0).any()
+    manifest = list(csv.DictReader(open(out / "manifest.csv")))
+    scores = [float(r["score"]) for r in manifest]
+    maps = [np.load(out / r["map"]).astype(np.float64).sum() for r in manifest]
+    assert np.allclose(scores, maps, rtol=1e-5)  # the score is the map's sum over the generated pixels
+    assert (out / "config.yaml").is_file() and (out / "grid.png").is_file()
+    assert json.loads((out / "run.json").read_text())["settings"]["task"] == "inpaint"
+
+
+def test_restore_outputs_depend_on_seeds_only_and_resume(checkpoints, folders, tmp_path):
+    conditions, masks = folders
+    one, three = tmp_path / "one", tmp_path / "three"
+    restore(checkpoints["inpaint"], one, conditions, "--batch_size", "1", masks=masks)
+    restore(checkpoints["inpaint"], three, conditions, "--batch_size", "3", masks=masks)
+    for seed in range(3):
+        name = f"samples/{seed:06d}.png"
+        assert torch.equal(load_png(one / name), load_png(three / name))
+    # an interrupted run: the second chunk's record and image are gone; the same command finishes it alike
+    before = (one / "samples" / "000001.png").read_bytes()
+    (one / "records" / "chunk-000001.json").unlink()
+    (one / "samples" / "000001.png").unlink()
+    untouched = (one / "samples" / "000000.png").stat().st_mtime_ns
+    restore(checkpoints["inpaint"], one, conditions, "--batch_size", "1", masks=masks)
+    assert (one / "samples" / "000001.png").read_bytes() == before
+    assert (one / "samples" / "000000.png").stat().st_mtime_ns == untouched
+
+
+def test_restore_refuses_another_run_s_folder_and_changed_inputs(checkpoints, folders, tmp_path):
+    conditions, masks = folders
+    out = tmp_path / "out"
+    restore(checkpoints["inpaint"], out, conditions, masks=masks)
+    with pytest.raises(SystemExit, match="holds another run"):
+        restore(checkpoints["inpaint"], out, conditions, "--seed", "5", masks=masks)
+    write_png(conditions / "b.png", np.zeros((SIZE, SIZE), np.uint8))
+    with pytest.raises(SystemExit, match="conditions.pixels_sha256"):
+        restore(checkpoints["inpaint"], out, conditions, masks=masks)
+
+
+def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_path):
+    conditions, _ = folders
+    out = tmp_path / "out"
+    restore(checkpoints["super_resolve"], out, conditions, "--n", "2", "--estimator.name", "mc_dropout")
+    assert sorted(p.name for p in (out / "samples").glob("*.png") if "_map" not in p.name) == \
+        ["000000.png", "000001.png"]
+    module = load_conditional(checkpoints["super_resolve"])
+    pixels = torch.stack([load_png(conditions / n)[None] for n in ("a.png", "b.png")])
+    expected = module.sample(pixels / 127.5 - 1, steps=3, seeds=[0, 1], estimator="mc_dropout",
+                             estimator_options={"num_passes": 2, "dropout": 0.1, "window": [0.0, 1.0]})
+    got = np.stack([np.load(out / "samples" / f"{s:06d}_map.npy") for s in (0, 1)])
+    assert np.allclose(got, expected.maps.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("size", "is 16x16; this model takes 8x8"),
+    ("channels", "is a RGB image; this model takes L images"),
+    ("no masks", "needs --masks"),
+    ("mask name", "missing \\['c.png'\\]"),
+    ("mask values", "values other than 0"),
+    ("mask size", "is 4x4; the condition images are 8x8"),
+    ("mask for super_resolve", "takes no mask"),
+    ("unconditional", "is an unconditional model"),
+    ("bayesdiff", "bayesdiff needs a Laplace fit"),
+    ("n", "--n must lie in \\[1, 3\\]"),
+])
+def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoints, folders, tmp_path):
+    conditions, masks = folders
+    checkpoint, extra, give_masks = checkpoints["inpaint"], [], masks
+    if case == "size":
+        write_png(conditions / "b.png", np.zeros((16, 16), np.uint8))
+    elif case == "channels":
+        write_png(conditions / "b.png", np.zeros((SIZE, SIZE, 3), np.uint8))
+    elif case == "no masks":
+        give_masks = None
+    elif case == "mask name":
+        (masks / "c.png").rename(masks / "d.png")
+    elif case == "mask values":
+        write_png(masks / "a.png", np.full((SIZE, SIZE), 128, np.uint8))
+    elif case == "mask size":
+        write_png(masks / "a.png", np.zeros((4, 4), np.uint8))
+    elif case == "mask for super_resolve":
+        checkpoint = checkpoints["super_resolve"]
+    elif case == "unconditional":
+        checkpoint = checkpoints["plain"]
+    elif case == "bayesdiff":
+        extra = ["--estimator.name", "bayesdiff", "--estimator.M", "null"]
+    elif case == "n":
+        extra = ["--n", "4"]
+    with pytest.raises(SystemExit, match=match):
+        restore(checkpoint, tmp_path / "out", conditions, *extra, masks=give_masks)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match="train.py restore"):
+        uncdiff_main(["sample", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

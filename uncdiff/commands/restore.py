@@ -1,0 +1,172 @@
+"""`uncdiff restore` (= `python train.py restore`): restore a folder of condition images with an
+image-to-image checkpoint (docs/palette.md), with uncertainty maps, scores and filtering, on every
+process of the machine or cluster, resumable.
+
+    uncdiff restore --checkpoint runs/inpaint_quickstart/checkpoints/last.ckpt --out restored/digits \\
+        --conditions my_digits/ --masks my_masks/ --sampler.steps 50 --estimator.name aleatoric
+
+The images of `--conditions` (sorted by file name; 8-bit grey for a 1-channel model, RGB for a
+3-channel one, of the model's size) are restored one output each: image i (from 0) with seed
+`--seed + i`. Inpainting and uncropping need `--masks`: one mask per condition image under the same
+file name, white (255) where the model generates and black (0) where the condition's pixels are
+kept; the pixels to generate are replaced by noise from the sample's seed, as in training, and the
+maps and scores count only them. The output directory is `sample`'s (`uncdiff.io.sample_store`:
+samples/<seed>.png, maps, scores, manifest.csv, grids, run.json, config.yaml) plus inputs.csv, which
+names each output's condition and mask files. The seeds are cut into chunks of `--batch_size`
+(one batch each, so outputs don't depend on the processes or on interruptions); a re-run of the
+same command on the same files resumes, a different one is refused. Every input is checked before
+the output directory is created.
+"""
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from jsonargparse import ArgumentParser, Namespace
+
+from uncdiff.commands.common import (InputError, SampleStore, add_estimator_arguments, add_guidance_arguments,
+                                     add_sampler_arguments, build_settings, config_yaml, file_sha256, generate_run,
+                                     make_fabric, new_parser, parse_options, record_config)
+from uncdiff.io.condition_images import read_conditions, read_masks
+from uncdiff.io.files import write_atomic
+from uncdiff.lightning.palette import ConditionalDiffusionModule, load_conditional
+
+
+def build_parser() -> ArgumentParser:
+    parser = new_parser("uncdiff restore", __doc__)
+    parser.add_argument("--checkpoint", type=str, required=True, help="an image-to-image checkpoint written by `fit`")
+    parser.add_argument("--out", type=str, required=True, help="output directory (created; a re-run of the same "
+                                                               "command resumes)")
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--conditions", type=str, required=True, help="folder of condition images (sorted by name)")
+    g.add_argument("--masks", type=Optional[str], default=None,
+                   help="folder of masks, one per condition image under its file name (inpaint and uncrop only)")
+    g = parser.add_argument_group("processes (Lightning Fabric)")
+    g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps")
+    g.add_argument("--fabric.devices", type=Union[int, str], default="auto", help="devices per node, or 'auto' (all GPUs)")
+    g.add_argument("--fabric.num_nodes", type=int, default=1, help="nodes")
+    g.add_argument("--fabric.strategy", type=str, default="auto", help="auto | ddp | ddp_spawn ...")
+    g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    add_sampler_arguments(parser, n=None, n_help="restore the first n condition images (null: all of them); image i "
+                                                 "gets seed seed+i")
+    add_estimator_arguments(parser)
+    add_guidance_arguments(parser)
+    return parser
+
+
+def images_sha256(pixels: torch.Tensor) -> str:
+    """SHA-256 of uint8 images: a resumed run must restore the very same inputs."""
+    return hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
+
+
+class FolderRestorer:
+    """What `generate_run` samples from: `sample(seeds, batch_size, **options)` restores the condition
+    images of those seeds (seed `first + i` is image i) with `module`."""
+
+    def __init__(self, module: ConditionalDiffusionModule, pixels: torch.Tensor, masks: Optional[torch.Tensor],
+                 first: int):
+        self.module, self.pixels, self.masks, self.first = module, pixels, masks, first
+
+    def sample(self, seeds, batch_size: int, **options):
+        index = [s - self.first for s in seeds]
+        mask = None if self.masks is None else self.masks[index]
+        condition = self.module.conditions_from_pixels(self.pixels[index], mask, seeds)
+        return self.module.sample(condition, mask, seeds=seeds, batch_size=batch_size, **options)
+
+
+def read_inputs(args: Namespace, module: ConditionalDiffusionModule) -> tuple[list[Path], torch.Tensor,
+                                                                              Optional[torch.Tensor]]:
+    """The condition files, their uint8 images `[N, C, H, W]` and masks `[N, 1, H, W]` (or None), checked
+    against the model; the first `--n` of them when `--n` is given."""
+    channels, size = module.image_shape[0], module.image_shape[-1]
+    files, pixels = read_conditions(args.conditions, channels, size)
+    if module.task.masked and args.masks is None:
+        raise InputError(f"this {module.task.name} model needs --masks: a folder with one mask per condition image "
+                         f"(white = generate, black = known)")
+    if not module.task.masked and args.masks is not None:
+        raise InputError(f"this {module.task.name} model takes no mask (only inpaint and uncrop do): drop --masks")
+    masks = None if args.masks is None else read_masks(args.masks, files, size)
+    if args.n is not None:
+        if not 1 <= args.n <= len(files):
+            raise InputError(f"--n must lie in [1, {len(files)}] (the images in --conditions), got {args.n}")
+        files, pixels = files[:args.n], pixels[:args.n]
+        masks = None if masks is None else masks[:args.n]
+    return files, pixels, masks
+
+
+def restore_settings(args: Namespace, module: ConditionalDiffusionModule, sha256: str, files: list[Path],
+                     pixels: torch.Tensor, masks: Optional[torch.Tensor]) -> dict:
+    """`sample`'s settings of this run (`build_settings`, every option checked) and the inputs: the task
+    and the condition and mask files with digests of their pixels (compared on resume)."""
+    if args.estimator.name == "bayesdiff":
+        raise InputError("--estimator.name bayesdiff needs a Laplace fit on training pairs, which restore does not "
+                         "make: use aleatoric or mc_dropout here, or the Python API (docs/palette.md)")
+    if args.estimator.score != "sum":
+        raise InputError("--estimator.score: an image-to-image score is the sum of the map over the generated pixels "
+                         "(sum)")
+    if args.guidance.table is not None:
+        raise InputError("--guidance.table: threshold tables are calibrated on unconditional models; use the "
+                         "per-image --guidance.quantile")
+    args = args.clone()
+    args.n = len(files)  # build_settings reads the seed count from --n
+    settings = build_settings(args, module, sha256, laplace=None)
+    settings["task"] = module.task.name
+    settings["conditions"] = {"folder": str(Path(args.conditions).resolve()), "files": [p.name for p in files],
+                              "pixels_sha256": images_sha256(pixels)}
+    if masks is not None:
+        settings["masks"] = {"folder": str(Path(args.masks).resolve()),
+                             "pixels_sha256": images_sha256(masks.to(torch.uint8))}
+    return settings
+
+
+def write_inputs_table(store: SampleStore) -> None:
+    """`inputs.csv`: each output's seed, file and its condition and mask files."""
+    settings = store.settings
+    start, names = settings["seeds"]["start"], settings["conditions"]["files"]
+    masks = settings.get("masks")
+    lines = ["seed,image,condition,mask\n"]
+    for i, name in enumerate(names):
+        condition = str(Path(settings["conditions"]["folder"]) / name)
+        mask = str(Path(masks["folder"]) / name) if masks else ""
+        lines.append(f"{start + i},{store.files(start + i)['image']},{condition},{mask}\n")
+    write_atomic(store.root / "inputs.csv", "".join(lines).encode())
+
+
+def _run(fabric, args: Namespace, module: ConditionalDiffusionModule, restorer: FolderRestorer, store: SampleStore,
+         info: dict, config: str) -> None:
+    module.to(fabric.device)
+    if fabric.is_global_zero:
+        store.create(info)
+        record_config(store.root, config)
+    summary = generate_run(fabric, restorer, store, info, progress=args.progress, desc="restoring")
+    if summary is not None:
+        write_inputs_table(store)
+        kept = f", {summary['dropped']} marked dropped (dropped.png)" if summary["dropped"] else ""
+        print(f"wrote {summary['samples']} restored images to {store.root} (manifest.csv, inputs.csv, grid.png{kept}); "
+              f"{summary['nfe_per_image']:.0f} network evaluations and {summary['seconds_per_image']:.3g} s per image")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parse_options(parser, argv)
+    try:
+        checkpoint = Path(args.checkpoint)
+        module = load_conditional(checkpoint)
+        files, pixels, masks = read_inputs(args, module)
+        settings = restore_settings(args, module, file_sha256(checkpoint), files, pixels, masks)
+        store = SampleStore(args.out, settings)
+        store.check()
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    info = {"checkpoint": str(checkpoint.resolve()), "command": ["train.py", "restore", *argv],
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    restorer = FolderRestorer(module, pixels, masks, settings["seeds"]["start"])
+    make_fabric(args.fabric).launch(_run, args, module, restorer, store, info, config_yaml(parser, args))
+
+
+if __name__ == "__main__":
+    main()
