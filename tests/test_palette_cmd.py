@@ -178,3 +178,44 @@ def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkp
     with pytest.raises(SystemExit, match="train.py restore"):
         uncdiff_main(["sample", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
+                  "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "2",
+                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu"])
+    report = (out / "report.md").read_text()
+    for row in ("aleatoric", "MC-Dropout", "K-sample variance", "random", "oracle", "diversity_ssim", "psnr"):
+        assert f"| {row} |" in report
+    rows = list(csv.DictReader(open(out / "calibration.csv")))
+    oracle = next(r for r in rows if r["name"] == "oracle" and r["metric"] == "ause")
+    assert abs(float(oracle["mean"])) < 1e-9  # the error ranks itself perfectly
+    record = json.loads((out / "study.json").read_text())
+    assert record["samples"] == 3 and record["seed_groups"] == [0, 1]  # K = M + 1
+    assert (out / "panels.png").is_file() and (out / "config.yaml").is_file()
+    with pytest.raises(SystemExit, match="not an empty folder"):  # never overwritten
+        uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("unconditional", "is an unconditional model"),
+    ("samples", "--samples must be >= 2"),
+    ("n", "the validation split holds"),
+    ("config", "not an image-to-image data module"),
+])
+def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, match, checkpoints, tmp_path):
+    checkpoint, extra = checkpoints["inpaint"], []
+    if case == "unconditional":
+        checkpoint = checkpoints["plain"]
+    elif case == "samples":
+        extra = ["--samples", "1"]
+    elif case == "n":
+        extra = ["--n", "100000"]
+    elif case == "config":
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"data": {"class_path": "uncdiff.lightning.data.DigitsDataModule"}}))
+        extra = ["--data.run_config", str(config)]
+    with pytest.raises(SystemExit, match=match):
+        uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), *extra])
+    assert not (tmp_path / "eval").exists()

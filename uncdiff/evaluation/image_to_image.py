@@ -75,7 +75,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, mask: Optional[torch.Tensor],
                       estimators: dict, num_samples: int = 6, seed_groups: Sequence[int] = (0, 1, 2),
                       fid: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
-                      num_fractions: int = 50) -> dict:
+                      num_fractions: int = 50, keep_examples: int = 0,
+                      progress: Optional[Callable[[str], None]] = None) -> dict:
     """How well each pixel uncertainty ranks the real error of the restored images (docs/algorithms.md §7).
 
     For each seed group g, every held-out input (`x0`, `condition [N, C, H, W]`, `mask [N, 1, H, W]` or
@@ -91,7 +92,11 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     Quality of the outputs: L1 and PSNR to the ground truth, diversity (mean pairwise SSIM of the K
     samples of one input), and `fid(outputs, x0)` when given. Returns `{'rows': {name: {'ause': (mean,
     std), 'aurg': (mean, std)}}, 'quality': {name: (mean, std)}, 'groups': len(seed_groups)}`, means
-    and standard deviations over the seed groups.
+    and standard deviations over the seed groups, with `'per_group': {name: {'ause': [...], 'aurg':
+    [...]}}` (one value per group, for paired comparisons: `paired_difference`) and, for
+    `keep_examples > 0`, `'examples'`: the first group's first `keep_examples` inputs (`x0`, `condition`,
+    `mask`, `output`, the `maps` of every row but random and oracle, and the squared `error`).
+    `progress(message)` is told as each group starts.
     """
     n = x0.shape[0]
     k = int(num_samples)
@@ -107,15 +112,26 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         row["ause"].append(values[0])
         row["aurg"].append(values[1])
 
-    for g in seed_groups:
+    examples = None
+    for number, g in enumerate(seed_groups):
+        if progress is not None:
+            progress(f"seed group {g} ({number + 1} of {len(seed_groups)})")
         seeds = [[(int(g) * k + j) * n + i for i in range(n)] for j in range(k)]
         samples = torch.stack([restore(condition, mask, seeds[j], "none", {}).images for j in range(k)])
         output = samples[0]
         error = (output.double() - x0.double()).pow(2)
+        maps = {}
         for name, (estimator, options) in estimators.items():
-            result = restore(condition, mask, seeds[0], estimator, dict(options))
-            add(name, error_calibration(result.maps, output, x0, mask, num_fractions))
-        add("K-sample variance", error_calibration(sample_variance(samples), output, x0, mask, num_fractions))
+            maps[name] = restore(condition, mask, seeds[0], estimator, dict(options)).maps
+            add(name, error_calibration(maps[name], output, x0, mask, num_fractions))
+        maps["K-sample variance"] = sample_variance(samples)
+        add("K-sample variance", error_calibration(maps["K-sample variance"], output, x0, mask, num_fractions))
+        if examples is None and keep_examples > 0:
+            e = slice(0, keep_examples)
+            region = torch.ones_like(error) if mask is None else mask.to(error).expand_as(error)
+            examples = {"x0": x0[e], "condition": condition[e], "mask": None if mask is None else mask[e],
+                        "output": output[e], "maps": {name: m[e] * region[e].to(m) for name, m in maps.items()},
+                        "error": (error * region)[e]}
         noise = torch.rand(error.shape, generator=torch.Generator().manual_seed(int(g)), dtype=torch.float64)
         add("random", error_calibration(noise, output, x0, mask, num_fractions))
         add("oracle", error_calibration(error, output, x0, mask, num_fractions))
@@ -125,8 +141,19 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         quality["diversity_ssim"].append(mean_pairwise_ssim(samples))
         if fid is not None:
             quality["fid"].append(float(fid(output, x0)))
-    return {"rows": {name: {m: mean_std(v) for m, v in row.items()} for name, row in per_row.items()},
-            "quality": {name: mean_std(v) for name, v in quality.items()}, "groups": len(seed_groups)}
+    study = {"rows": {name: {m: mean_std(v) for m, v in row.items()} for name, row in per_row.items()},
+             "quality": {name: mean_std(v) for name, v in quality.items()}, "groups": len(seed_groups),
+             "per_group": per_row}
+    if examples is not None:
+        study["examples"] = examples
+    return study
+
+
+def paired_difference(study: dict, row: str, baseline: str, metric: str = "ause") -> tuple[float, float]:
+    """`(mean, std)` over the seed groups of `row`'s `metric` minus `baseline`'s, group by group (both
+    maps rank the errors of the same outputs, so the groups pair up)."""
+    a, b = study["per_group"][row][metric], study["per_group"][baseline][metric]
+    return mean_std([x - y for x, y in zip(a, b)])
 
 
 def calibration_markdown(study: dict) -> str:
@@ -138,3 +165,44 @@ def calibration_markdown(study: dict) -> str:
     lines += [f"| {name} | {fmt(pair)} |" for name, pair in study["quality"].items()]
     lines += ["", f"Mean ± standard deviation over {study['groups']} seed groups."]
     return "\n".join(lines)
+
+
+def calibration_rows(study: dict) -> list[dict]:
+    """The study as CSV rows: one per map and metric (mean, std, and each group's value), then one per
+    quality measure."""
+    rows = []
+    for name, row in study["rows"].items():
+        for metric in ("ause", "aurg"):
+            mean, std = row[metric]
+            rows.append({"kind": "map", "name": name, "metric": metric, "mean": mean, "std": std,
+                         "per_group": " ".join(f"{v:.6g}" for v in study["per_group"][name][metric])})
+    for name, (mean, std) in study["quality"].items():
+        rows.append({"kind": "quality", "name": name, "metric": name, "mean": mean, "std": std, "per_group": ""})
+    return rows
+
+
+def draw_panels(examples: dict, path, cmap: str = "magma") -> None:
+    """The study's examples as a figure at `path`: one row per input; condition, output, ground truth, the
+    squared error, then each map (summed over channels; every map and the error on its own scale in each
+    row, zero at the known pixels)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    images = [("condition", examples["condition"]), ("output", examples["output"]), ("ground truth", examples["x0"])]
+    heats = [("squared error", examples["error"])] + list(examples["maps"].items())
+    n, cols = len(examples["output"]), len(images) + len(heats)
+    fig = Figure(figsize=(1.5 * cols, 1.5 * n + 0.5))
+    axes = np.asarray(fig.subplots(n, cols, squeeze=False))
+    show = lambda x: ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
+    for i in range(n):
+        for j, (title, values) in enumerate(images):
+            axes[i, j].imshow(show(values[i]), cmap="gray" if values.shape[1] == 1 else None, vmin=0, vmax=1)
+        for j, (title, values) in enumerate(heats, start=len(images)):
+            axes[i, j].imshow(values[i].double().sum(0).numpy(), cmap=cmap)
+        for j, (title, _) in enumerate(images + heats):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from uncdiff.io.degradations import Task
+from uncdiff.io.images import from_uint8
 from uncdiff.lightning.data import ImageDataModule
 
 
@@ -64,3 +65,30 @@ class ImageToImageDataModule(ImageDataModule):
         epoch_key = trainer.current_epoch + 1 if trainer is not None and trainer.training else 0
         y, mask = self.pairs(pixels, index, epoch_key)
         return x0, y.to(x0.device), mask.to(x0.device)
+
+    def held_out(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `n` validation images and the pairs validation builds for them (key `(seed, 0, i)`):
+        `(x0 [n, C, H, W], y [n, C, H, W], mask [n, 1, H, W])`, x0 in [-1, 1]. Call `setup` first."""
+        if not 1 <= n <= len(self.val_set):
+            raise ValueError(f"the validation split holds {len(self.val_set)} images; asked for {n}")
+        items = [self.val_set[i] for i in range(n)]
+        pixels = torch.stack([item[0] for item in items])
+        y, mask = self.pairs(pixels, torch.tensor([item[-1] for item in items]), 0)
+        return from_uint8(pixels), y, mask
+
+
+def image_to_image_data_from_config(config: dict) -> ImageToImageDataModule:
+    """The `ImageToImageDataModule` of a `fit` run's saved config (its `data` entry: class path and init
+    args). Only uncdiff's own classes are built; a class path read from a file is never imported."""
+    from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
+
+    inner_classes = {f"{c.__module__}.{c.__name__}": c for c in (DigitsDataModule, CIFAR10DataModule)}
+    data = config.get("data") if isinstance(config, dict) else None
+    own = f"{ImageToImageDataModule.__module__}.{ImageToImageDataModule.__name__}"
+    if not isinstance(data, dict) or data.get("class_path") != own:
+        raise ValueError(f"its data is not an image-to-image data module ({own})")
+    options = dict(data.get("init_args") or {})
+    inner = options.pop("data", None)
+    if not isinstance(inner, dict) or inner.get("class_path") not in inner_classes:
+        raise ValueError(f"its data.init_args.data must be one of uncdiff's data modules ({', '.join(inner_classes)})")
+    return ImageToImageDataModule(inner_classes[inner["class_path"]](**(inner.get("init_args") or {})), **options)
