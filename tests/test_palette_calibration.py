@@ -96,3 +96,27 @@ def test_the_study_runs_on_a_conditional_module():
                                "mc_dropout": ("mc_dropout", {"num_passes": 2})}, num_samples=3, seed_groups=(0, 1))
     assert {"aleatoric", "mc_dropout", "K-sample variance", "random", "oracle"} == set(study["rows"])
     assert all(torch.isfinite(torch.tensor(row["ause"])).all() for row in study["rows"].values())
+
+
+def test_the_study_keeps_per_group_values_and_the_examples_it_ranked(problem):
+    """The per-group values average to the table's means; the kept baseline map is the variance of K
+    restorations drawn here with the first group's seeds (image i, sample j: seed j n + i)."""
+    from uncdiff.evaluation.image_to_image import paired_difference
+
+    restore, x0, y = problem
+    x0, y = x0[:6], y[:6]
+    study = calibration_study(restore, x0, y, None, {"aleatoric": ("aleatoric", {"num_perturbations": 2})},
+                              num_samples=3, seed_groups=(0, 1, 2), keep_examples=2)
+    for name, row in study["rows"].items():
+        values = torch.tensor(study["per_group"][name]["ause"], dtype=torch.float64)
+        assert row["ause"] == pytest.approx((float(values.mean()), float(values.std())))
+    a, b = study["per_group"]["aleatoric"]["ause"], study["per_group"]["random"]["ause"]
+    diffs = torch.tensor([p - q for p, q in zip(a, b)], dtype=torch.float64)
+    assert paired_difference(study, "aleatoric", "random") == pytest.approx((float(diffs.mean()), float(diffs.std())))
+    samples = torch.stack([restore(y, None, [j * 6 + i for i in range(6)], "none", {}).images for j in range(3)])
+    examples = study["examples"]
+    assert torch.equal(examples["output"], samples[0, :2]) and torch.equal(examples["x0"], x0[:2])
+    spread = samples[:, :2].double()
+    loop = ((spread - spread.mean(0)) ** 2).sum(0) / 2
+    assert torch.allclose(examples["maps"]["K-sample variance"], loop)
+    assert torch.allclose(examples["error"], (samples[0, :2].double() - x0[:2].double()) ** 2)
