@@ -97,7 +97,8 @@ def study_plan(args: Namespace) -> dict:
     try:
         data = image_to_image_data_from_config(yaml.safe_load(config.read_text()))
     except Exception as error:
-        raise InputError(f"cannot build the image-to-image data of {config} ({type(error).__name__}: {error})") from None
+        raise InputError(f"cannot build the image-to-image data of {config} ({type(error).__name__}: "
+                         f"{error})") from None
     if data.task.name != module.task.name:
         raise InputError(f"{config} builds {data.task.name!r} pairs; the checkpoint is a {module.task.name!r} model")
     try:

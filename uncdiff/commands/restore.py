@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
                    help="folder of masks, one per condition image under its file name (inpaint and uncrop only)")
     g = parser.add_argument_group("processes (Lightning Fabric)")
     g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps")
-    g.add_argument("--fabric.devices", type=Union[int, str], default="auto", help="devices per node, or 'auto' (all GPUs)")
+    g.add_argument("--fabric.devices", type=Union[int, str], default="auto",
+                   help="devices per node, or 'auto' (all GPUs)")
     g.add_argument("--fabric.num_nodes", type=int, default=1, help="nodes")
     g.add_argument("--fabric.strategy", type=str, default="auto", help="auto | ddp | ddp_spawn ...")
     g.add_argument("--progress", type=bool, default=True, help="show a progress bar")

@@ -73,7 +73,8 @@ def read_masks(folder: str | Path, names: list[Path], size: int) -> torch.Tensor
         if image.mode not in ("L", "1"):
             raise InputError(f"{files[name]} is a {image.mode} image; a mask is a grey (L) or 1-bit image")
         if image.size != (size, size):
-            raise InputError(f"{files[name]} is {image.size[0]}x{image.size[1]}; the condition images are {size}x{size}")
+            raise InputError(f"{files[name]} is {image.size[0]}x{image.size[1]}; the condition images are "
+                             f"{size}x{size}")
         array = np.asarray(image.convert("L"))
         if not np.isin(array, (0, 255)).all():
             raise InputError(f"{files[name]} holds values other than 0 (known) and 255 (generate)")
