@@ -55,7 +55,21 @@ COMMANDS = {
                                    "--trainer.limit_val_batches", "1", "--ckpt_path", ckpt],
     "fit --ckpt_path": lambda ckpt, tmp: ["fit", *FIT_OPTIONS, "--trainer.default_root_dir", str(tmp / "out"),
                                           "--ckpt_path", ckpt],
+    "export": lambda ckpt, tmp: ["export", "--checkpoint", ckpt, "--out", str(tmp / "out")],
+    "restore": lambda ckpt, tmp: ["restore", "--checkpoint", ckpt, "--conditions", str(conditions(tmp)),
+                                  "--out", str(tmp / "out")],
+    "evaluate_i2i": lambda ckpt, tmp: ["evaluate_i2i", "--checkpoint", ckpt, "--out", str(tmp / "out")],
 }
+
+
+def conditions(tmp: Path) -> Path:
+    """A folder with one condition image, for `restore`."""
+    from PIL import Image
+
+    folder = tmp / "conditions"
+    folder.mkdir(exist_ok=True)
+    Image.new("L", (8, 8)).save(folder / "0.png")
+    return folder
 
 
 @pytest.mark.parametrize("command", COMMANDS)
