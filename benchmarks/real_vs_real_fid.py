@@ -7,7 +7,12 @@ this floor: split the real images of the config's `real_split` at random into tw
 A and B, and compute the FID of N images of A against all of B, over several random splits
 (mean ± std). N is the callback's `num_samples` and, for reference, the whole half.
 
+The callback's reference is the whole split, about twice a half, and a smaller reference adds its
+own bias. `--reference rest` measures N random images against all the other images instead (still
+disjoint, with a reference closer to the callback's in size).
+
     python benchmarks/real_vs_real_fid.py --config digits                   # 10 splits
+    python benchmarks/real_vs_real_fid.py --config digits --reference rest --set-sizes 300
     python benchmarks/real_vs_real_fid.py --config quickstart --splits 20 --set-sizes 200 500
 
 The extractor comes from the config's cache (the digits classifier is trained there once if missing).
@@ -43,8 +48,10 @@ def real_images(config: dict, split: str) -> torch.Tensor:
     return torch.cat(list(datamodule_images(datamodule, split)()))
 
 
-def floor(images: torch.Tensor, extractor, set_size: int, splits: int, seed: int) -> list[float]:
-    """FID(first `set_size` of half A, all of half B) for `splits` random halvings of `images`."""
+def floor(images: torch.Tensor, extractor, set_size: int, splits: int, seed: int,
+          reference: str = "half") -> list[float]:
+    """For `splits` random orders of `images`: FID(the first `set_size` images, the reference), the
+    reference being the second half (`half`) or all images after the first `set_size` (`rest`)."""
     half = len(images) // 2
     if not 2 <= set_size <= half:
         raise SystemExit(f"set size {set_size} must be in [2, {half}] (half of the {len(images)} real images)")
@@ -52,8 +59,8 @@ def floor(images: torch.Tensor, extractor, set_size: int, splits: int, seed: int
     values = []
     for _ in range(splits):
         order = torch.randperm(len(images), generator=generator)
-        a, b = images[order[:half]], images[order[half:]]
-        values.append(fid_between(a[:set_size], b, extractor))
+        start = half if reference == "half" else set_size
+        values.append(fid_between(images[order[:set_size]], images[order[start:]], extractor))
     return values
 
 
@@ -63,6 +70,8 @@ def main():
     parser.add_argument("--splits", type=int, default=10, help="random halvings per set size")
     parser.add_argument("--set-sizes", type=int, nargs="+", default=None,
                         help="N (default: the callback's num_samples and the whole half)")
+    parser.add_argument("--reference", choices=["half", "rest"], default="half",
+                        help="the other half, or every image not in the set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.splits < 2:
@@ -80,10 +89,12 @@ def main():
     images = real_images(config, split)
     sizes = args.set_sizes or [options.get("num_samples", 10_000), len(images) // 2]
 
+    against = (f"the other half ({len(images) - len(images) // 2})" if args.reference == "half"
+               else "all the other images")
     print(f"config={args.config}: {len(images)} real images ({split} split), extractor {extractor.name}, "
-          f"{args.splits} random halvings (seed {args.seed}); FID(N images of half A, all {len(images) - len(images) // 2} of half B)")
+          f"{args.splits} random splits (seed {args.seed}); FID(N images, {against})")
     for n in sizes:
-        values = floor(images, extractor, n, args.splits, args.seed)
+        values = floor(images, extractor, n, args.splits, args.seed, args.reference)
         print(f"N={n:5d}: {statistics.mean(values):8.3f} ± {statistics.stdev(values):.3f} (std), "
               f"min {min(values):.3f}, max {max(values):.3f}")
 
