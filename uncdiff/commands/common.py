@@ -139,6 +139,11 @@ def add_model_arguments(parser: ArgumentParser, out_help: str) -> None:
     g.add_argument("--data.run_config", type=Optional[str], default=None,
                    help="the training run's config (default: the newest config-*.yaml in the checkpoint's run "
                         "directory)")
+    add_fabric_arguments(parser)
+
+
+def add_fabric_arguments(parser: ArgumentParser) -> None:
+    """The processes a command runs on (Lightning Fabric) and its progress bar."""
     g = parser.add_argument_group("processes (Lightning Fabric)")
     g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps")
     g.add_argument("--fabric.devices", type=Union[int, str], default="auto",

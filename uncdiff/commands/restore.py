@@ -22,13 +22,13 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, SampleStore, add_estimator_arguments, add_guidance_arguments,
-                                     add_sampler_arguments, build_settings, config_yaml, file_sha256, generate_run,
+from uncdiff.commands.common import (InputError, SampleStore, add_estimator_arguments, add_fabric_arguments,
+                                     add_guidance_arguments, add_sampler_arguments, build_settings, config_yaml, file_sha256, generate_run,
                                      make_fabric, new_parser, parse_options, record_config)
 from uncdiff.io.condition_images import read_conditions, read_masks
 from uncdiff.io.files import write_atomic
@@ -44,13 +44,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--conditions", type=str, required=True, help="folder of condition images (sorted by name)")
     g.add_argument("--masks", type=Optional[str], default=None,
                    help="folder of masks, one per condition image under its file name (inpaint and uncrop only)")
-    g = parser.add_argument_group("processes (Lightning Fabric)")
-    g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps")
-    g.add_argument("--fabric.devices", type=Union[int, str], default="auto",
-                   help="devices per node, or 'auto' (all GPUs)")
-    g.add_argument("--fabric.num_nodes", type=int, default=1, help="nodes")
-    g.add_argument("--fabric.strategy", type=str, default="auto", help="auto | ddp | ddp_spawn ...")
-    g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    add_fabric_arguments(parser)
     add_sampler_arguments(parser, n=None, n_help="restore the first n condition images (null: all of them); image i "
                                                  "gets seed seed+i")
     add_estimator_arguments(parser)
