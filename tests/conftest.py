@@ -21,3 +21,17 @@ def tiny_model_kwargs(**overrides) -> dict:
 @pytest.fixture
 def tiny_kwargs():
     return tiny_model_kwargs
+
+
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                      "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_variables_left_over():
+    """Lightning's in-process launchers (ddp_spawn, a one-process DDP) leave MASTER_PORT, LOCAL_RANK, ... in
+    os.environ. A later test's `train.py ... --fabric.devices 2` subprocess would inherit them, take itself
+    for rank 0 of an external launch, never start rank 1, and wait for it forever."""
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    yield
