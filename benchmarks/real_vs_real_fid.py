@@ -23,22 +23,9 @@ import importlib
 import statistics
 
 import torch
-import yaml
 
 from uncdiff.evaluation.fid import datamodule_images, fid_between, make_extractor
-from uncdiff.lightning.cli import CONFIG_DIR
-
-
-def load_config(name: str) -> dict:
-    with open(CONFIG_DIR / f"{name}.yaml") as f:
-        return yaml.safe_load(f)
-
-
-def fid_options(config: dict) -> dict:
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("FIDTrajectory"):
-            return dict(callback.get("init_args") or {})
-    raise SystemExit("the config has no callbacks.FIDTrajectory entry")
+from fid_cost import fid_options, load_config  # the same config reading as the FID cost benchmark
 
 
 def real_images(config: dict, split: str) -> torch.Tensor:
