@@ -142,6 +142,13 @@ def add_model_arguments(parser: ArgumentParser, out_help: str) -> None:
     add_fabric_arguments(parser)
 
 
+def print_run_summary(summary: dict, root: Path, noun: str, files: str) -> None:
+    """One line on what a finished `generate_run` wrote and what it cost."""
+    kept = f", {summary['dropped']} marked dropped (dropped.png)" if summary["dropped"] else ""
+    print(f"wrote {summary['samples']} {noun} to {root} ({files}{kept}); "
+          f"{summary['nfe_per_image']:.0f} network evaluations and {summary['seconds_per_image']:.3g} s per image")
+
+
 def add_fabric_arguments(parser: ArgumentParser) -> None:
     """The processes a command runs on (Lightning Fabric) and its progress bar."""
     g = parser.add_argument_group("processes (Lightning Fabric)")

@@ -29,7 +29,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from uncdiff.commands.common import (InputError, SampleStore, add_estimator_arguments, add_fabric_arguments,
                                      add_guidance_arguments, add_sampler_arguments, build_settings, config_yaml, file_sha256, generate_run,
-                                     make_fabric, new_parser, parse_options, record_config)
+                                     make_fabric, new_parser, parse_options, print_run_summary, record_config)
 from uncdiff.io.condition_images import read_conditions, read_masks
 from uncdiff.io.files import write_atomic
 from uncdiff.lightning.palette import ConditionalDiffusionModule, load_conditional
@@ -139,9 +139,7 @@ def _run(fabric, args: Namespace, module: ConditionalDiffusionModule, restorer: 
     summary = generate_run(fabric, restorer, store, info, progress=args.progress, desc="restoring")
     if summary is not None:
         write_inputs_table(store)
-        kept = f", {summary['dropped']} marked dropped (dropped.png)" if summary["dropped"] else ""
-        print(f"wrote {summary['samples']} restored images to {store.root} (manifest.csv, inputs.csv, grid.png{kept}); "
-              f"{summary['nfe_per_image']:.0f} network evaluations and {summary['seconds_per_image']:.3g} s per image")
+        print_run_summary(summary, store.root, "restored images", "manifest.csv, inputs.csv, grid.png")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -21,7 +21,8 @@ from jsonargparse import ArgumentParser, Namespace
 from uncdiff.commands.common import (InputError, ModelInputs, SampleStore, add_estimator_arguments,
                                      add_guidance_arguments, add_model_arguments, add_sampler_arguments,
                                      attach_laplace, build_settings, config_yaml, generate_run, make_fabric,
-                                     new_parser, parse_options, prepare_model, record_config, run_info)
+                                     new_parser, parse_options, prepare_model, print_run_summary, record_config,
+                                     run_info)
 
 
 def build_parser() -> ArgumentParser:
@@ -41,9 +42,7 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, store: SampleStore, info:
         record_config(store.root, config)
     summary = generate_run(fabric, inputs.module, store, info, progress=args.progress)
     if summary is not None:
-        kept = f", {summary['dropped']} marked dropped (dropped.png)" if summary["dropped"] else ""
-        print(f"wrote {summary['samples']} samples to {store.root} (manifest.csv, grid.png{kept}); "
-              f"{summary['nfe_per_image']:.0f} network evaluations and {summary['seconds_per_image']:.3g} s per image")
+        print_run_summary(summary, store.root, "samples", "manifest.csv, grid.png")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
