@@ -572,8 +572,8 @@ def build_report(args: Namespace, plan: Plan, inputs: ModelInputs, summaries: di
     report.notes.append("Verdicts: a difference counts when it exceeds 2 standard deviations. Filtering: the kept "
                         "set's difference to the random subsets' mean, against 2 std x sqrt(1 + 1/K) of the K "
                         "random subsets' FIDs (the kept set is one more draw), and likewise for precision and "
-                        "recall (higher is better); guidance: the paired per-group differences' mean against 2 "
-                        "standard errors. With few groups or subsets the spread is itself uncertain: read the "
+                        "recall (higher is better); guidance and the sweep: the paired per-group differences' mean "
+                        "against 2 standard deviations of those differences. With few groups or subsets the spread is itself uncertain: read the "
                         "verdicts as rough.")
     for name, file in (("aleatoric", "dropped.png"), ("aleatoric", "grid.png")):
         if name in plan.stores and (plan.stores[name].root / file).is_file():

@@ -182,17 +182,17 @@ def seed_groups(n: int, groups: int) -> list[Tensor]:
 
 def guidance_row(name: str, guided: Tensor, unguided: Tensor, groups: int, fid: Callable[[Tensor], float]) -> dict:
     """Guided versus unguided FID from the same seeds (`[N, D]` features, row i = seed i in both):
-    the whole set, and per seed group with the paired difference's mean and standard error."""
+    the whole set, and per seed group the paired difference, its mean ± standard deviation over the
+    groups, and a verdict only beyond 2 standard deviations of that spread (as in `sweep_rows`)."""
     parts = seed_groups(len(guided), groups)
     g = [fid(guided[idx]) for idx in parts]
     u = [fid(unguided[idx]) for idx in parts]
     diff_mean, diff_std = mean_std([a - b for a, b in zip(g, u)])
-    se = diff_std / len(parts) ** 0.5 if diff_std is not None else None
     full_g, full_u = fid(guided), fid(unguided)
     return {"set": name, "samples": len(guided), "fid": full_g, "fid_unguided": full_u,
             "difference": full_g - full_u, "group_fid_mean": mean_std(g)[0], "group_fid_std": mean_std(g)[1],
-            "group_difference_mean": diff_mean, "group_difference_se": se, "groups": len(parts),
-            "verdict": compare(diff_mean, se, "better than unguided", "worse than unguided")}
+            "group_difference_mean": diff_mean, "group_difference_std": diff_std, "groups": len(parts),
+            "verdict": compare(diff_mean, diff_std, "better than unguided", "worse than unguided")}
 
 
 def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features: Tensor, groups: int,
@@ -203,8 +203,8 @@ def sign_outcome(plus: dict, minus: dict, plus_features: Tensor, minus_features:
     better = "+1" if plus["fid"] < minus["fid"] else "-1"
     return {"better_sign": better, "fid_plus": plus["fid"], "fid_minus": minus["fid"],
             "difference": row["difference"], "group_difference_mean": row["group_difference_mean"],
-            "group_difference_se": row["group_difference_se"],
-            "verdict": compare(row["group_difference_mean"], row["group_difference_se"],
+            "group_difference_std": row["group_difference_std"],
+            "verdict": compare(row["group_difference_mean"], row["group_difference_std"],
                                "+1 better", "-1 better")}
 
 

@@ -88,7 +88,7 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
     x = range(len(rows))
     ax.axhline(0, color="grey", lw=1)
     ax.bar(x, [r["difference"] for r in rows], color="C0", label="all seeds")
-    ax.errorbar(x, [r["group_difference_mean"] for r in rows], yerr=[2 * (r["group_difference_se"] or 0) for r in rows],
+    ax.errorbar(x, [r["group_difference_mean"] for r in rows], yerr=[2 * (r["group_difference_std"] or 0) for r in rows],
                 fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 se, {rows[0]['groups']} groups)")
     ax.set_xticks(list(x), [r["set"].replace("guided-", "") for r in rows], fontsize=8)
     ax.set_ylabel("FID guided - unguided\n(negative is better)")
@@ -188,17 +188,17 @@ def markdown(report: Report) -> str:
         out += ["## (b) Guided versus unguided sampling", "",
                 f"Every set uses the same seeds, hence the same starting noise, as the unguided set. The per-group "
                 f"columns split the {g['samples']} seeds into {g['groups']} groups and pair each group's guided and "
-                f"unguided FID: difference = guided - unguided (negative is better), mean ± standard error.", "",
+                f"unguided FID: difference = guided - unguided (negative is better), mean ± standard deviation over the groups.", "",
                 table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict",
                         "samples identical to unguided"]]
                       + [[r["set"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
-                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_se'])}", r["verdict"],
+                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
                           fmt(r.get("identical_to_unguided"))] for r in report.guidance]), ""]
         if report.sign:
             s = report.sign
             out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
                     f"**{s['better_sign']} measured better** (per-group difference +1 minus -1: "
-                    f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_se'])}; verdict: {s['verdict']}). "
+                    f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_std'])}; verdict: {s['verdict']}). "
                     f"docs/algorithms.md §4 asks for the better-measured sign as the default; the default is "
                     f"{report.header.get('default gradient sign', '+1')}.", ""]
         out += ["![guidance](guidance.png)", ""]
