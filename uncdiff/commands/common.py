@@ -205,6 +205,14 @@ def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None
                         "step_normalized and standardized scores")
     g.add_argument("--estimator.dropout", type=Optional[float], default=None,
                    help="MC-Dropout rate (null: the model's own)")
+    add_bayesdiff_arguments(parser)
+    g = parser.add_argument_group("filtering")
+    g.add_argument("--filtering.drop_fraction", type=Optional[float], default=None,
+                   help="mark the fraction with the highest scores as dropped (null: 1/6)")
+
+
+def add_bayesdiff_arguments(parser: ArgumentParser) -> None:
+    """BayesDiff's options: the propagation's draws, skip and moments, and the Laplace fit's images."""
     g = parser.add_argument_group("BayesDiff (docs/algorithms.md §5b)")
     g.add_argument("--bayesdiff.draws", type=int, default=10, help="draws S per UQ step")
     g.add_argument("--bayesdiff.skip", type=int, default=5, help="UQ every k-th step")
@@ -214,10 +222,8 @@ def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None
                         "formerly spec)")
     g.add_argument("--bayesdiff.laplace_images", type=Optional[int], default=None,
                    help="fit the Laplace posterior on this many training images (null: the checkpoint's own "
-                        "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt")
-    g = parser.add_argument_group("filtering")
-    g.add_argument("--filtering.drop_fraction", type=Optional[float], default=None,
-                   help="mark the fraction with the highest scores as dropped (null: 1/6)")
+                        "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt; an "
+                        "image-to-image model fits on training pairs (docs/palette.md)")
 
 
 def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:
@@ -350,6 +356,25 @@ def check_data_matches(dm, module: DiffusionModule) -> None:
                          f"match the checkpoint's model ({channels} channels, {size}x{size})")
 
 
+def image_to_image_data(module, checkpoint: Path, run_config: Optional[str] = None) -> tuple[Any, Path]:
+    """`(ImageToImageDataModule, config path)` of an image-to-image checkpoint's run, from `run_config` or
+    the run's own saved config, checked to build the model's task. Loads no data yet."""
+    from uncdiff.lightning.palette_data import image_to_image_data_from_config
+
+    config = Path(run_config) if run_config else find_run_config(checkpoint)
+    if config is None or not config.is_file():
+        raise InputError(f"no training config found next to {checkpoint} (config-*.yaml in its run directory)"
+                         f"{'' if run_config is None else f' or at {run_config}'}: pass --data.run_config")
+    try:
+        data = image_to_image_data_from_config(yaml.safe_load(config.read_text()))
+    except Exception as error:
+        raise InputError(f"cannot build the image-to-image data of {config} ({type(error).__name__}: "
+                         f"{error})") from None
+    if data.task.name != module.task.name:
+        raise InputError(f"{config} builds {data.task.name!r} pairs; the checkpoint is a {module.task.name!r} model")
+    return data, config
+
+
 # ------------------------------------------------------------------------------------ BayesDiff
 
 def laplace_cache_path(checkpoint: Path, num_images: int) -> Path:
@@ -372,7 +397,8 @@ def load_or_fit_laplace(module: DiffusionModule, checkpoint: Path, checkpoint_sh
                         datamodule=None, is_writer: bool = True) -> None:
     """Give `module` the Laplace posterior `source` names. A fitted one is read from its cache when
     that was made from this very checkpoint; otherwise the writer fits it on the first
-    `num_images` training images (docs/algorithms.md §5b) and saves it (write then rename)."""
+    `num_images` training images (docs/algorithms.md §5b), or for an image-to-image model (`datamodule` an
+    `ImageToImageDataModule`) on the first `num_images` training pairs, and saves it (write then rename)."""
     if source["source"] == "checkpoint":
         return
     path = laplace_cache_path(checkpoint, source["num_images"])
@@ -384,8 +410,13 @@ def load_or_fit_laplace(module: DiffusionModule, checkpoint: Path, checkpoint_sh
     if not is_writer:
         raise RuntimeError(f"{path} is missing or stale after the writer fitted it")
     from uncdiff.evaluation.fid import datamodule_images
+    from uncdiff.lightning.palette_data import ImageToImageDataModule
 
-    module.fit_laplace(datamodule_images(datamodule, "train", batch_size=64)(), num_images=source["num_images"])
+    if isinstance(datamodule, ImageToImageDataModule):  # the first training pairs its task builds (docs/palette.md)
+        x0, condition, _ = datamodule.training_pairs(source["num_images"])
+        module.fit_laplace(x0, num_images=source["num_images"], conditions=condition)
+    else:
+        module.fit_laplace(datamodule_images(datamodule, "train", batch_size=64)(), num_images=source["num_images"])
     save_atomic({"checkpoint_sha256": checkpoint_sha256, "laplace": module.laplace.state_dict()}, path)
 
 
@@ -417,6 +448,20 @@ def sampler_settings(options: Namespace, module, estimator: str) -> dict:
     return s
 
 
+def guidance_settings(guide: Namespace) -> dict:
+    """The guidance options of a run from the `guidance` options with a rule (not 'none'): each rule
+    records only its own options; a threshold table replaces the per-image quantile."""
+    guidance = {"rule": guide.rule, "quantile": guide.quantile, "window": [float(v) for v in guide.window]}
+    if guide.rule == "gradient":
+        guidance.update(sign=guide.sign, lam=guide.lam, grad_wrt=guide.grad_wrt, reduce=guide.reduce)
+    else:
+        guidance["prior_precision"] = guide.prior_precision
+    if guide.table:
+        guidance.update(threshold="table", table=str(Path(guide.table).resolve()))
+        del guidance["quantile"]
+    return guidance
+
+
 def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
     """(estimator, its options, guidance options or None), named as the hooks' constructors name them."""
     est, m_option, guide = args.estimator.name, args.estimator.M, args.guidance
@@ -431,14 +476,7 @@ def estimator_settings(args: Namespace) -> tuple[str, dict, Optional[dict]]:
     if guide.rule != "none":
         if est not in ("aleatoric", "none"):
             raise InputError(f"--guidance.rule uses the aleatoric estimator; got --estimator.name {est}")
-        guidance = {"rule": guide.rule, "quantile": guide.quantile, "window": [float(v) for v in guide.window]}
-        if guide.rule == "gradient":  # each rule records only its own options
-            guidance.update(sign=guide.sign, lam=guide.lam, grad_wrt=guide.grad_wrt, reduce=guide.reduce)
-        else:
-            guidance["prior_precision"] = guide.prior_precision
-        if guide.table:
-            guidance.update(threshold="table", table=str(Path(guide.table).resolve()))
-            del guidance["quantile"]
+        guidance = guidance_settings(guide)
         return "aleatoric", {"num_perturbations": m, "variant": args.estimator.variant,
                              "estimate_window": window}, guidance
     if est == "none":

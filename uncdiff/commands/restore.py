@@ -10,7 +10,10 @@ The images of `--conditions` (sorted by file name; 8-bit grey for a 1-channel mo
 `--seed + i`. Inpainting and uncropping need `--masks`: one mask per condition image under the same
 file name, white (255) where the model generates and black (0) where the condition's pixels are
 kept; the pixels to generate are replaced by noise from the sample's seed, as in training, and the
-maps and scores count only them. The output directory is `sample`'s (`uncdiff.io.sample_store`:
+maps and scores count only them. `--estimator.name bayesdiff` uses the checkpoint's Laplace posterior, or
+fits one on the first `--bayesdiff.laplace_images` (default 1000) training pairs of the run (its saved
+config, or `--data.run_config`; the pairs its first training epoch builds) and caches it beside the
+checkpoint as `sample` does. The output directory is `sample`'s (`uncdiff.io.sample_store`:
 samples/<seed>.png, maps, scores, manifest.csv, grids, run.json, config.yaml) plus inputs.csv, which
 names each output's condition and mask files. The seeds are cut into chunks of `--batch_size`
 (one batch each, so outputs don't depend on the processes or on interruptions); a re-run of the
@@ -27,9 +30,11 @@ from typing import Optional
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, SampleStore, add_estimator_arguments, add_fabric_arguments,
-                                     add_guidance_arguments, add_sampler_arguments, build_settings, config_yaml, file_sha256, generate_run,
-                                     make_fabric, new_parser, parse_options, print_run_summary, record_config)
+from uncdiff.commands.common import (InputError, ModelInputs, SampleStore, add_estimator_arguments,
+                                     add_fabric_arguments, add_guidance_arguments, add_sampler_arguments,
+                                     attach_laplace, build_settings, config_yaml, file_sha256, generate_run,
+                                     image_to_image_data, laplace_cached, laplace_source, make_fabric, new_parser,
+                                     parse_options, print_run_summary, record_config)
 from uncdiff.io.condition_images import read_conditions, read_masks
 from uncdiff.io.files import write_atomic
 from uncdiff.lightning.palette import ConditionalDiffusionModule, load_conditional
@@ -44,6 +49,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--conditions", type=str, required=True, help="folder of condition images (sorted by name)")
     g.add_argument("--masks", type=Optional[str], default=None,
                    help="folder of masks, one per condition image under its file name (inpaint and uncrop only)")
+    g.add_argument("--data.run_config", type=Optional[str], default=None,
+                   help="the training run's config, whose training pairs BayesDiff's Laplace fit runs on (default: "
+                        "the newest config-*.yaml in the checkpoint's run directory)")
     add_fabric_arguments(parser)
     add_sampler_arguments(parser, n=None, n_help="restore the first n condition images (null: all of them); image i "
                                                  "gets seed seed+i")
@@ -92,13 +100,29 @@ def read_inputs(args: Namespace, module: ConditionalDiffusionModule) -> tuple[li
     return files, pixels, masks
 
 
-def restore_settings(args: Namespace, module: ConditionalDiffusionModule, sha256: str, files: list[Path],
-                     pixels: torch.Tensor, masks: Optional[torch.Tensor]) -> dict:
-    """`sample`'s settings of this run (`build_settings`, every option checked) and the inputs: the task
-    and the condition and mask files with digests of their pixels (compared on resume)."""
-    if args.estimator.name == "bayesdiff":
-        raise InputError("--estimator.name bayesdiff needs a Laplace fit on training pairs, which restore does not "
-                         "make: use aleatoric or mc_dropout here, or the Python API (docs/palette.md)")
+def laplace_inputs(args: Namespace, module: ConditionalDiffusionModule, checkpoint: Path, sha256: str) -> ModelInputs:
+    """What BayesDiff needs (`ModelInputs`): the Laplace posterior's source (the checkpoint's own, or a
+    fit on `--bayesdiff.laplace_images` training pairs, cached beside the checkpoint) and, when it must
+    be fitted, the run's image-to-image data, checked to be there. Loads no data, writes nothing."""
+    if args.estimator.name != "bayesdiff":
+        return ModelInputs(module, checkpoint, sha256)
+    laplace = laplace_source(module, checkpoint, args.bayesdiff.laplace_images)
+    data = None
+    if laplace["source"] == "fit" and not laplace_cached(checkpoint, sha256, laplace):
+        try:
+            data, _ = image_to_image_data(module, checkpoint, args.data.run_config)
+        except InputError as error:
+            raise InputError(f"--estimator.name bayesdiff fits its Laplace posterior on the run's training pairs: "
+                             f"{error}") from None
+    return ModelInputs(module, checkpoint, sha256, laplace, data)
+
+
+def restore_settings(args: Namespace, inputs: ModelInputs, files: list[Path], pixels: torch.Tensor,
+                     masks: Optional[torch.Tensor]) -> dict:
+    """`sample`'s settings of this run (`build_settings`, every option checked; BayesDiff's Laplace source
+    among them) and the inputs: the task and the condition and mask files with digests of their pixels
+    (compared on resume)."""
+    module = inputs.module
     if args.estimator.score != "sum":
         raise InputError("--estimator.score: an image-to-image score is the sum of the map over the generated pixels "
                          "(sum)")
@@ -107,7 +131,7 @@ def restore_settings(args: Namespace, module: ConditionalDiffusionModule, sha256
                          "per-image --guidance.quantile")
     args = args.clone()
     args.n = len(files)  # build_settings reads the seed count from --n
-    settings = build_settings(args, module, sha256, laplace=None)
+    settings = build_settings(args, module, inputs.sha256, laplace=inputs.laplace)
     settings["task"] = module.task.name
     settings["conditions"] = {"folder": str(Path(args.conditions).resolve()), "files": [p.name for p in files],
                               "pixels_sha256": images_sha256(pixels)}
@@ -130,9 +154,10 @@ def write_inputs_table(store: SampleStore) -> None:
     write_atomic(store.root / "inputs.csv", "".join(lines).encode())
 
 
-def _run(fabric, args: Namespace, module: ConditionalDiffusionModule, restorer: FolderRestorer, store: SampleStore,
+def _run(fabric, args: Namespace, inputs: ModelInputs, restorer: FolderRestorer, store: SampleStore,
          info: dict, config: str) -> None:
-    module.to(fabric.device)
+    inputs.module.to(fabric.device)
+    attach_laplace(fabric, inputs)  # BayesDiff: rank 0 fits (or reads) the posterior, the others read its cache
     if fabric.is_global_zero:
         store.create(info)
         record_config(store.root, config)
@@ -150,7 +175,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         checkpoint = Path(args.checkpoint)
         module = load_conditional(checkpoint)
         files, pixels, masks = read_inputs(args, module)
-        settings = restore_settings(args, module, file_sha256(checkpoint), files, pixels, masks)
+        inputs = laplace_inputs(args, module, checkpoint, file_sha256(checkpoint))
+        settings = restore_settings(args, inputs, files, pixels, masks)
         store = SampleStore(args.out, settings)
         store.check()
     except InputError as error:
@@ -158,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     info = {"checkpoint": str(checkpoint.resolve()), "command": ["train.py", "restore", *argv],
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     restorer = FolderRestorer(module, pixels, masks, settings["seeds"]["start"])
-    make_fabric(args.fabric).launch(_run, args, module, restorer, store, info, config_yaml(parser, args))
+    make_fabric(args.fabric).launch(_run, args, inputs, restorer, store, info, config_yaml(parser, args))
 
 
 if __name__ == "__main__":

@@ -165,17 +165,20 @@ class ConditionalDiffusionModule(DiffusionModule):
             return generate_conditional(model, sampler_obj, condition, seeds, self.image_shape, mask, make_hook,
                                         self.device, batch_size, progress)
 
-    def fit_laplace(self, images, num_images: int = 1000, conditions: Optional[torch.Tensor] = None,
-                    **options) -> None:
+    def fit_laplace(self, images, num_images: int = 1000, conditions=None, **options) -> None:
         """BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) of the conditional EMA network,
-        from training pairs: `images [N, C, H, W]` and their `conditions [N, C, H, W]` (tensors, fitted
-        in one batch of `min(N, num_images)`)."""
-        if conditions is None or not isinstance(images, torch.Tensor) or conditions.shape != images.shape:
-            raise ValueError("the image-to-image model's Laplace fit needs images [N, C, H, W] and their conditions "
-                             "(conditions=, the same shape) as tensors")
-        n = min(num_images, images.shape[0])
-        net = ConditionedNet(self.ema.ema_model, conditions[:n].to(self.device))
-        self.laplace = fit_last_layer_laplace(net, images[:n], self.schedule, num_images=n, batch_size=n, **options)
+        from training pairs: `images [N, C, H, W]` and their `conditions [N, C, H, W]` (tensors, or batches
+        of each in the same order), each batch through its conditional eps model; `options` are
+        `fit_last_layer_laplace`'s. Stored in checkpoints, as for unconditional models."""
+        if conditions is None:
+            raise ValueError("the image-to-image model's Laplace fit needs the conditions of the training images "
+                             "(conditions=, [N, C, H, W] beside images [N, C, H, W])")
+        for name, value, shape in (("images", images, self.image_shape), ("conditions", conditions, self.condition_shape)):
+            if isinstance(value, torch.Tensor) and (value.dim() != 4 or tuple(value.shape[1:]) != shape):
+                raise ValueError(f"{name} of shape {tuple(value.shape)} don't fit this {self.task.name} model: give "
+                                 f"[N, {', '.join(map(str, shape))}]")
+        self.laplace = fit_last_layer_laplace(self.ema.ema_model, images, self.schedule, num_images=num_images,
+                                              conditions=conditions, **options)
 
 
 def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
@@ -201,11 +204,13 @@ def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
 
 
 def restorer(module: ConditionalDiffusionModule, **sample_options):
-    """`restore(condition, mask, seeds, estimator, estimator_options) -> SampleResult` of `module` with
-    `sample_options` (sampler, steps, batch_size, ...): what `uncdiff.evaluation.image_to_image.calibration_study`
-    calls."""
-    def restore(condition, mask, seeds, estimator, estimator_options):
+    """`restore(condition, mask, seeds, estimator, estimator_options, guidance=None) -> SampleResult` of
+    `module` with `sample_options` (sampler, steps, batch_size, ...): what
+    `uncdiff.evaluation.image_to_image.calibration_study` and `guidance_study` call. BayesDiff runs on the
+    same sampler without x0 clipping (its moments need affine steps, docs/algorithms.md §5b)."""
+    def restore(condition, mask, seeds, estimator, estimator_options, guidance=None):
+        options = {**sample_options, "clip": False} if estimator == "bayesdiff" else sample_options
         return module.sample(condition, mask if module.task.masked else None, seeds=seeds, estimator=estimator,
-                             estimator_options=estimator_options, **sample_options)
+                             estimator_options=estimator_options, guidance=guidance, **options)
 
     return restore

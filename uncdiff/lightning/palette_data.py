@@ -71,9 +71,24 @@ class ImageToImageDataModule(ImageDataModule):
         `(x0 [n, C, H, W], y [n, C, H, W], mask [n, 1, H, W])`, x0 in [-1, 1]. Call `setup` first."""
         if not 1 <= n <= len(self.val_set):
             raise ValueError(f"the validation split holds {len(self.val_set)} images; asked for {n}")
-        items = [self.val_set[i] for i in range(n)]
+        return self.first_pairs(self.val_set, n, 0)
+
+    def training_pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `n` training images (all of them if there are fewer) and the pairs the first training
+        epoch builds for them (key `(seed, 1, i)`), as `held_out` returns them: what BayesDiff's Laplace
+        fit of an image-to-image model runs on (docs/algorithms.md §7). Calls `setup` if needed."""
+        if n < 1:
+            raise ValueError(f"asked for {n} training pairs")
+        if not hasattr(self, "train_set"):
+            self.prepare_data()
+            self.setup("fit")
+        return self.first_pairs(self.train_set, min(n, len(self.train_set)), 1)
+
+    def first_pairs(self, dataset: IndexedDataset, n: int, epoch_key: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+        items = [dataset[i] for i in range(n)]
         pixels = torch.stack([item[0] for item in items])
-        y, mask = self.pairs(pixels, torch.tensor([item[-1] for item in items]), 0)
+        y, mask = self.pairs(pixels, torch.tensor([item[-1] for item in items]), epoch_key)
         return from_uint8(pixels), y, mask
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uncdiff.core.conditioning import ConditionedNet
 from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import DDIMSampler, StepContext
 from uncdiff.core.schedule import NoiseSchedule
@@ -137,13 +138,35 @@ def image_batches(images: Iterable | torch.Tensor, batch_size: int) -> Iterator[
         yield torch.cat(buffer)
 
 
+def training_batches(images: Iterable | torch.Tensor, conditions: Optional[Iterable | torch.Tensor],
+                     batch_size: int) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """`(x0 [b, C, H, W], y [b, C_y, H, W] or None)`: `images` batched by `image_batches`, and, for a
+    conditional net, `conditions` (y of each image, in the same order) batched alike beside them."""
+    if conditions is None:
+        for x0 in image_batches(images, batch_size):
+            yield x0, None
+        return
+    paired = zip(image_batches(images, batch_size), image_batches(conditions, batch_size))
+    for x0, y in paired:
+        if y.shape[0] != x0.shape[0] or y.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"conditions {tuple(y.shape)} don't pair up with the images {tuple(x0.shape)}: give one "
+                             f"condition of the images' height and width per image, in the same batches")
+        yield x0, y
+
+
 def fit_last_layer_laplace(net: nn.Module, images: Iterable | torch.Tensor, schedule: NoiseSchedule,
                            num_images: int = 1000, prior_precision: float = 1.0, sigma_noise: float = 1.0,
-                           seed: int = 0, batch_size: int = 64) -> LastLayerLaplace:
+                           seed: int = 0, batch_size: int = 64,
+                           conditions: Optional[Iterable | torch.Tensor] = None) -> LastLayerLaplace:
     """Fit the diagonal last-layer Laplace on `num_images` training images, one pass (docs/algorithms.md §5b):
     per image one `t ~ U{0..T-1}` and fresh `eps` (from a CPU generator seeded with `seed`),
     `H = sum of last_layer_fisher`, `v = 1 / (H / sigma_noise^2 + prior_precision)`.
-    The network runs in eval mode (no dropout); fewer images than asked is allowed and recorded."""
+    The network runs in eval mode (no dropout); fewer images than asked is allowed and recorded.
+
+    For an image-to-image net `net(concat(y, x_t), t)` (docs/algorithms.md §7), `conditions` holds the
+    condition y of each training image (a tensor `[N, C_y, H, W]`, or batches like `images`'); each
+    batch is fitted through its conditional eps model `ConditionedNet(net, y)`, with the same draws of
+    `t` and `eps` as without conditions."""
     check_count("num_images", num_images, 1)
     check_count("batch_size", batch_size, 1)
     if not prior_precision > 0 or not sigma_noise > 0:
@@ -155,11 +178,12 @@ def fit_last_layer_laplace(net: nn.Module, images: Iterable | torch.Tensor, sche
     h_b = torch.zeros(head.bias.shape, dtype=torch.float64, device=device)
     seen = 0
     with eval_mode(net):
-        for x0 in image_batches(images, batch_size):
+        for x0, y in training_batches(images, conditions, batch_size):
             x0 = x0[:num_images - seen].to(device, head.weight.dtype)
+            model = net if y is None else ConditionedNet(net, y[:x0.shape[0]].to(device, head.weight.dtype))
             t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=gen).to(device)
             eps = torch.randn(x0.shape, generator=gen).to(x0)
-            fw, fb = last_layer_fisher(net, x0, t, eps, schedule)
+            fw, fb = last_layer_fisher(model, x0, t, eps, schedule)
             h_w += fw
             h_b += fb
             seen += x0.shape[0]
