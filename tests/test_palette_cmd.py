@@ -4,6 +4,7 @@ tiny conditional model saved the way `fit` saves it."""
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from conftest import tiny_model_kwargs
 from test_palette import save_checkpoint, tiny_conditional
 from uncdiff.__main__ import main as uncdiff_main
 from uncdiff.core.conditioning import box_mask
+from uncdiff.io.degradations import Task
+from uncdiff.io.images import from_uint8
+from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.palette import load_conditional
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
 
 SIZE = 8
 
@@ -143,7 +148,10 @@ def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_p
     ("mask size", "is 4x4; the condition images are 8x8"),
     ("mask for super_resolve", "takes no mask"),
     ("unconditional", "is an unconditional model"),
-    ("bayesdiff", "bayesdiff needs a Laplace fit"),
+    ("bayesdiff clip", "--sampler.clip false"),
+    ("bayesdiff M", "--bayesdiff.draws, not --estimator.M"),
+    ("bayesdiff images", "--bayesdiff.laplace_images must be >= 1"),
+    ("bayesdiff no config", "fits its Laplace posterior on the run's training pairs: no training config"),
     ("n", "--n must lie in \\[1, 3\\]"),
 ])
 def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoints, folders, tmp_path):
@@ -165,13 +173,60 @@ def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoin
         checkpoint = checkpoints["super_resolve"]
     elif case == "unconditional":
         checkpoint = checkpoints["plain"]
-    elif case == "bayesdiff":
-        extra = ["--estimator.name", "bayesdiff", "--estimator.M", "null"]
+    elif case.startswith("bayesdiff"):
+        extra = ["--estimator.name", "bayesdiff", "--estimator.M", "2" if case == "bayesdiff M" else "null"]
+        if case == "bayesdiff clip":
+            extra += ["--sampler.clip", "true"]
+        elif case == "bayesdiff images":
+            extra += ["--bayesdiff.laplace_images", "0"]
+        elif case == "bayesdiff no config":  # the checkpoint alone, without its run's config
+            checkpoint = tmp_path / "alone" / "last.ckpt"
+            checkpoint.parent.mkdir()
+            checkpoint.write_bytes(checkpoints["inpaint"].read_bytes())
     elif case == "n":
         extra = ["--n", "4"]
     with pytest.raises(SystemExit, match=match):
         restore(checkpoint, tmp_path / "out", conditions, *extra, masks=give_masks)
     assert not (tmp_path / "out").exists()
+
+
+def test_restore_with_bayesdiff_fits_on_the_run_s_training_pairs_and_maps_only_generated_pixels(checkpoints, folders,
+                                                                                              tmp_path):
+    conditions, masks = folders
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    checkpoint.write_bytes(checkpoints["inpaint"].read_bytes())
+    config = checkpoints["inpaint"].parent.parent / "config-20250101-000000.yaml"
+    (run / config.name).write_bytes(config.read_bytes())
+    out = tmp_path / "out"
+    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff", "--estimator.M", "null",
+            "--bayesdiff.laplace_images", "12", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1", masks=masks)
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["laplace"] == {"source": "fit", "num_images": 12}
+    assert settings["sampler"]["clip"] is False and settings["estimator"] == "bayesdiff"
+    # the cached posterior is the fit on the first 12 training pairs the run's first epoch builds: the digits
+    # training split's first images, each with the box mask and the noise of its key (seed 0, epoch 0 + 1, index)
+    cached = LastLayerLaplace.from_state_dict(torch.load(checkpoint.with_name("last.ckpt.laplace-12.pt"))["laplace"])
+    digits = DigitsDataModule(image_size=SIZE)
+    digits.setup("fit")
+    pixels = digits.train_set.tensors[0][:12]
+    task = Task("inpaint", mask="box")
+    condition = torch.stack([task(pixels[i], (0, 1, i))[0] for i in range(12)])
+    module = load_conditional(checkpoint)
+    expected = fit_last_layer_laplace(module.ema.ema_model, from_uint8(pixels), module.schedule, num_images=12,
+                                      conditions=condition)
+    torch.testing.assert_close(cached.var_W, expected.var_W)
+    torch.testing.assert_close(cached.var_b, expected.var_b)
+    box = box_mask(SIZE)[0].numpy() > 0.5
+    for seed in range(3):
+        heat = np.load(out / "samples" / f"{seed:06d}_map.npy")
+        assert (heat[:, ~box] == 0).all() and (heat[:, box] > 0).all()  # a variance: positive where generated
+        output, given = load_png(out / "samples" / f"{seed:06d}.png"), load_png(conditions / f"{'abc'[seed]}.png")
+        assert torch.equal(output[~torch.from_numpy(box)], given[~torch.from_numpy(box)])
+    # the same command again reads the cached posterior and finds the run complete
+    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff", "--estimator.M", "null",
+            "--bayesdiff.laplace_images", "12", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1", masks=masks)
 
 
 def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkpoints, tmp_path):
@@ -184,23 +239,55 @@ def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path):
     out = tmp_path / "eval"
     uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "2",
-                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu"])
+                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu",
+                  "--bayesdiff.laplace_images", "16", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1"])
     report = (out / "report.md").read_text()
-    for row in ("aleatoric", "MC-Dropout", "K-sample variance", "random", "oracle", "diversity_ssim", "psnr"):
+    for row in ("aleatoric", "MC-Dropout", "BayesDiff", "K-sample variance", "random", "oracle", "diversity_ssim",
+                "psnr"):
         assert f"| {row} |" in report
+    assert "Laplace posterior from the first 16 training pairs" in report and "## Guidance" not in report
     rows = list(csv.DictReader(open(out / "calibration.csv")))
     oracle = next(r for r in rows if r["name"] == "oracle" and r["metric"] == "ause")
     assert abs(float(oracle["mean"])) < 1e-9  # the error ranks itself perfectly
     record = json.loads((out / "study.json").read_text())
     assert record["samples"] == 3 and record["seed_groups"] == [0, 1]  # K = M + 1
+    assert record["laplace"] == {"source": "fit", "num_images": 16} and record["guidance_study"] is None
+    assert checkpoints["inpaint"].with_name("last.ckpt.laplace-16.pt").is_file()
+    bayesdiff = [float(r["mean"]) for r in rows if r["name"] == "BayesDiff"]
+    assert len(bayesdiff) == 2 and all(math.isfinite(v) for v in bayesdiff)
     assert (out / "panels.png").is_file() and (out / "config.yaml").is_file()
     with pytest.raises(SystemExit, match="not an empty folder"):  # never overwritten
         uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)])
 
 
+def test_evaluate_i2i_compares_guided_with_unguided_outputs_of_the_same_seeds(checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["super_resolve"]), "--out", str(out), "--n", "4",
+                  "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "0",
+                  "--estimators", "[aleatoric]", "--guidance.rule", "gradient", "--guidance.lam", "0.5",
+                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu"])
+    report = (out / "report.md").read_text()
+    assert "## Guidance" in report and "| gradient, sign +1, lam 0.5 | psnr (higher is better) |" in report
+    rows = list(csv.DictReader(open(out / "guidance.csv")))
+    assert [r["metric"] for r in rows] == ["l1", "psnr"]
+    record = json.loads((out / "study.json").read_text())
+    # the unguided outputs are the calibration study's outputs: the same L1 over the groups
+    l1 = next(r for r in rows if r["metric"] == "l1")
+    unguided = [float(v) for v in l1["unguided_per_group"].split()]
+    assert sum(unguided) / 2 == pytest.approx(record["study"]["quality"]["l1"][0], rel=1e-5)
+    for row in rows:
+        difference = [float(g) - float(u) for g, u in zip(row["guided_per_group"].split(),
+                                                         row["unguided_per_group"].split())]
+        assert float(row["difference_mean"]) == pytest.approx(sum(difference) / 2, abs=1e-5)  # CSV: 6 digits
+
+
 @pytest.mark.parametrize("case, match", [
     ("unconditional", "is an unconditional model"),
     ("samples", "--samples must be >= 2"),
+    ("bayesdiff ddpm", "needs --sampler.name ddim with --sampler.eta 0"),
+    ("bayesdiff images", "--bayesdiff.laplace_images must be >= 1"),
+    ("guidance table", "threshold tables are calibrated on unconditional models"),
+    ("guidance lam", "lam"),
     ("n", "the validation split holds"),
     ("config", "not an image-to-image data module"),
 ])
@@ -210,6 +297,14 @@ def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, matc
         checkpoint = checkpoints["plain"]
     elif case == "samples":
         extra = ["--samples", "1"]
+    elif case == "bayesdiff ddpm":
+        extra = ["--sampler.name", "ddpm"]
+    elif case == "bayesdiff images":
+        extra = ["--bayesdiff.laplace_images", "0"]
+    elif case == "guidance table":
+        extra = ["--guidance.rule", "gradient", "--guidance.table", str(tmp_path / "table.pt")]
+    elif case == "guidance lam":
+        extra = ["--guidance.rule", "gradient", "--guidance.lam", "-1"]
     elif case == "n":
         extra = ["--n", "100000"]
     elif case == "config":

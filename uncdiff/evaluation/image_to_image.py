@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from uncdiff.evaluation import experiments
 from uncdiff.evaluation.metrics import ause_aurg
 
 
@@ -39,7 +40,14 @@ def error_calibration(maps: torch.Tensor, outputs: torch.Tensor, targets: torch.
 # ---------------------------------------------------------------------------------------------
 # Calibration against the true error, with the K-sample baseline (docs/algorithms.md §7)
 
-Restore = Callable[..., Any]  # restore(condition, mask, seeds, estimator, estimator_options) -> SampleResult
+# restore(condition, mask, seeds, estimator, estimator_options, guidance=None) -> SampleResult
+Restore = Callable[..., Any]
+
+
+def group_seeds(group: int, sample: int, num_samples: int, n: int) -> list[int]:
+    """The seeds of sample j (of K) of the n held-out inputs in seed group g: `(g K + j) n + i`, so that
+    no two (group, sample, input) share one."""
+    return [(int(group) * num_samples + sample) * n + i for i in range(n)]
 
 
 def sample_variance(samples: torch.Tensor) -> torch.Tensor:
@@ -84,7 +92,9 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     Rows (`AUSE`, `AURG` of a map against the output's squared error over the generated pixels):
 
     - each of `estimators` (`{row name: (estimator, options)}`, run by `restore` with the first
-      sample's seeds, so its output is the same image);
+      sample's seeds), against the error of the output of its own run: the first sample itself for
+      the aleatoric and MC-Dropout estimators, which keep the plain trajectory; BayesDiff's mean
+      trajectory (DDIM without clipping, docs/algorithms.md §5b) from the same starting noise;
     - `K-sample variance`: the per-pixel variance over the K samples (K = M + 1 costs what the
       aleatoric estimator with M perturbations on every step costs);
     - `random` (a uniform random map, seeded by g) and `oracle` (the error itself: AUSE 0).
@@ -116,14 +126,15 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     for number, g in enumerate(seed_groups):
         if progress is not None:
             progress(f"seed group {g} ({number + 1} of {len(seed_groups)})")
-        seeds = [[(int(g) * k + j) * n + i for i in range(n)] for j in range(k)]
+        seeds = [group_seeds(g, j, k, n) for j in range(k)]
         samples = torch.stack([restore(condition, mask, seeds[j], "none", {}).images for j in range(k)])
         output = samples[0]
         error = (output.double() - x0.double()).pow(2)
         maps = {}
         for name, (estimator, options) in estimators.items():
-            maps[name] = restore(condition, mask, seeds[0], estimator, dict(options)).maps
-            add(name, error_calibration(maps[name], output, x0, mask, num_fractions))
+            result = restore(condition, mask, seeds[0], estimator, dict(options))
+            maps[name] = result.maps
+            add(name, error_calibration(result.maps, result.images, x0, mask, num_fractions))
         maps["K-sample variance"] = sample_variance(samples)
         add("K-sample variance", error_calibration(maps["K-sample variance"], output, x0, mask, num_fractions))
         if examples is None and keep_examples > 0:
@@ -147,6 +158,79 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     if examples is not None:
         study["examples"] = examples
     return study
+
+
+QUALITY_METRICS = {"l1": "lower", "psnr": "higher", "fid": "lower"}  # which way is better
+
+
+def guidance_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, mask: Optional[torch.Tensor],
+                   guided: dict, num_samples: int = 6, seed_groups: Sequence[int] = (0, 1, 2),
+                   fid: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+                   progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Does uncertainty guidance (docs/algorithms.md §4) restore better? Guided versus unguided outputs
+    from the same seeds and inputs (docs/algorithms.md §7).
+
+    For each seed group g, every held-out input is restored unguided and with each of `guided`
+    (`{row name: (estimator, options, guidance)}`), all with the seeds of `calibration_study`'s output
+    (`group_seeds(g, 0, K, n)`, so the unguided output is that study's output). Per group: L1 and PSNR
+    to the ground truth over the generated pixels, and `fid(outputs, x0)` when given. Each row pairs
+    the groups: the guided-minus-unguided difference's mean ± standard deviation over the groups and
+    a verdict only beyond 2 standard deviations (`uncdiff.evaluation.experiments.compare`; none with
+    one group). Returns `{'rows': [{'guidance', 'metric', 'unguided', 'guided', 'difference': (mean, std),
+    'verdict', 'per_group': {'unguided': [...], 'guided': [...]}}], 'groups': len(seed_groups)}`."""
+    n = x0.shape[0]
+    metrics = [m for m in QUALITY_METRICS if m != "fid" or fid is not None]
+    values = {name: {m: ([], []) for m in metrics} for name in guided}  # (unguided, guided) per group
+
+    def measure(output: torch.Tensor) -> dict[str, float]:
+        l1, psnr = l1_psnr(output, x0, mask)
+        return {"l1": l1, "psnr": psnr, **({"fid": float(fid(output, x0))} if fid is not None else {})}
+
+    for number, g in enumerate(seed_groups):
+        if progress is not None:
+            progress(f"guidance, seed group {g} ({number + 1} of {len(seed_groups)})")
+        seeds = group_seeds(g, 0, num_samples, n)
+        plain = measure(restore(condition, mask, seeds, "none", {}).images)
+        for name, (estimator, options, guidance) in guided.items():
+            ours = measure(restore(condition, mask, seeds, estimator, dict(options), guidance=dict(guidance)).images)
+            for m in metrics:
+                values[name][m][0].append(plain[m])
+                values[name][m][1].append(ours[m])
+    rows = []
+    for name in guided:
+        for m in metrics:
+            unguided, ours = values[name][m]
+            mean, std = experiments.mean_std([a - b for a, b in zip(ours, unguided)])
+            lower = mean if QUALITY_METRICS[m] == "lower" else -mean  # compare judges differences where lower is better
+            rows.append({"guidance": name, "metric": m, "unguided": experiments.mean_std(unguided),
+                         "guided": experiments.mean_std(ours), "difference": (mean, std),
+                         "verdict": experiments.compare(lower, std, "better than unguided", "worse than unguided"),
+                         "per_group": {"unguided": unguided, "guided": ours}})
+    return {"rows": rows, "groups": len(seed_groups)}
+
+
+def guidance_markdown(study: dict) -> str:
+    """The rows of `guidance_study` as a Markdown table."""
+    fmt = lambda pair: f"{pair[0]:.4f}" + ("" if pair[1] is None else f" ± {pair[1]:.4f}")
+    sign = lambda pair: f"{pair[0]:+.4f}" + ("" if pair[1] is None else f" ± {pair[1]:.4f}")
+    lines = ["| guidance | metric | unguided | guided | guided minus unguided | verdict (beyond 2 std) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['guidance']} | {r['metric']} ({QUALITY_METRICS[r['metric']]} is better) | {fmt(r['unguided'])} | "
+              f"{fmt(r['guided'])} | {sign(r['difference'])} | {r['verdict']} |" for r in study["rows"]]
+    lines += ["", f"Mean ± standard deviation over {study['groups']} seed groups; the difference is paired group "
+                  f"by group (the same seeds and inputs)."]
+    return "\n".join(lines)
+
+
+def guidance_csv_rows(study: dict) -> list[dict]:
+    """The rows of `guidance_study` for a CSV: means, standard deviations (empty with one group) and
+    each group's values."""
+    blank = lambda v: "" if v is None else v
+    return [{"guidance": r["guidance"], "metric": r["metric"], "unguided_mean": r["unguided"][0],
+             "unguided_std": blank(r["unguided"][1]), "guided_mean": r["guided"][0], "guided_std": blank(r["guided"][1]),
+             "difference_mean": r["difference"][0], "difference_std": blank(r["difference"][1]),
+             "verdict": r["verdict"], "unguided_per_group": " ".join(f"{v:.6g}" for v in r["per_group"]["unguided"]),
+             "guided_per_group": " ".join(f"{v:.6g}" for v in r["per_group"]["guided"])} for r in study["rows"]]
 
 
 def paired_difference(study: dict, row: str, baseline: str, metric: str = "ause") -> tuple[float, float]:
