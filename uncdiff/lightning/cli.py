@@ -52,10 +52,28 @@ class UncdiffCLI(LightningCLI):
             "plugins": {"class_path": "uncdiff.lightning.checkpoint_io.SafeCheckpointIO"}})
         super().__init__(*args, **kwargs)
 
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path FILE`'s hyperparameters over the config's, for the model class the config names.
+
+        Lightning's own version takes the class from the checkpoint (`_class_path`, which our checkpoints
+        don't carry: nothing is imported by a name read from a file) and else parses an image-to-image
+        model's hyperparameters as a `DiffusionModule`'s. `ckpt_hparams` checks the file first.
+        """
         subcommand = self.config.get("subcommand")
-        check_ckpt_path(self.config.get(f"{subcommand}.ckpt_path" if subcommand else "ckpt_path"))
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        hparams = ckpt_hparams(ckpt_path)
+        if not hparams:
+            return
+        model = self.config[subcommand].model
+        update = {subcommand: {"model": {"class_path": model.class_path, "init_args": hparams}}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except SystemExit:
+            sys.stderr.write(f"error: --ckpt_path {ckpt_path}: its hyperparameters (above) don't fit the config's "
+                             f"model {model.class_path}: give the config the run was trained with\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         """Point the logger and checkpoints into the run directory unless set explicitly."""
@@ -74,16 +92,20 @@ class UncdiffCLI(LightningCLI):
         refuse_to_overwrite(self.trainer.checkpoint_callbacks, self.config.fit.get("ckpt_path"))
 
 
-def check_ckpt_path(ckpt_path: Optional[str]) -> None:
-    """Exit with a message naming `--ckpt_path` when that file doesn't load with weights_only=True,
-    before Lightning reads it (its own error would suggest weights_only=False). Names Lightning
-    resolves itself ('last', 'best', URLs) are left to it; SafeCheckpointIO loads those."""
+def ckpt_hparams(ckpt_path: Optional[str]) -> dict:
+    """The model hyperparameters of the checkpoint file `ckpt_path`, without LightningCLI's private keys
+    (`_class_path`, `_instantiator`: never trusted). Exits with a message naming `--ckpt_path` when the
+    file doesn't load with weights_only=True, before Lightning reads it (its own error would suggest
+    weights_only=False). Names Lightning resolves itself ('last', 'best', URLs) are left to it (empty
+    result); SafeCheckpointIO loads those."""
     if ckpt_path is None or not Path(ckpt_path).is_file():
-        return
+        return {}
     try:
-        load_torch(ckpt_path, "checkpoint", mmap=True)
+        checkpoint = load_torch(ckpt_path, "checkpoint", mmap=True)
     except InputError as error:
         raise SystemExit(f"error: --ckpt_path: {error}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    return {k: v for k, v in hparams.items() if not k.startswith("_")} if isinstance(hparams, dict) else {}
 
 
 def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:
