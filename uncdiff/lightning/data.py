@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from uncdiff.io.datasets import digits
+from uncdiff.data.datasets import digits
 from uncdiff.io.images import from_uint8
 
 # Lightning warns about mid-epoch resumes unless the DataLoader itself is stateful; ours skips the
