@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "uncdiff"
 CALLBACKS = Path(__file__).resolve().parent.parent / "callbacks"
 # Each layer may import only the layers before it (and itself).
-LAYERS = ["core", "io", "uncertainty", "evaluation", "lightning", "callbacks", "commands", "cli"]
+LAYERS = ["core", "io", "data", "uncertainty", "evaluation", "lightning", "callbacks", "commands", "cli"]
 COMMANDS_SHARED = "uncdiff.commands.common"  # what the commands share; not a command itself
 
 

@@ -14,10 +14,11 @@ from torch import nn
 
 from conftest import tiny_model_kwargs
 from uncdiff.commands.common import load_module
-from uncdiff.core.conditioning import ConditionedNet, box_mask, check_mask, uncrop_mask, with_known_pixels
+from uncdiff.core.conditioning import ConditionedNet, with_known_pixels
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, make_sampler
 from uncdiff.core.schedule import NoiseSchedule
-from uncdiff.io.degradations import Task, jpeg_roundtrip, task_rng
+from uncdiff.data.degradations import Task, jpeg_roundtrip, task_rng
+from uncdiff.data.masks import box_mask, check_mask, uncrop_mask
 from uncdiff.io.files import InputError
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.module import DiffusionModule

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from uncdiff.core.conditioning import box_mask
+from uncdiff.data.masks import box_mask
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.evaluation.image_to_image import group_seeds, guidance_markdown, guidance_study, l1_psnr
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace

@@ -84,7 +84,7 @@ def test_quality_metrics_against_textbook_formulas():
 
 def test_the_study_runs_on_a_conditional_module():
     from test_palette import tiny_conditional
-    from uncdiff.core.conditioning import box_mask
+    from uncdiff.data.masks import box_mask
     from uncdiff.lightning.palette import restorer
 
     module = tiny_conditional("inpaint")

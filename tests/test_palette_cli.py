@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from uncdiff.core.conditioning import box_mask
+from uncdiff.data.masks import box_mask
 from uncdiff.lightning.palette import load_conditional
 
 ROOT = Path(__file__).resolve().parent.parent

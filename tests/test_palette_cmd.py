@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import tiny_model_kwargs
 from test_palette import save_checkpoint, tiny_conditional
 from uncdiff.__main__ import main as uncdiff_main
-from uncdiff.core.conditioning import box_mask
-from uncdiff.io.degradations import Task
+from uncdiff.data.masks import box_mask
+from uncdiff.data.degradations import Task
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule

@@ -1,9 +1,6 @@
 """The image-to-image tasks (docs/algorithms.md §7) as transforms: a clean image in, its condition and
-mask out, both a function of the image and a per-sample key, so a run can rebuild any pair.
-
-JPEG uses Pillow's encoder, which is why this lives in io/; the other tasks are tensor code from
-`uncdiff.core.conditioning`.
-"""
+mask out, both a function of the image and a per-sample key (`task_rng`), so a run can rebuild any pair.
+The masks are `uncdiff.data.masks`; JPEG goes through Pillow's encoder."""
 
 import io
 import zlib
@@ -14,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uncdiff.core.conditioning import (MASK_KINDS, UNCROP_SIDES, downsample_upsample, fill_masked, grayscale,
-                                       inpaint_mask, uncrop_mask)
+from uncdiff.data.masks import MASK_KINDS, UNCROP_SIDES, inpaint_mask, uncrop_mask
 from uncdiff.io.images import from_uint8
 
 TASKS = ("inpaint", "uncrop", "colorize", "super_resolve", "jpeg")
@@ -33,6 +29,30 @@ def task_rng(task: str, key: Sequence[int]) -> np.random.Generator:
     independent ones (e.g. `key = (seed, epoch + 1, index)`)."""
     return np.random.Generator(np.random.Philox(np.random.SeedSequence([zlib.crc32(task.encode()),
                                                                         *(int(k) for k in key)])))
+
+
+def fill_masked(x0: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The condition of inpainting and uncropping: `x0` at the known pixels, `noise` (standard
+    normal, as in Palette) where `mask` is 1. `x0 [C, H, W]`, `mask [1, H, W]`."""
+    return torch.where(mask > 0.5, noise, x0)
+
+
+def grayscale(x0: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma `0.299 R + 0.587 G + 0.114 B` (Pillow's 'L') repeated to 3 channels; `[3, H, W]`."""
+    if x0.shape[-3] != 3:
+        raise ValueError(f"colorize needs RGB images (3 channels), got {x0.shape[-3]}: for 1-channel data use the "
+                         f"task super_resolve")
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=x0.dtype).view(3, 1, 1)
+    return (x0 * w).sum(-3, keepdim=True).expand_as(x0).clone()
+
+
+def downsample_upsample(x0: torch.Tensor, factor: int) -> torch.Tensor:
+    """Super-resolution's condition: `x0 [C, H, W]` averaged over `factor x factor` blocks, then
+    repeated back to `H x W` (nearest)."""
+    if factor < 2 or x0.shape[-1] % factor or x0.shape[-2] % factor:
+        raise ValueError(f"factor must be >= 2 and divide the image size {tuple(x0.shape[-2:])}, got {factor}")
+    low = torch.nn.functional.avg_pool2d(x0[None], factor)
+    return torch.nn.functional.interpolate(low, scale_factor=factor, mode="nearest")[0]
 
 
 def jpeg_roundtrip(pixels: torch.Tensor, quality: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
-from uncdiff.io import datasets
+from uncdiff.data import datasets
 from uncdiff.io.files import save_atomic
 from uncdiff.io.images import from_uint8, to_uint8
 

@@ -9,11 +9,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from uncdiff.core.conditioning import ConditionedNet, check_mask
+from uncdiff.core.conditioning import ConditionedNet
 from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import SampleNoise, make_sampler
 from uncdiff.core.unet import UNet
-from uncdiff.io.degradations import Task, check_task
+from uncdiff.data.degradations import Task, check_task
+from uncdiff.data.masks import check_mask
 from uncdiff.io.files import InputError, load_torch
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
@@ -35,7 +36,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 class ConditionalDiffusionModule(DiffusionModule):
     """Trains `eps_theta(concat(y, x_t), t)` with the L2 loss on eps, restricted to the generated
     pixels for `inpaint` and `uncrop` (docs/algorithms.md §7). `task` is one of
-    `uncdiff.io.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`), and decides
+    `uncdiff.data.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`), and decides
     whether sampling takes a mask. `in_channels` are the image's; the U-Net reads `in_channels`
     more (the condition) and predicts `in_channels`. Every other option is `DiffusionModule`'s
     (uncdiff's U-Net only: no diffusers network).

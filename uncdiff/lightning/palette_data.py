@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from uncdiff.io.degradations import Task
+from uncdiff.data.degradations import Task
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.data import ImageDataModule
 
@@ -31,7 +31,7 @@ class ImageToImageDataModule(ImageDataModule):
     ones for tasks without one).
 
     `task` and its options (`mask`, `sides`, `quality`, `factor`) are those of
-    `uncdiff.io.degradations.Task`. Image i's pair comes from the key `(seed, epoch + 1, i)` in
+    `uncdiff.data.degradations.Task`. Image i's pair comes from the key `(seed, epoch + 1, i)` in
     training (new pairs each epoch) and `(seed, 0, i)` in validation (the same pairs every time).
     Batch size, workers, shuffling and resuming are `data`'s.
     """
