@@ -21,6 +21,7 @@ class LossHistory(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_digits_within_a_few_hundred_steps():
     torch.manual_seed(0)
     model = DiffusionModule(**tiny_model_kwargs(image_size=16, base_channels=16, attn_resolutions=(), dropout=0.0, lr=2e-3,
@@ -102,6 +103,7 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
     torch.testing.assert_close(result.maps, hook.maps)
 
 
+@pytest.mark.slow
 def test_gradient_guidance_works_under_inference_mode(model):
     """Lightning runs validation (and so the callbacks) under inference_mode."""
     with torch.inference_mode():

@@ -29,6 +29,7 @@ def test_vectorised_statistic_is_spearmans_rho_with_ties():
         assert got[i] == pytest.approx(brute_spearman(x[i], y[i]), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_matches_a_plain_resampling_loop():
     rng = np.random.default_rng(1)
     x = rng.normal(size=300)

@@ -12,11 +12,11 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from uncdiff.core.schedule import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[int], None]  # told the number of sampler steps just taken (a tqdm bar's `update`)
 SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace")
 CLIPPED_EPS = ("rederive", "keep")
 DDPM_VARIANCES = ("beta_tilde", "beta")
@@ -211,21 +211,24 @@ Hook = Callable[[StepContext], torch.Tensor]
 @torch.no_grad()
 def sample(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
            hook: Optional[Hook] = None, device: torch.device | str = "cpu",
-           progress: bool = False) -> torch.Tensor:
+           progress: Optional[Progress] = None) -> torch.Tensor:
     """Run `sampler` from x_T ~ N(0, I) for one image per seed; returns x_0 `[len(seeds), *shape]`.
 
     `eps_model(x [B, C, H, W], t [B] long) -> eps [B, C, H, W]`. `hook(ctx) -> eps` may replace
     the prediction before each step (it runs under no_grad; enable grad inside if needed).
+    `progress(1)` is called after every step (the caller draws any progress bar).
     """
     noise = SampleNoise(seeds, device)
     x = noise.initial(shape)
     steps = sampler.timesteps
     pairs = list(zip(steps, steps[1:] + [-1]))
-    for i, (t, t_prev) in enumerate(tqdm(pairs, desc="sampling", disable=not progress, leave=False)):
+    for i, (t, t_prev) in enumerate(pairs):
         t_batch = torch.full((len(noise),), t, device=x.device, dtype=torch.long)
         eps = eps_model(x, t_batch)
         if hook is not None:
             eps = hook(StepContext(i, len(pairs), t, t_prev, x, eps, eps_model, sampler, noise))
         z = noise.randn(shape) if sampler.stochastic and t_prev >= 0 else None
         x = sampler.step(eps, t, t_prev, x, z)
+        if progress is not None:
+            progress(1)
     return x

@@ -14,6 +14,7 @@ from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.core.unet import UNet
 from uncdiff.io.diffusers_pipeline import (DiffusersEps, build_unet, load_pretrained, schedule_from_config,
                                            unet_config_of)
+from uncdiff.lightning.progress import step_bar
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
@@ -221,9 +222,9 @@ class DiffusionModule(L.LightningModule):
             eps_model = hook.eps_model if estimator == "bayesdiff" else model
             # Lightning validates under inference_mode, where the gradient guidance rule can't
             # re-enable autograd: leave it here (generate itself runs under no_grad).
-            with torch.inference_mode(False):
-                return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size,
-                                progress)
+            with torch.inference_mode(False), step_bar(progress, len(sampler_obj.timesteps), len(seeds),
+                                                       batch_size) as bar:
+                return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size, bar)
 
     def sampler_options(self, sampler: str) -> dict:
         """The model's own defaults among `sampler`'s options (a diffusers scheduler config's clipping,

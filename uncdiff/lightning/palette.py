@@ -18,6 +18,7 @@ from uncdiff.data.masks import check_mask
 from uncdiff.io.files import InputError, load_torch
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
+from uncdiff.lightning.progress import step_bar
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
 from uncdiff.uncertainty.image_to_image import generate_conditional
 from uncdiff.uncertainty.sampling import SampleResult, build_hook
@@ -162,9 +163,10 @@ class ConditionalDiffusionModule(DiffusionModule):
 
         make_hook(ConditionedNet(self.ema.ema_model, condition[:1]))  # a bad setting fails before sampling
         model = self.ema.ema_model
-        with eval_mode(model), torch.inference_mode(False):  # see DiffusionModule.sample
+        bar = step_bar(progress, len(sampler_obj.timesteps), len(seeds), batch_size)
+        with eval_mode(model), torch.inference_mode(False), bar as bar:  # see DiffusionModule.sample
             return generate_conditional(model, sampler_obj, condition, seeds, self.image_shape, mask, make_hook,
-                                        self.device, batch_size, progress)
+                                        self.device, batch_size, bar)
 
     def fit_laplace(self, images, num_images: int = 1000, conditions=None, **options) -> None:
         """BayesDiff's last-layer Laplace posterior (docs/algorithms.md §5b) of the conditional EMA network,

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from uncdiff.core.samplers import EpsModel, Sampler
+from uncdiff.core.samplers import EpsModel, Progress, Sampler
 from uncdiff.uncertainty.estimators import AleatoricUncertainty
 from uncdiff.uncertainty.sampling import generate
 from uncdiff.uncertainty.score_reference import reference_statistics
@@ -27,7 +27,7 @@ def calibrate_table_and_reference(eps_model: EpsModel, sampler: Sampler, shape: 
                                   quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
                                   chunk_size: Optional[int] = None, batch_size: int = 256,
                                   device: torch.device | str = "cpu",
-                                  progress: bool = False) -> tuple[torch.Tensor, dict]:
+                                  progress: Optional[Progress] = None) -> tuple[torch.Tensor, dict]:
     """From one set of unguided samples, one per seed: the threshold table `tau [steps, C, H, W]`
     (at each sampler step and position, the `quantile` of `U_t` over the samples; docs/algorithms.md §4,
     `threshold='table'`) and the score variants' reference statistics `{'mean': [steps], 'std': [steps]}`
@@ -45,7 +45,7 @@ def calibrate_table_and_reference(eps_model: EpsModel, sampler: Sampler, shape: 
 def calibrate_threshold_table(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
                               quantile: float = 0.95, num_perturbations: int = 5, variant: str = "centered",
                               chunk_size: Optional[int] = None, batch_size: int = 256,
-                              device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+                              device: torch.device | str = "cpu", progress: Optional[Progress] = None) -> torch.Tensor:
     """`tau [steps, C, H, W]`: at each sampler step and position, the `quantile` of `U_t` (docs/algorithms.md §3)
     over unguided samples, one per seed (docs/algorithms.md §4, `threshold='table'`). Use it with the same
     sampler, step count, variant and number of perturbations."""

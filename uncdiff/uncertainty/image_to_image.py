@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from uncdiff.core.conditioning import ConditionedNet, with_known_pixels
-from uncdiff.core.samplers import SampleNoise, Sampler
+from uncdiff.core.samplers import Progress, SampleNoise, Sampler
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.sampling import SampleResult, generate
 
@@ -43,7 +43,7 @@ def merge_results(parts: Sequence[SampleResult]) -> SampleResult:
 def generate_conditional(net: nn.Module, sampler: Sampler, condition: torch.Tensor, seeds: Sequence[int],
                          shape: Sequence[int], mask: Optional[torch.Tensor] = None,
                          make_hook: Optional[HookFactory] = None, device: torch.device | str = "cpu",
-                         batch_size: int = 256, progress: bool = False) -> SampleResult:
+                         batch_size: int = 256, progress: Optional[Progress] = None) -> SampleResult:
     """One output per condition `condition [N, C_y, H, W]` and seed (`seeds`, N of them), of image
     `shape (C, H, W)`, from `net(concat(y, x_t), t)`.
 

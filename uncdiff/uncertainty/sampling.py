@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from uncdiff.core.samplers import EpsModel, SampleNoise, Sampler, StepContext, sample
+from uncdiff.core.samplers import EpsModel, Progress, SampleNoise, Sampler, StepContext, sample
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
@@ -70,7 +70,7 @@ def _cat(parts: list) -> Optional[torch.Tensor]:
 
 def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds: Sequence[int],
              estimator: Optional[Any] = None, device: torch.device | str = "cpu", batch_size: int = 256,
-             progress: bool = False) -> SampleResult:
+             progress: Optional[Progress] = None) -> SampleResult:
     """One image per seed (`uncdiff.core.samplers.sample`, in batches of `batch_size`) with `estimator`
     (e.g. from `make_estimator`) as the sampler hook, collecting its maps and scores.
 
