@@ -1,4 +1,5 @@
-"""The layers of uncdiff/ (README, "Layout"): imports point one way and never form a cycle.
+"""The layers of uncdiff/ (README, "Layout"): imports point one way and never form a cycle, and the
+math reads no files and draws nothing.
 
 Every `import` statement counts, at module level or inside a function, so a lazy import cannot
 hide a wrong-way dependency."""
@@ -10,9 +11,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "uncdiff"
 CALLBACKS = Path(__file__).resolve().parent.parent / "callbacks"
-# Each layer may import only the layers before it (and itself).
-LAYERS = ["core", "io", "data", "uncertainty", "evaluation", "lightning", "callbacks", "commands", "cli"]
-COMMANDS_SHARED = "uncdiff.commands.common"  # what the commands share; not a command itself
+# Each layer may import only the layers before it (and itself). The math (core, uncertainty) comes first:
+# files (io) and data sets (data) are read outside it and handed to it as tensors and values.
+LAYERS = ["core", "uncertainty", "io", "data", "evaluation", "lightning", "callbacks", "commands", "cli"]
+MATH = ("core", "uncertainty")
+# Training and logging frameworks, plotting and progress bars: the math takes callbacks instead.
+NOT_IN_MATH = ("lightning", "pytorch_lightning", "wandb", "matplotlib", "tqdm")
+# what the commands share (their options, settings and runtime); not commands themselves
+COMMANDS_SHARED = {"uncdiff.commands.options", "uncdiff.commands.settings", "uncdiff.commands.runtime"}
 
 
 def module_files() -> dict[str, Path]:
@@ -26,7 +32,8 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def imports_of(path: Path, name: str) -> set[str]:
+def all_imports(path: Path, name: str) -> set[str]:
+    """Every module that `path` (the module `name`) imports, ours and others', with relative imports resolved."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -38,7 +45,11 @@ def imports_of(path: Path, name: str) -> set[str]:
             else:
                 base = node.module
             found |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return {m for m in found if m == "uncdiff" or m.startswith("uncdiff.")}
+    return found
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    return {m for m in all_imports(path, name) if m == "uncdiff" or m.startswith("uncdiff.")}
 
 
 def resolve(target: str, modules: dict[str, Path]) -> str | None:
@@ -69,8 +80,8 @@ def test_imports_point_one_way(module):
     mine = LAYERS.index(layer(module))
     wrong = sorted(d for d in deps if LAYERS.index(layer(d)) > mine)
     assert not wrong, f"{module} ({layer(module)}) imports a later layer: {wrong}"
-    if layer(module) == "commands" and module not in (COMMANDS_SHARED, "uncdiff.commands"):
-        others = sorted(d for d in deps if layer(d) == "commands" and d != COMMANDS_SHARED)
+    if layer(module) == "commands" and module not in (*COMMANDS_SHARED, "uncdiff.commands"):
+        others = sorted(d for d in deps if layer(d) == "commands" and d not in COMMANDS_SHARED)
         assert not others, f"the command {module} imports another command: {others}"
 
 
@@ -79,6 +90,18 @@ def test_core_imports_nothing_else_of_ours():
     for module, deps in g.items():
         if layer(module) == "core":
             assert all(layer(d) == "core" for d in deps), (module, deps)
+
+
+def test_the_math_reads_no_files_and_draws_nothing():
+    """core and uncertainty import neither io nor data (the order above), nor Lightning, W&B, matplotlib
+    or tqdm: a progress bar is a callback handed in (`uncdiff.core.samplers.Progress`)."""
+    modules = module_files()
+    for module, path in sorted(modules.items()):
+        if layer(module) in MATH:
+            ours = {m for t in imports_of(path, module) if (m := resolve(t, modules))}
+            banned = sorted(m for m in ours if layer(m) in ("io", "data"))
+            banned += sorted({m for m in all_imports(path, module) if m.split(".")[0] in NOT_IN_MATH})
+            assert not banned, f"the math module {module} imports {banned}"
 
 
 def test_no_import_cycle():
@@ -102,6 +125,7 @@ def test_no_import_cycle():
 def test_the_checker_sees_wrong_way_and_lazy_imports(tmp_path):
     """The checker itself: a function-level import is found, and a relative one is resolved."""
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from uncdiff.commands import sample\nfrom . import samplers\n")
+    source.write_text("def f():\n    from uncdiff.commands import sample\n    import tqdm.auto\nfrom . import samplers\n")
     found = imports_of(source, "uncdiff.core.m")
     assert "uncdiff.commands.sample" in found and "uncdiff.core.samplers" in found
+    assert "tqdm.auto" in all_imports(source, "uncdiff.core.m")
