@@ -83,13 +83,13 @@ def plot_filtering(rows: list[dict], path: Path) -> None:
 
 
 def plot_guidance(rows: list[dict], path: Path) -> None:
-    """The differences to the unguided FID: whole sets (bars) and per seed group (mean ± 2 se)."""
+    """The differences to the unguided FID: whole sets (bars) and per seed group (mean ± 2 std)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = range(len(rows))
     ax.axhline(0, color="grey", lw=1)
     ax.bar(x, [r["difference"] for r in rows], color="C0", label="all seeds")
     ax.errorbar(x, [r["group_difference_mean"] for r in rows], yerr=[2 * (r["group_difference_std"] or 0) for r in rows],
-                fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 se, {rows[0]['groups']} groups)")
+                fmt="o", color="k", capsize=4, label=f"per seed group (mean ± 2 std, {rows[0]['groups']} groups)")
     ax.set_xticks(list(x), [r["set"].replace("guided-", "") for r in rows], fontsize=8)
     ax.set_ylabel("FID guided - unguided\n(negative is better)")
     ax.set_title(f"Guided vs unguided (unguided FID {rows[0]['fid_unguided']:.3g}), same noise", fontsize=10)
