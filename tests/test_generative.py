@@ -1,0 +1,80 @@
+"""The generative-uncertainty estimator (Jazbec et al. 2025, docs/algorithms.md §6c): checked against
+what it must reduce to (a zero-variance posterior gives the MAP network's sample and score 0), its cost,
+and the trace of a covariance written out here."""
+
+import pytest
+import torch
+from torch import nn
+
+from uncdiff.core.samplers import DDIMSampler, DDPMSampler, sample
+from uncdiff.core.schedule import NoiseSchedule
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
+from uncdiff.uncertainty.generative import GenerativeUncertainty, posterior_heads
+
+SHAPE, SEEDS, STEPS, M = (2, 4, 4), [0, 1, 2], 5, 3
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 3, padding=1)
+
+    def features(self, x, t):
+        return torch.tanh(self.body(x) + (t.to(x.dtype) / 1000)[:, None, None, None])
+
+    def forward(self, x, t):
+        return self.head(self.features(x, t))
+
+
+def laplace_of(net: TinyNet, variance: float) -> LastLayerLaplace:
+    w, b = net.head.weight.detach(), net.head.bias.detach()
+    return LastLayerLaplace(weight=w, bias=b, var_W=torch.full_like(w, variance), var_b=torch.full_like(b, variance))
+
+
+@pytest.fixture(params=["ddpm", "ddim"])
+def sampler(request):
+    schedule = NoiseSchedule("linear", 1000)
+    return DDPMSampler(schedule, steps=STEPS) if request.param == "ddpm" else DDIMSampler(schedule, steps=STEPS)
+
+
+def test_a_zero_variance_posterior_gives_the_map_sample_and_no_disagreement(sampler):
+    net = TinyNet().eval()
+    estimator = GenerativeUncertainty(net, laplace_of(net, 0.0), M=M)
+    chain = sample(estimator.chain_model(0), sampler, SHAPE, SEEDS)
+    torch.testing.assert_close(chain, sample(net, sampler, SHAPE, SEEDS))
+    maps, scores = estimator(sampler, SHAPE, SEEDS)
+    assert torch.equal(scores, torch.zeros(len(SEEDS))) and torch.equal(maps, torch.zeros(len(SEEDS), *SHAPE))
+
+
+def test_costs_M_chains_and_scores_the_trace_of_the_feature_covariance(sampler):
+    net = TinyNet().eval()
+    projection = torch.randn(2 * 4 * 4, 3, generator=torch.Generator().manual_seed(1))
+
+    def features(images):
+        return images.flatten(1) @ projection
+
+    estimator = GenerativeUncertainty(net, laplace_of(net, 1e-2), M=M, seed=7, features=features)
+    maps, scores = estimator(sampler, SHAPE, SEEDS)
+    assert estimator.nfe == M * STEPS * len(SEEDS)
+    finals = [sample(GenerativeUncertainty(net, laplace_of(net, 1e-2), M=M, seed=7).chain_model(m), sampler, SHAPE,
+                     SEEDS).double() for m in range(M)]
+    phi = [features(x.float()).double() for x in finals]
+    mean = sum(phi) / M
+    trace = sum(((p - mean) ** 2).sum(1) for p in phi) / (M - 1)
+    torch.testing.assert_close(scores.double(), trace, rtol=1e-4, atol=1e-6)
+    assert (scores > 0).all()
+    one_by_one = torch.cat([estimator(sampler, SHAPE, [s])[1] for s in SEEDS])
+    torch.testing.assert_close(one_by_one, scores)  # a seed's score does not depend on its batch
+
+
+def test_posterior_draws_follow_the_posterior_variance():
+    w, b = torch.zeros(2, 3, 1, 1), torch.zeros(2)
+    laplace = LastLayerLaplace(weight=w, bias=b, var_W=torch.full_like(w, 4.0), var_b=torch.full_like(b, 0.25))
+    heads = posterior_heads(laplace, 4000, seed=0)
+    weights = torch.stack([h[0] for h in heads]).double()
+    biases = torch.stack([h[1] for h in heads]).double()
+    assert abs(weights.var().item() - 4.0) < 0.2 and abs(biases.var().item() - 0.25) < 0.02
+    with pytest.raises(ValueError, match="M must be an integer >= 2"):
+        posterior_heads(laplace, 1)
