@@ -106,6 +106,7 @@ data:
 """
 
 
+@pytest.mark.slow
 def test_killed_fit_leaves_loadable_checkpoints_and_resumes(tmp_path):
     (tmp_path / "fit.yaml").write_text(FIT_CONFIG)
     args = ["fit", "--config", "fit.yaml", "--trainer.default_root_dir", "run"]

@@ -54,6 +54,7 @@ def test_fid_matches_gaussian_closed_form():
     assert fid_between(x, y, Flatten()) == pytest.approx(expected, rel=0.03)
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero(classifier_cache, digits):
     _, extractor = classifier_cache
     train_x, val_x = digits
@@ -63,6 +64,7 @@ def test_fid_of_a_set_with_itself_is_zero(classifier_cache, digits):
     assert abs(fid_between(a, a, extractor)) < 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_fid_grows_with_added_noise(classifier_cache, digits):
     _, extractor = classifier_cache
     a = digits[0][:400]
@@ -72,6 +74,7 @@ def test_fid_grows_with_added_noise(classifier_cache, digits):
     assert all(lo < hi for lo, hi in zip(values, values[1:])), values
 
 
+@pytest.mark.slow
 def test_classifier_is_accurate_and_cached(classifier_cache, digits, monkeypatch):
     cache, first = classifier_cache
     assert first.trained_now and first.val_accuracy > 0.9
@@ -159,6 +162,7 @@ def _ddp_worker(rank, world, init_file, cache_dir, out_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluator_under_ddp_counts_real_stats_once(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "init", str(tmp_path / "cache"), str(tmp_path)),
                                 nprocs=2)
@@ -197,6 +201,7 @@ def test_failed_inception_download_says_where_to_get_them(monkeypatch, tmp_path)
     assert str(tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILE) in message
 
 
+@pytest.mark.slow
 def test_inception_loads_a_local_weights_file(monkeypatch, tmp_path):
     """A randomly initialised network saved in the format of the real file (its state dict) goes
     through the same `weights_path` code path a user's download does."""

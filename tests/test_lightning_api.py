@@ -4,6 +4,7 @@ lowest and highest Lightning that pyproject.toml allows): our sampler survives
 and `close_run` can finish and forget a WandbLogger's run (the one private attribute we use)."""
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
@@ -56,6 +57,7 @@ def test_distributed_training_keeps_our_sampler():
     assert type(ours.samplers[0]) is ResumableSampler
 
 
+@pytest.mark.slow
 def test_datamodule_state_counts_the_batches_of_the_epoch():
     record = fit(DigitsDataModule(image_size=8, batch_size=8), max_steps=5, limit_train_batches=3)
     # after batch i of epoch e, i + 1 batches of epoch e have been trained on
@@ -75,6 +77,7 @@ def test_datamodule_state_continues_from_a_checkpoint_mid_epoch():
     assert len(trainer.train_dataloader.sampler) == len(data.train_set) - 2 * 8  # and it skipped those two
 
 
+@pytest.mark.slow
 def test_close_run_finishes_the_run_and_the_logger_starts_a_new_one(tmp_path):
     import wandb
 
