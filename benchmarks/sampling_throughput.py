@@ -29,6 +29,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from uncdiff.lightning.module import DiffusionModule
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 # google/ddpm-cifar10-32's unet/config.json (35.7M parameters), and a tiny one for CPUs.
 UNETS = {
@@ -42,9 +43,9 @@ UNETS = {
 }
 METHODS = {
     "(b) uncdiff DDIM": dict(),
-    "(c) aleatoric, every step": dict(estimator="aleatoric"),
-    "(d) gradient guidance": dict(guidance={"rule": "gradient", "estimate_window": (0.0, 0.15)}),
-    "(e) BayesDiff k=5": dict(estimator="bayesdiff", estimator_options={"skip": 5}, clip=False),
+    "(c) aleatoric, every step": dict(estimator=EstimatorSpec("aleatoric")),
+    "(d) gradient guidance": dict(estimator=EstimatorSpec(window=(0.0, 0.15)), guidance=GuidanceSpec("gradient")),
+    "(e) BayesDiff k=5": dict(estimator=EstimatorSpec("bayesdiff", skip=5)),
 }
 
 
@@ -91,7 +92,7 @@ def main():
         return args.steps
 
     def ours(options):
-        return module.sample(args.n, sampler="ddim", steps=args.steps, spacing="leading", batch_size=args.n,
+        return module.sample(args.n, sampler=SamplerSpec("ddim", args.steps, spacing="leading"), batch_size=args.n,
                              **options).nfe_per_image
 
     runs = {"(a) diffusers DDIMPipeline": diffusers_ddim,

@@ -18,16 +18,17 @@ import torch
 
 from train_throughput import model_kwargs, sync
 from uncdiff.lightning.module import DiffusionModule
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 METHODS = {
     "plain": dict(),
-    "aleatoric": dict(estimator="aleatoric"),
+    "aleatoric": dict(estimator=EstimatorSpec("aleatoric")),
     # guidance alone: U_t only where it guides (the default window, first 15% of the steps)
-    "guided-gradient": dict(guidance={"rule": "gradient", "estimate_window": (0.0, 0.15)}),
-    "guided-posterior": dict(guidance={"rule": "posterior", "estimate_window": (0.0, 0.15)}),
-    "mc-dropout": dict(estimator="mc_dropout"),
-    "bayesdiff-k1": dict(estimator="bayesdiff", estimator_options={"skip": 1}, clip=False),
-    "bayesdiff-k5": dict(estimator="bayesdiff", estimator_options={"skip": 5}, clip=False),
+    "guided-gradient": dict(estimator=EstimatorSpec(window=(0.0, 0.15)), guidance=GuidanceSpec("gradient")),
+    "guided-posterior": dict(estimator=EstimatorSpec(window=(0.0, 0.15)), guidance=GuidanceSpec("posterior")),
+    "mc-dropout": dict(estimator=EstimatorSpec("mc_dropout")),
+    "bayesdiff-k1": dict(estimator=EstimatorSpec("bayesdiff", skip=1)),
+    "bayesdiff-k5": dict(estimator=EstimatorSpec("bayesdiff", skip=5)),
 }
 
 
@@ -59,7 +60,7 @@ def main():
             for name, options in METHODS.items():
                 sync(device)
                 start = time.perf_counter()
-                result = module.sample(args.n, sampler="ddim", steps=steps, batch_size=args.n, **options)
+                result = module.sample(args.n, sampler=SamplerSpec("ddim", steps), batch_size=args.n, **options)
                 sync(device)
                 seconds = (time.perf_counter() - start) / args.n
                 best[name] = (result.nfe_per_image, min(seconds, best.get(name, (0, float("inf")))[1]))

@@ -8,14 +8,13 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from uncdiff.callbacks.sampling import (Clock, check_estimator, check_every_n_epochs, check_fraction, check_guidance,
-                                check_mc_dropout, check_positive, check_sampler, due, gather_rows, sample_in_batches,
-                                shard)
+from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction, check_positive,
+                                        due, gather_rows, sample_in_batches, shard, with_files)
 from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
 from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import save_atomic
 from uncdiff.lightning.data import dataset_key
-from uncdiff.uncertainty.score_reference import load_score_reference
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 KINDS = ("unguided", "guided", "filtered")
 
@@ -39,18 +38,16 @@ class FIDTrajectory(L.Callback):
     logged on every rank (identical after the sync), so `ModelCheckpoint(monitor='val/fid/...')`
     works under DDP; loggers write from rank 0 only.
 
-    Options:
-    - `sampler`, `steps`, `sampler_options` (e.g. `{eta: 0.0}`): the sampler of both sets;
-    - `estimator` ('aleatoric' | 'mc_dropout'), `estimator_options`: the scores (BayesDiff needs a
-      Laplace posterior fitted after training: `train.py evaluate`/`sample` run it on a checkpoint).
-      The filtered set's score variant (docs/algorithms.md §3) is `estimator_options.score`
-      (`sum` by default; `step_normalized` or `standardized` with `reference`, the file
-      `train.py calibrate` writes beside its table, checked now against `steps` and kept as an
-      absolute path);
-    - `guidance`: `UncertaintyGuidance` options (rule, sign, lam, window, quantile, ...; `table` may be
-      a file from `save_table`). The guided run records uncertainty only on its guidance steps
-      (where it is computed anyway), unless `guidance` sets `estimate_window`; this never changes
-      the images;
+    Options (`sampler`, `estimator`, `guidance` are `uncdiff.uncertainty.spec` dataclasses):
+    - `sampler` (e.g. `{name: ddim, steps: 20, eta: 0.0}`): the sampler of both sets;
+    - `estimator` (name aleatoric | mc_dropout): the scores (BayesDiff needs a Laplace posterior
+      fitted after training: `train.py evaluate`/`sample` run it on a checkpoint). The filtered
+      set's score variant (docs/algorithms.md §3) is `estimator.score` (`sum` by default;
+      `step_normalized` or `standardized` with `score_reference`, the file `train.py calibrate`
+      writes beside its table, loaded and checked against `sampler.steps` now);
+    - `guidance` (rule, sign, lam, window, quantile, ...), with thresholds from the file `guidance_table`
+      when given. The guided run estimates with the aleatoric estimator of `estimator.M` and
+      `variant` only on its guidance steps (where it is computed anyway); this never changes the images;
     - `extractor` ('inception' | 'digits-classifier') and `extractor_options` (e.g.
       `{weights_path: /path/to/weights-inception-2015-12-05-6726825d.pth}`); the digits classifier
       is cached in `cache_dir` and gets the model's image size unless told otherwise;
@@ -65,9 +62,10 @@ class FIDTrajectory(L.Callback):
     config key `fid`, so every FID value says what it measured.
     """
 
-    def __init__(self, num_samples: int = 10_000, every_n_epochs: int = 1, seed: int = 0, sampler: str = "ddim",
-                 steps: int = 20, sampler_options: Optional[dict] = None, estimator: str = "aleatoric",
-                 estimator_options: Optional[dict] = None, guidance: Optional[dict] = None,
+    def __init__(self, num_samples: int = 10_000, every_n_epochs: int = 1, seed: int = 0,
+                 sampler: SamplerSpec = SamplerSpec(name="ddim", steps=20),
+                 estimator: EstimatorSpec = EstimatorSpec(name="aleatoric"), score_reference: Optional[str] = None,
+                 guidance: GuidanceSpec = GuidanceSpec(rule="gradient"), guidance_table: Optional[str] = None,
                  fraction_dropped: float = 1 / 6, extractor: str = "inception",
                  extractor_options: Optional[dict] = None, dataset: Optional[str] = None,
                  real_split: str = "train", cache_dir: str = "cache", batch_size: int = 256,
@@ -76,19 +74,20 @@ class FIDTrajectory(L.Callback):
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (a covariance needs two samples), got {num_samples}")
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        self.seed, self.sampler, self.steps = int(seed), sampler, int(steps)
-        self.sampler_options = check_sampler(sampler, steps, sampler_options)
-        self.estimator, self.estimator_options = estimator, check_estimator(estimator, estimator_options)
-        reference = self.estimator_options.get("reference")
-        if isinstance(reference, (str, Path)):  # the statistics must be those of these sampler steps
-            try:
-                load_score_reference(reference, self.steps)
-            except ValueError as error:
-                raise ValueError(f"estimator_options.reference: {error}") from None
-            self.estimator_options["reference"] = str(Path(reference).resolve())
-        self.guidance, hook = check_guidance(guidance, steps)
+        self.seed, self.sampler = int(seed), sampler
+        if estimator.name == "bayesdiff":
+            raise ValueError("estimator.name bayesdiff can't score samples during training: it needs a Laplace "
+                             "posterior fitted after training (and unclipped DDIM). Run `train.py evaluate` or "
+                             "`train.py sample --estimator.name bayesdiff` on the checkpoint instead")
+        if not estimator.enabled:
+            raise ValueError("estimator.name must be aleatoric or mc_dropout: its scores make the filtered set")
+        if not guidance.enabled:
+            raise ValueError("guidance.rule must be gradient or posterior: it makes the guided set")
+        self.estimator, self.guidance = with_files(sampler, estimator, guidance, score_reference, guidance_table)
+        self.score_reference, self.guidance_table = score_reference, guidance_table
         # the guided run records its map only where guidance computes it anyway: no extra cost
-        self.guided_options = {"estimate_window": hook.window, **self.guidance}
+        self.guided_estimator = EstimatorSpec("aleatoric", M=estimator.M, variant=estimator.variant,
+                                              window=guidance.window, chunk_size=estimator.chunk_size)
         self.fraction_dropped = check_fraction("fraction_dropped", fraction_dropped)
         if extractor not in EXTRACTORS:
             raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
@@ -111,8 +110,7 @@ class FIDTrajectory(L.Callback):
         real statistics, on every rank: DDP is initialised here."""
         if stage not in ("fit", "validate") or self.evaluators is not None or trainer.limit_val_batches == 0:
             return  # nothing to evaluate (e.g. validation switched off)
-        if self.estimator == "mc_dropout":
-            check_mc_dropout(pl_module, self.estimator_options)
+        check_against_model(pl_module, self.sampler, self.estimator, self.guidance)
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("FIDTrajectory needs the trainer's datamodule (its real images): "
@@ -129,10 +127,11 @@ class FIDTrajectory(L.Callback):
             evaluator.prepare()  # the first computes and caches when needed; the others read the file
         self.config = {"extractor": extractor.name, "extractor_options": options, "dataset": dataset,
                        "real_stats": str(stats_path(self.cache_dir, dataset, extractor.name)),
-                       "num_samples": self.num_samples, "seed": self.seed, "sampler": self.sampler,
-                       "steps": self.steps, "sampler_options": self.sampler_options, "estimator": self.estimator,
-                       "estimator_options": self.estimator_options, "guidance": self.guided_options,
-                       "fraction_dropped": self.fraction_dropped}
+                       "num_samples": self.num_samples, "seed": self.seed,
+                       "sampler": pl_module.resolve_sampler(self.sampler, self.estimator).settings(),
+                       "estimator": self.estimator.settings(), "score_reference": self.score_reference,
+                       "guidance": {**self.guidance.settings(), "estimator": self.guided_estimator.settings()},
+                       "guidance_table": self.guidance_table, "fraction_dropped": self.fraction_dropped}
         for logger in trainer.loggers:
             logger.log_hyperparams({"fid": self.config})
 
@@ -162,19 +161,17 @@ class FIDTrajectory(L.Callback):
         seeds = [self.seed + i for i in local]
         bar = tqdm(total=2 * len(seeds), desc=f"FID: {2 * n} samples on {world} process(es), rank 0's share",
                    unit="img", leave=False, disable=not (self.progress and trainer.is_global_zero))
-        common = dict(sampler=self.sampler, steps=self.steps, **self.sampler_options)
-
         unguided, scores = [], []
         for _, result in clock.time("sampling", sample_in_batches(
-                pl_module, seeds, self.batch_size, bar, estimator=self.estimator,
-                estimator_options=self.estimator_options, **common)):
+                pl_module, seeds, self.batch_size, bar, sampler=self.sampler, estimator=self.estimator)):
             with clock.timing("features"):
                 self.evaluators["unguided"].update(result.images.to(device))
             unguided.append(result.images)
             scores.append(result.scores)
         guided = []
         for _, result in clock.time("sampling", sample_in_batches(
-                pl_module, seeds, self.batch_size, bar, guidance=self.guided_options, **common)):
+                pl_module, seeds, self.batch_size, bar, sampler=self.sampler, estimator=self.guided_estimator,
+                guidance=self.guidance)):
             with clock.timing("features"):
                 self.evaluators["guided"].update(result.images.to(device))
             if self.save_images:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from uncdiff.callbacks.sampling import check_every_n_epochs, check_positive, check_sampler, due, log_figure
+from uncdiff.callbacks.sampling import check_against_model, check_every_n_epochs, check_positive, due, log_figure
 from uncdiff.evaluation.image_to_image import error_calibration, l1_psnr
 from uncdiff.io.images import from_uint8
-from uncdiff.uncertainty.sampling import make_estimator
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 COLUMNS = ("condition", "output", "ground truth", "uncertainty", "squared error")
 
@@ -21,7 +21,7 @@ COLUMNS = ("condition", "output", "ground truth", "uncertainty", "squared error"
 class ImageToImagePanels(L.Callback):
     """At the end of validation (every `every_n_epochs` epochs, `uncdiff.callbacks.sampling.due`),
     restore the first `num_examples` validation images of the run's `ImageToImageDataModule` with
-    the EMA network (seeds `seed ..`, the aleatoric estimator with `estimator_options`) and write
+    the EMA network (seeds `seed ..`, `sampler`, the aleatoric `estimator`) and write
     `<default_root_dir>/image_to_image/step_<global step>.png`: one row per example, the columns
     `COLUMNS` (uncertainty and error summed over channels, each row on its own colour scale; the
     known pixels of inpainting and uncropping are zero in both). Logged to W&B as
@@ -29,23 +29,21 @@ class ImageToImagePanels(L.Callback):
     (`uncdiff.evaluation.image_to_image`). Runs on rank 0.
     """
 
-    def __init__(self, num_examples: int = 8, every_n_epochs: int = 1, seed: int = 0, sampler: str = "ddim",
-                 steps: int = 20, sampler_options: Optional[dict] = None, estimator_options: Optional[dict] = None,
-                 cmap: str = "magma"):
+    def __init__(self, num_examples: int = 8, every_n_epochs: int = 1, seed: int = 0,
+                 sampler: SamplerSpec = SamplerSpec(name="ddim", steps=20),
+                 estimator: EstimatorSpec = EstimatorSpec(name="aleatoric"), cmap: str = "magma"):
         self.num_examples = check_positive("num_examples", num_examples)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        self.seed, self.sampler, self.steps, self.cmap = int(seed), sampler, int(steps), cmap
-        self.sampler_options = check_sampler(sampler, steps, sampler_options)
-        self.estimator_options = dict(estimator_options or {})
-        try:
-            make_estimator("aleatoric", **self.estimator_options)
-        except ValueError as error:
-            raise ValueError(f"estimator_options: {error}") from None
+        if estimator.name != "aleatoric" or estimator.score != "sum":
+            raise ValueError(f"estimator.name must be aleatoric with score sum (the panels show its maps over the "
+                             f"generated pixels), got {estimator.name} with score {estimator.score}")
+        self.seed, self.sampler, self.estimator, self.cmap = int(seed), sampler, estimator, cmap
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(trainer.datamodule, "pairs") or not hasattr(pl_module, "check_inputs"):
             raise ValueError("ImageToImagePanels needs an image-to-image run: model ConditionalDiffusionModule and "
                              "data ImageToImageDataModule")
+        check_against_model(pl_module, self.sampler, self.estimator, GuidanceSpec())
 
     def examples(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dm = trainer.datamodule
@@ -60,9 +58,8 @@ class ImageToImagePanels(L.Callback):
             return
         x0, y, mask = self.examples(trainer)
         masked = pl_module.task.masked
-        result = pl_module.sample(y, mask if masked else None, seed=self.seed, sampler=self.sampler, steps=self.steps,
-                                  estimator="aleatoric", estimator_options=self.estimator_options,
-                                  **self.sampler_options)
+        result = pl_module.sample(y, mask if masked else None, seed=self.seed, sampler=self.sampler,
+                                  estimator=self.estimator)
         out, maps = result.images.float(), result.maps.float()
         region = mask if masked else None
         l1, psnr = l1_psnr(out, x0, region)

@@ -1,23 +1,20 @@
-"""What the sampling callbacks share: their schedule, option checks, and generation split over
-DDP ranks (each rank its share of the seeds, results gathered in seed order)."""
+"""What the sampling callbacks share: their schedule, the files their specs load, and generation split
+over DDP ranks (each rank its share of the seeds, results gathered in seed order). Their sampling options
+are `uncdiff.uncertainty.spec` dataclasses, checked when the config is parsed."""
 
+import dataclasses
 import time
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from torch import nn
 
-from uncdiff.core.samplers import make_sampler
-from uncdiff.core.schedule import NoiseSchedule
-from uncdiff.uncertainty.guidance import UncertaintyGuidance
-from uncdiff.uncertainty.sampling import SampleResult, build_hook, make_estimator
-
-SCORE_ESTIMATORS = ("aleatoric", "mc_dropout")
+from uncdiff.io.tables import load_score_reference, load_threshold_table
+from uncdiff.uncertainty.sampling import SampleResult, build_hook
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run
 
 # The callbacks log values that are already identical on every rank (computed from gathered or
 # synced data) with sync_dist=False; Lightning's advice to sync them would only add a collective.
@@ -46,57 +43,38 @@ def due(trainer: L.Trainer, every_n_epochs: int) -> bool:
 
 # ------------------------------------------------------------------------------- option checks
 
-def check_sampler(sampler: str, steps: int, sampler_options: Optional[dict]) -> dict:
-    """Build the sampler once on the default schedule so a bad option fails now, naming it."""
-    options = dict(sampler_options or {})
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    try:
-        make_sampler(NoiseSchedule(), sampler, steps=steps, **options)
-    except TypeError as error:  # an unknown keyword: say it's one of sampler_options
-        raise ValueError(f"sampler_options {sorted(options)} don't fit sampler {sampler!r}: {error}") from None
-    return options
+def with_files(sampler: SamplerSpec, estimator: EstimatorSpec, guidance: GuidanceSpec,
+               score_reference: Optional[str] = None,
+               guidance_table: Optional[str] = None) -> tuple[EstimatorSpec, GuidanceSpec]:
+    """The estimator and guidance specs with the files a callback names loaded into them: `score_reference`
+    (calibrate's `<table>.reference.pt`, for `estimator.score` step_normalized | standardized) and
+    `guidance_table` (calibrate's threshold table), both checked against `sampler.steps` now."""
+    if score_reference is not None:
+        try:
+            reference, _ = load_score_reference(score_reference, sampler.steps)
+        except ValueError as error:
+            raise ValueError(f"score_reference: {error}") from None
+        estimator = dataclasses.replace(estimator, reference=reference)
+    elif estimator.needs_reference:
+        raise ValueError(f"estimator.score {estimator.score} needs score_reference, the file `train.py calibrate` "
+                         f"writes beside its table")
+    if guidance_table is not None:
+        try:
+            table, _ = load_threshold_table(guidance_table, sampler.steps)
+        except ValueError as error:
+            raise ValueError(f"guidance_table: {error}") from None
+        guidance = dataclasses.replace(guidance, table=table)
+    check_run(sampler, estimator, guidance)
+    return estimator, guidance
 
 
-def check_guidance(guidance: Optional[dict], steps: int) -> tuple[dict, UncertaintyGuidance]:
-    """`UncertaintyGuidance` options (docs/algorithms.md §4), checked by building one; returns both. With
-    `threshold: table`, `table` may be a file from `save_table`: it must load and have `steps`
-    steps now; the options keep its absolute path, which `DiffusionModule.sample` reads (and
-    checks against the model's image shape) when sampling."""
-    options = dict(guidance or {})
-    hook = build_hook(guidance=options, steps=steps)
-    if isinstance(options.get("table"), (str, Path)):
-        options["table"] = str(Path(options["table"]).resolve())
-    return options, hook
-
-
-def check_estimator(estimator: str, estimator_options: Optional[dict]) -> dict:
-    """A per-sample score estimator of `DiffusionModule.sample` and its options, checked now (MC-Dropout's
-    against a stand-in `nn.Dropout`; the model's own rate is checked in `check_mc_dropout`)."""
-    options = dict(estimator_options or {})
-    if estimator == "bayesdiff":
-        raise ValueError("estimator: 'bayesdiff' can't score samples during training: it needs a Laplace "
-                         "posterior fitted after training (and unclipped DDIM). Run `train.py evaluate` or "
-                         "`train.py sample --estimator.name bayesdiff` on the checkpoint instead")
-    if estimator not in SCORE_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {SCORE_ESTIMATORS} (it scores the samples), got {estimator!r}")
-    try:
-        if estimator == "aleatoric":
-            make_estimator("aleatoric", **options)
-        else:
-            make_estimator("mc_dropout", model=nn.Dropout(), **options)
-    except ValueError as error:
-        raise ValueError(f"estimator_options: {error}") from None
-    return options
-
-
-def check_mc_dropout(pl_module: L.LightningModule, estimator_options: dict) -> None:
-    """MC-Dropout's options against the model itself (e.g. a model trained without dropout needs
-    `dropout`), so a run fails when it starts, not at its first validation."""
-    try:
-        build_hook("mc_dropout", estimator_options, net=pl_module.ema.ema_model)
-    except ValueError as error:
-        raise ValueError(f"estimator_options: {error}") from None
+def check_against_model(pl_module: L.LightningModule, sampler: SamplerSpec, estimator: EstimatorSpec,
+                        guidance: GuidanceSpec) -> None:
+    """The specs against the model itself (its schedule, image shape and dropout layers), so a run fails
+    when it starts, not at its first validation."""
+    sampler_obj, estimator, guidance = pl_module.sampling_run(sampler, estimator, guidance)
+    build_hook(estimator, guidance, net=pl_module.ema.ema_model, steps=len(sampler_obj.timesteps),
+               image_shape=pl_module.image_shape)
 
 
 def check_positive(name: str, value: int) -> int:

@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from uncdiff.callbacks.sampling import (Clock, check_every_n_epochs, check_fraction, check_guidance, check_positive,
-                                check_sampler, due, gather_rows, log_figure, sample_in_batches, shard)
+from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction, check_positive,
+                                        due, gather_rows, log_figure, sample_in_batches, shard, with_files)
 from uncdiff.core.filtering import keep_best
-from uncdiff.uncertainty.sampling import make_estimator
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 SETS = ("unguided", "guided")
 FIGURES = ("grids", "heatmaps_unguided", "heatmaps_guided", "score_histogram", "extremes")
@@ -27,11 +27,10 @@ MAP_LABEL = "pixel uncertainty U\n(summed over window steps, channels)"
 
 class UncertaintySampling(L.Callback):
     """At the end of validation (every `every_n_epochs` epochs, see `uncdiff.callbacks.sampling.due`),
-    sample `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1`,
-    unguided and guided (`guidance`: `UncertaintyGuidance` options, docs/algorithms.md §4), both with the
-    aleatoric estimator (`estimator_options`: num_perturbations, variant, window, chunk_size; the
-    guided run records its map over the same window unless `guidance` sets `estimate_window`),
-    and write to `<default_root_dir>/uncertainty/step_<global step>/`:
+    sample `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1` with
+    `sampler`, unguided and guided (`guidance`, docs/algorithms.md §4, its thresholds from the file
+    `guidance_table` when given), both with the aleatoric `estimator` (M, variant, window, chunk_size:
+    the guided run records its map over the same window), and write to `<default_root_dir>/uncertainty/step_<global step>/`:
 
     - `grids.png`: the unguided and the guided grid side by side (same seeds, same positions);
     - `heatmaps_unguided.png`, `heatmaps_guided.png`: each sample next to its uncertainty map
@@ -46,23 +45,22 @@ class UncertaintySampling(L.Callback):
     seeds, and rank 0 draws the gathered results (the same figures whatever the process count).
     """
 
-    def __init__(self, num_samples: int = 16, every_n_epochs: int = 1, seed: int = 0, sampler: str = "ddim",
-                 steps: int = 20, sampler_options: Optional[dict] = None, estimator_options: Optional[dict] = None,
-                 guidance: Optional[dict] = None, num_extremes: int = 4, fraction_dropped: float = 1 / 6,
-                 cmap: str = "magma", batch_size: int = 256, progress: bool = True):
+    def __init__(self, num_samples: int = 16, every_n_epochs: int = 1, seed: int = 0,
+                 sampler: SamplerSpec = SamplerSpec(name="ddim", steps=20),
+                 estimator: EstimatorSpec = EstimatorSpec(name="aleatoric"),
+                 guidance: GuidanceSpec = GuidanceSpec(rule="gradient"), guidance_table: Optional[str] = None,
+                 num_extremes: int = 4, fraction_dropped: float = 1 / 6, cmap: str = "magma", batch_size: int = 256,
+                 progress: bool = True):
         self.num_samples = check_positive("num_samples", num_samples)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        self.seed, self.sampler, self.steps = int(seed), sampler, int(steps)
-        self.sampler_options = check_sampler(sampler, steps, sampler_options)
-        try:
-            estimator = make_estimator("aleatoric", **(estimator_options or {}))
-        except ValueError as error:
-            raise ValueError(f"estimator_options: {error}") from None
-        self.estimator_options = dict(estimator_options or {})
+        self.seed, self.sampler = int(seed), sampler
+        if estimator.name != "aleatoric" or estimator.score != "sum":
+            raise ValueError(f"estimator.name must be aleatoric with score sum (the figures show its maps), got "
+                             f"{estimator.name} with score {estimator.score}")
+        if not guidance.enabled:
+            raise ValueError("guidance.rule must be gradient or posterior: the figures compare guided with unguided")
         # the guided run's map is the same quantity over the same steps as the unguided one's
-        shared = {"num_perturbations": estimator.num_perturbations, "variant": estimator.variant,
-                  "chunk_size": estimator.chunk_size, "estimate_window": estimator.window}
-        self.guidance, _ = check_guidance({**shared, **(guidance or {})}, steps)
+        self.estimator, self.guidance = with_files(sampler, estimator, guidance, guidance_table=guidance_table)
         self.num_extremes = check_positive("num_extremes", num_extremes)
         self.fraction_dropped = check_fraction("fraction_dropped", fraction_dropped)
         if cmap not in matplotlib.colormaps:
@@ -70,6 +68,9 @@ class UncertaintySampling(L.Callback):
         self.cmap = cmap
         self.batch_size = check_positive("batch_size", batch_size)
         self.progress = progress
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_against_model(pl_module, self.sampler, self.estimator, self.guidance)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not due(trainer, self.every_n_epochs):
@@ -94,12 +95,11 @@ class UncertaintySampling(L.Callback):
         seeds = [self.seed + i for i in local]
         bar = tqdm(total=2 * len(seeds), desc="uncertainty figures: sampling", unit="img", leave=False,
                    disable=not (self.progress and trainer.is_global_zero))
-        common = dict(sampler=self.sampler, steps=self.steps, **self.sampler_options)
-        runs = {"unguided": dict(estimator="aleatoric", estimator_options=self.estimator_options),
-                "guided": dict(guidance=self.guidance)}
+        runs = {"unguided": None, "guided": self.guidance}
         results = {}
-        for name, options in runs.items():
-            parts = [r for _, r in sample_in_batches(pl_module, seeds, self.batch_size, bar, **options, **common)]
+        for name, guidance in runs.items():
+            parts = [r for _, r in sample_in_batches(pl_module, seeds, self.batch_size, bar, sampler=self.sampler,
+                                                     estimator=self.estimator, guidance=guidance)]
             shape = pl_module.image_shape
             local_rows = {"images": torch.cat([r.images for r in parts]) if parts else torch.zeros(0, *shape),
                           "maps": torch.cat([r.maps for r in parts]) if parts else torch.zeros(0, *shape),

@@ -27,7 +27,7 @@ from uncdiff.core.filtering import keep_best
 from uncdiff.evaluation.experiments import kept_versus_random, mean_std
 from uncdiff.evaluation.metrics import random_subsets
 from uncdiff.uncertainty.estimators import SCORES, variant_scores, window_totals
-from uncdiff.uncertainty.score_reference import reference_statistics
+from uncdiff.uncertainty.calibration import reference_statistics
 
 WINDOWS = {"all steps": (0.0, 1.0), "first 15%": (0.0, 0.15), "last half": (0.5, 1.0)}
 DROP_FRACTIONS = (0.05, 1 / 6, 0.3, 0.5)

@@ -7,9 +7,10 @@ import torch
 import ema_pytorch
 
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
-from uncdiff.core.samplers import make_sampler
+from uncdiff.core.samplers import Sampler, make_sampler
 from uncdiff.core.modes import eval_mode
 from uncdiff.uncertainty.sampling import SampleResult, build_hook, generate
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run, spec_from_dict
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.core.unet import UNet
 from uncdiff.io.diffusers_pipeline import (DiffusersEps, build_unet, load_pretrained, schedule_from_config,
@@ -190,41 +191,49 @@ class DiffusionModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def sample(self, n: int = 64, seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None,
-               estimator: str = "none", guidance: Optional[dict] = None, seeds: Optional[Sequence[int]] = None,
-               batch_size: int = 256, progress: bool = False, estimator_options: Optional[dict] = None,
-               **sampler_kwargs) -> SampleResult:
+    def sample(self, n: int = 64, seed: int = 0, seeds: Optional[Sequence[int]] = None,
+               sampler: Optional[SamplerSpec] = None, estimator: Optional[EstimatorSpec] = None,
+               guidance: Optional[GuidanceSpec] = None, batch_size: int = 256, progress: bool = False) -> SampleResult:
         """Generate with the EMA network, optionally estimating pixel-wise uncertainty and guiding.
 
-        - `sampler` ('ddpm' | 'ddim'), `steps` and `sampler_kwargs` (eta, spacing, clip, variance)
-          build the sampler; defaults from the module's hparams.
-        - `estimator`: 'none' | 'aleatoric' | 'mc_dropout' | 'bayesdiff' (needs `fit_laplace`
-          first), its options in `estimator_options` (e.g. `num_perturbations`, `window`).
-        - `guidance`: options of `UncertaintyGuidance` (rule, sign, lam, threshold, quantile,
-          window, ...); guided sampling estimates with the aleatoric estimator, whose
-          `estimator_options` join these (see `guided_options`: their `window` is the estimation
-          window, guidance's `estimate_window`). With `threshold='table'`, `table` may be the path
-          of a file from `save_table`.
-        - sample i uses seed `seed + i`, or `seeds[i]` when given: the same image whatever the
-          batch size or process count.
+        - sample i uses seed `seed + i`, or `seeds[i]` when given (then `n` is unused): the same image
+          whatever the batch size or process count;
+        - `sampler`, `estimator`, `guidance`: the run's specs (`uncdiff.uncertainty.spec`, or plain dicts
+          of their fields); the sampler's unset options are the model's (`resolve_sampler`); guided
+          sampling estimates with the aleatoric estimator of `estimator`'s M, variant and window.
 
         Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
         """
-        options = dict(estimator_options or {})
-        sampler = sampler or self.hparams.sampler
-        sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
-        sampler_obj = make_sampler(self.schedule, sampler, steps=steps or self.hparams.sample_steps, **sampler_kwargs)
-        hook = build_hook(estimator, options, guidance, net=self.ema.ema_model, laplace=self.laplace,
+        sampler_obj, estimator, guidance = self.sampling_run(sampler, estimator, guidance)
+        hook = build_hook(estimator, guidance, net=self.ema.ema_model, laplace=self.laplace,
                           steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device)
         seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
         model = self.ema.ema_model
         with eval_mode(model):
-            eps_model = hook.eps_model if estimator == "bayesdiff" else model
+            eps_model = hook.eps_model if estimator.name == "bayesdiff" else model
             # Lightning validates under inference_mode, where the gradient guidance rule can't
             # re-enable autograd: leave it here (generate itself runs under no_grad).
             with torch.inference_mode(False), step_bar(progress, len(sampler_obj.timesteps), len(seeds),
                                                        batch_size) as bar:
                 return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size, bar)
+
+    def sampling_run(self, sampler=None, estimator=None, guidance=None) -> tuple[Sampler, EstimatorSpec, GuidanceSpec]:
+        """The sampler of `sampler` (resolved by `resolve_sampler`) and the estimator and guidance specs,
+        checked together (`check_run`): what `sample` runs."""
+        estimator, guidance = spec_from_dict(EstimatorSpec, estimator), spec_from_dict(GuidanceSpec, guidance)
+        sampler = self.resolve_sampler(sampler, estimator)
+        check_run(sampler, estimator, guidance)
+        return make_sampler(self.schedule, sampler.name, steps=sampler.steps, **sampler.options()), estimator, guidance
+
+    def resolve_sampler(self, sampler: Optional[SamplerSpec] = None,
+                        estimator: Optional[EstimatorSpec] = None) -> SamplerSpec:
+        """`sampler` with every unset option filled in: the model's `sampler` and `sample_steps`, its own
+        defaults (`sampler_options`), then the samplers'; x0 clipping is on unless the estimator is
+        BayesDiff (its moments need affine steps, docs/algorithms.md §5b)."""
+        sampler = spec_from_dict(SamplerSpec, sampler)
+        name = sampler.name or self.hparams.sampler
+        bayesdiff = estimator is not None and spec_from_dict(EstimatorSpec, estimator).name == "bayesdiff"
+        return sampler.resolve(name, self.hparams.sample_steps, self.sampler_options(name), clip=not bayesdiff)
 
     def sampler_options(self, sampler: str) -> dict:
         """The model's own defaults among `sampler`'s options (a diffusers scheduler config's clipping,

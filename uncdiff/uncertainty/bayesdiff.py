@@ -235,7 +235,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     (the DDIM step is `x_t' = kx x_t + ke eps`):
     - UQ steps (`i % skip == 0` and `i < n - 1`): `Var[x_t'] = kx^2 Var[x_t] + 2 kx ke Cov(x_t, eps_t)
       + ke^2 Var(eps_t)`, with the Laplace variance at the sampler's state (features cached by the
-      MAP pass) in `Var(eps_t)`. On UQ steps after the first, `num_draws` states
+      MAP pass) in `Var(eps_t)`. On UQ steps after the first, `draws` (S) states
       `x^(j) ~ N(x_t, max(Var[x_t], 0))` (per-sample stream `'bayesdiff'`) give `E[eps]`, returned
       as the step's eps (so the trajectory is the mean `E[x_t]`), and `Cov`. At step 0
       `Var[x_T] = 0`: the draws would all equal x_T, so `E[eps]` is the MAP eps and `Cov = 0`
@@ -261,10 +261,10 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     the features are recomputed (one extra pass per UQ step, counted in `nfe`).
     """
 
-    def __init__(self, net: nn.Module, laplace: LastLayerLaplace, num_draws: int = 10, skip: int = 5,
+    def __init__(self, net: nn.Module, laplace: LastLayerLaplace, draws: int = 10, skip: int = 5,
                  moments: str = "regression", keep_maps: bool = False, chunk_size: Optional[int] = None):
         self.moments = check_moments(moments)
-        self.num_draws = check_count("num_draws", num_draws, 2)
+        self.draws = check_count("draws", draws, 2)
         self.skip = check_count("skip", skip, 1)
         self.chunk_size = check_chunk_size(chunk_size)
         self.eps_model = FeatureCachingEps(net)
@@ -275,7 +275,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
         return index % self.skip == 0 and index < num_steps - 1
 
     def draw_steps(self, num_steps: int) -> list[int]:
-        """The step indices that run the `num_draws` block."""
+        """The step indices that run the block of `draws`."""
         return [i for i in range(1, num_steps) if self.is_uq_step(i, num_steps)]
 
     @staticmethod
@@ -322,10 +322,10 @@ class BayesDiffUncertainty(StepwiseUncertainty):
         return eps
 
     def _draw_moments(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From `num_draws` states `x^(j) ~ N(x_t, max(Var[x_t], 0))`: `E[eps]`, `Cov(x_t, eps_t)`
+        """From `draws` states `x^(j) ~ N(x_t, max(Var[x_t], 0))`: `E[eps]`, `Cov(x_t, eps_t)`
         and the variance of the MAP eps over x_t that the Laplace variance doesn't hold (zero for
         `'paper'`); see the class docstring for the two estimators."""
-        b, s = ctx.x_t.shape[0], self.num_draws
+        b, s = ctx.x_t.shape[0], self.draws
         var = self._var.clamp(min=0)
         z = ctx.noise.randn((s, *ctx.x_t.shape[1:]), stream="bayesdiff").to(ctx.x_t)
         x_j = ctx.x_t[:, None] + var.sqrt()[:, None] * z  # [B, S, C, H, W]

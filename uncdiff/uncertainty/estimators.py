@@ -274,24 +274,24 @@ class StepwiseUncertainty:
 
 
 class AleatoricUncertainty(StepwiseUncertainty):
-    """docs/algorithms.md §3 as a sampler hook: `U_t` from `num_perturbations` (M) re-noised copies of `x0_hat`.
+    """docs/algorithms.md §3 as a sampler hook: `U_t` from `M` re-noised copies of `x0_hat`.
 
     The draws `z [B, M, C, H, W]` come from the per-sample stream `'uncertainty'` of the run's
     `SampleNoise`, so a sample's uncertainty doesn't depend on the batch it was generated in and
     never shifts the sampler's own noise. Costs M network evaluations per image on each window step.
     """
 
-    def __init__(self, num_perturbations: int = 5, variant: str = "centered",
+    def __init__(self, M: int = 5, variant: str = "centered",
                  chunk_size: Optional[int] = None, window: Sequence[float] = (0.0, 1.0),
                  keep_maps: bool = False, score: str = "sum", reference: Optional[dict] = None):
-        self.num_perturbations = check_count("num_perturbations", num_perturbations, 2)
+        self.M = check_count("M", M, 2)
         self.variant = check_variant(variant)
         self.chunk_size = check_chunk_size(chunk_size)
         super().__init__(window, keep_maps, score, reference)
 
     def draw_perturbations(self, ctx: StepContext) -> torch.Tensor:
         """`z [B, M, C, H, W]` for this step, from the per-sample `'uncertainty'` stream."""
-        return ctx.noise.randn((self.num_perturbations, *ctx.x_t.shape[1:]), stream="uncertainty").to(ctx.x_t)
+        return ctx.noise.randn((self.M, *ctx.x_t.shape[1:]), stream="uncertainty").to(ctx.x_t)
 
     def estimate(self, ctx: StepContext) -> torch.Tensor:
         z = self.draw_perturbations(ctx)
@@ -335,7 +335,7 @@ def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 class MCDropoutUncertainty(StepwiseUncertainty):
-    """docs/algorithms.md §5a as a sampler hook: `U_t` = unbiased variance of `num_passes` (M) evaluations of
+    """docs/algorithms.md §5a as a sampler hook: `U_t` = unbiased variance of `M` evaluations of
     `model(x_t, t)` with only its dropout layers active, batched as one B*M batch at the same x_t.
 
     `model` is the network module itself (not a wrapper that forces eval mode); `dropout`
@@ -346,10 +346,10 @@ class MCDropoutUncertainty(StepwiseUncertainty):
     estimator, not independent of which samples share the batch.
     """
 
-    def __init__(self, model: nn.Module, num_passes: int = 5, dropout: Optional[float] = None,
+    def __init__(self, model: nn.Module, M: int = 5, dropout: Optional[float] = None,
                  window: Sequence[float] = (0.0, 1.0), keep_maps: bool = False,
                  chunk_size: Optional[int] = None, score: str = "sum", reference: Optional[dict] = None):
-        self.num_passes = check_count("num_passes", num_passes, 2)
+        self.M = check_count("M", M, 2)
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) or None (the model's own rate), got {dropout!r}")
         layers = dropout_layers(model)
@@ -365,7 +365,7 @@ class MCDropoutUncertainty(StepwiseUncertainty):
         super().__init__(window, keep_maps, score, reference)
 
     def estimate(self, ctx: StepContext) -> torch.Tensor:
-        b, m = ctx.x_t.shape[0], self.num_passes
+        b, m = ctx.x_t.shape[0], self.M
         x = ctx.x_t[:, None].expand(b, m, *ctx.x_t.shape[1:]).flatten(0, 1)
         seed = hash((tuple(ctx.noise.seeds), ctx.index)) % 2**63
         with dropout_active(self.model, self.dropout), seeded_rng(seed, x.device):

@@ -1,24 +1,21 @@
-"""Uncertainty-guided sampling (docs/algorithms.md §4) as a sampler hook, and its threshold tables on disk
-(made by `uncdiff.uncertainty.calibration.calibrate_threshold_table`).
+"""Uncertainty-guided sampling (docs/algorithms.md §4) as a sampler hook (its threshold tables are made by
+`uncdiff.uncertainty.calibration.calibrate_threshold_table`, saved and loaded by `uncdiff.io.tables`).
 
 On the steps of the guidance window the hook replaces `eps_bar` by a guided `eps_tilde` and lets
 the ordinary sampler step run, so it works unchanged under DDPM, DDIM or any later sampler.
 Outside the window it is the plain estimator (`AleatoricUncertainty`): it returns `eps_bar`.
 """
 
-from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from uncdiff.core.samplers import EpsModel, StepContext, predict_x0
 from uncdiff.core.schedule import NoiseSchedule
-from uncdiff.io.files import load_torch, save_atomic
-from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_chunk_size, check_variant, check_window,
-                                 perturbed_eps, reduce_perturbations, renoise, window_steps)
+from uncdiff.uncertainty.estimators import (AleatoricUncertainty, check_window, perturbed_eps, reduce_perturbations,
+                                            renoise, window_steps)
 
 RULES = ("gradient", "posterior")
-THRESHOLDS = ("percentile", "table")
 GRAD_WRT = ("eps", "x_t")
 REDUCTIONS = ("sum", "mean")
 ABAR_INVERSE = "abar_inverse"  # the posterior rule's prior precision 1 / abar[t] (the paper's form)
@@ -166,51 +163,44 @@ def percentile_threshold(u: torch.Tensor, quantile: float) -> torch.Tensor:
 class UncertaintyGuidance:
     """docs/algorithms.md §4 as a sampler hook; also reports scores and maps like `AleatoricUncertainty`.
 
-    On the steps of `window` (fractions of the sampler's steps; default the first 3 of 20):
-    compute `U_t` (docs/algorithms.md §3, `num_perturbations` draws z from the per-sample `'uncertainty'`
-    stream, reused inside the gradient), the mask `m = 1[U_t > tau]` (`threshold='percentile'`:
-    `tau_b` is the `quantile` of image b's own values; `'table'`: `tau = table[step]`, a
-    `[steps, C, H, W]` tensor from `calibration.calibrate_threshold_table`), and return
+    `estimator` is the aleatoric estimator it computes `U_t` with (its `M` draws z from the per-sample
+    `'uncertainty'` stream are reused inside the gradient; its variant and chunk size apply) and
+    records with: on the steps of the estimator's own window it records `U_t` into `scores`/`maps`
+    (on guided steps the map computed for guidance, at `eps_bar`, before the update).
+    On the steps of `window` (fractions of the sampler's steps; default the first 3 of 20): compute
+    `U_t`, the mask `m = 1[U_t > tau]` (`tau_b` the `quantile` of image b's own values, or, when a
+    `table` is given, `tau = table[step]`, a `[steps, C, H, W]` tensor from
+    `calibration.calibrate_threshold_table`), and return
     - `rule='gradient'`: `eps_bar + sign * lam * m * dU`, `dU` the derivative of `U` (summed over
       pixels; `reduce='mean'`: also averaged over the batch) with respect to `grad_wrt`, `eps_bar`
       or `x_t` (see `uncertainty_gradient`);
     - `rule='posterior'`: `posterior_eps` with `prior_precision`, a number or `'abar_inverse'`
       (1 / abar[t], the paper's form).
-    On the steps of `estimate_window` it records `U_t` into `scores`/`maps` (the estimator it owns,
-    `self.estimator`, does this; on guided steps the map computed for guidance is recorded, at
-    `eps_bar`, before the update). Outside the guidance window `eps_bar` is returned unchanged.
+    Outside the guidance window `eps_bar` is returned unchanged.
     """
 
-    def __init__(self, num_perturbations: int = 5, variant: str = "centered", rule: str = "gradient",
-                 sign: int = 1, lam: float = 1.0, threshold: str = "percentile", quantile: float = 0.95,
-                 table: Optional[torch.Tensor] = None, window: Sequence[float] = (0.0, 0.15),
-                 estimate_window: Sequence[float] = (0.0, 1.0), chunk_size: Optional[int] = None,
-                 keep_maps: bool = False, grad_wrt: str = "eps", reduce: str = "sum",
+    def __init__(self, estimator: AleatoricUncertainty, rule: str = "gradient", sign: int = 1, lam: float = 1.0,
+                 quantile: float = 0.95, table: Optional[torch.Tensor] = None,
+                 window: Sequence[float] = (0.0, 0.15), grad_wrt: str = "eps", reduce: str = "sum",
                  prior_precision: float | str = 1.0):
+        if not isinstance(estimator, AleatoricUncertainty):
+            raise TypeError(f"estimator must be an AleatoricUncertainty, got {type(estimator).__name__}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if sign not in (1, -1):
             raise ValueError(f"sign must be +1 or -1, got {sign!r}")
         if not float(lam) >= 0 or float(lam) == float("inf"):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        if threshold not in THRESHOLDS:
-            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-        if threshold == "table":
-            if table is None:
-                raise ValueError("threshold='table' needs a table (see calibrate_threshold_table / load_table)")
-            if not isinstance(table, torch.Tensor) or table.dim() != 4:
-                raise ValueError(f"table must be a tensor [steps, C, H, W], got {getattr(table, 'shape', table)!r}")
-        elif table is not None:
-            raise ValueError("table is only used with threshold='table'")
+        if table is not None and (not isinstance(table, torch.Tensor) or table.dim() != 4):
+            raise ValueError(f"table must be a tensor [steps, C, H, W], got {getattr(table, 'shape', table)!r}")
         self.window = check_window("window", window)
         self.rule, self.sign, self.lam = rule, int(sign), float(lam)
         self.grad_wrt, self.reduce = check_grad_wrt(grad_wrt), check_reduce(reduce)
         self.prior_precision = check_prior_precision(prior_precision)
-        self.threshold, self.quantile, self.table = threshold, float(quantile), table
-        self.estimator = AleatoricUncertainty(num_perturbations, check_variant(variant), check_chunk_size(chunk_size),
-                                              check_window("estimate_window", estimate_window), keep_maps)
+        self.quantile, self.table = float(quantile), table
+        self.estimator = estimator
 
     # the estimator's results, so this hook reads like any other estimator
     def reset(self) -> None:
@@ -241,7 +231,7 @@ class UncertaintyGuidance:
 
     def mask(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """`m = 1[U_t > tau]`, `[B, C, H, W]` bool."""
-        if self.threshold == "percentile":
+        if self.table is None:
             return u > percentile_threshold(u, self.quantile)
         if self.table.shape[0] != ctx.num_steps or self.table.shape[1:] != u.shape[1:]:
             raise ValueError(f"threshold table has shape {tuple(self.table.shape)} but this run needs "
@@ -272,34 +262,3 @@ class UncertaintyGuidance:
             precision = 1.0 / schedule.abar_at(ctx.t)
         return posterior_eps(eps_i, ctx.eps, precision, m)
 
-
-def save_table(path, table: torch.Tensor, settings: Mapping) -> None:
-    """Save a threshold table with the settings it was made with (quantile, sampler, steps,
-    num_perturbations, variant, seeds, ...: plain Python values)."""
-    save_atomic({"table": table.detach().cpu(), "settings": dict(settings)}, path)
-
-
-def load_table(path) -> tuple[torch.Tensor, dict]:
-    """`(table [steps, C, H, W], settings)` as saved by `save_table`."""
-    state = load_torch(path, "threshold table")
-    return state["table"], state["settings"]
-
-
-def table_from_file(path, steps: Optional[int] = None, image_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """The threshold table `[steps, C, H, W]` saved at `path` by `save_table`, checked against the
-    run's step count and image shape where they are given; a ValueError otherwise."""
-    if not Path(path).is_file():
-        raise ValueError(f"no threshold table file at {str(path)!r} (make one with calibrate_threshold_table "
-                         f"and save_table)")
-    try:
-        table, settings = load_table(path)
-    except Exception as error:  # not a torch file, or not save_table's dict
-        raise ValueError(f"{str(path)!r} is not a threshold table from save_table "
-                         f"({type(error).__name__}: {error})") from None
-    if not isinstance(table, torch.Tensor) or table.dim() != 4:
-        raise ValueError(f"{str(path)!r} holds no [steps, C, H, W] table")
-    need = (table.shape[0] if steps is None else steps, *(table.shape[1:] if image_shape is None else image_shape))
-    if tuple(table.shape) != tuple(need):
-        raise ValueError(f"threshold table {path} was calibrated for {settings}, shape {tuple(table.shape)}; "
-                         f"this run needs {tuple(need)} (steps, C, H, W)")
-    return table

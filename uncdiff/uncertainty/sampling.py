@@ -2,9 +2,7 @@
 evaluations, over a plain `eps_model(x, t)` callable (no Lightning)."""
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -12,16 +10,8 @@ import torch
 from uncdiff.core.samplers import EpsModel, Progress, SampleNoise, Sampler, StepContext, sample
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
-from uncdiff.uncertainty.guidance import UncertaintyGuidance, table_from_file
-from uncdiff.uncertainty.score_reference import load_score_reference
-
-ESTIMATORS = {
-    "none": None,
-    "aleatoric": AleatoricUncertainty,
-    "guided": UncertaintyGuidance,
-    "mc_dropout": MCDropoutUncertainty,
-    "bayesdiff": BayesDiffUncertainty,
-}
+from uncdiff.uncertainty.guidance import UncertaintyGuidance
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run
 
 
 @dataclass
@@ -72,7 +62,7 @@ def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds:
              estimator: Optional[Any] = None, device: torch.device | str = "cpu", batch_size: int = 256,
              progress: Optional[Progress] = None) -> SampleResult:
     """One image per seed (`uncdiff.core.samplers.sample`, in batches of `batch_size`) with `estimator`
-    (e.g. from `make_estimator`) as the sampler hook, collecting its maps and scores.
+    (e.g. from `build_hook`) as the sampler hook, collecting its maps and scores.
 
     The sampler's own predictions are counted by a wrapper; the estimator counts what it spends
     itself (`estimator.nfe`, it sees the unwrapped `eps_model`), so nothing is counted twice.
@@ -115,89 +105,56 @@ def noise_norms(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     return SampleNoise(seeds).initial(shape).double().flatten(1).pow(2).sum(1)
 
 
-def make_estimator(kind: str = "none", **options):
-    """An estimator hook by name: `'none'` (None), `'aleatoric'` (`AleatoricUncertainty`),
-    `'guided'` (`UncertaintyGuidance`), `'mc_dropout'` (`MCDropoutUncertainty`, needs `model`),
-    `'bayesdiff'` (`BayesDiffUncertainty`, needs `net` and `laplace`); `options` go to its
-    constructor, and an option it doesn't take is an error naming it. A `reference` given as a path
-    (the score reference file of `train.py calibrate`) is loaded and checked."""
-    if kind not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {kind!r}")
-    cls = ESTIMATORS[kind]
-    if cls is None:
-        if options:
-            raise ValueError(f"estimator 'none' takes no options, got {sorted(options)}")
-        return None
-    if isinstance(options.get("reference"), (str, Path)):  # a score reference file from calibrate
-        options = {**options, "reference": load_score_reference(options["reference"])[0]}
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for estimator {kind!r}; it takes {list(params)}")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
-    if missing:
-        raise ValueError(f"estimator {kind!r} needs the option(s) {missing}")
-    return cls(**options)
-
-
-def guided_options(estimator_options: dict, guidance: dict) -> dict:
-    """The `UncertaintyGuidance` options of a guided run: `guidance` plus the estimator's options,
-    whose `window` (a plain estimator's estimation window) is guidance's `estimate_window` (its
-    `window` is the guidance window). An option set in both is an error naming it."""
-    options, names = dict(estimator_options), {k: k for k in estimator_options}
-    if "window" in options:
-        if "estimate_window" in options:
-            raise ValueError("estimator_options sets both window and estimate_window, with guidance the same "
-                             "(estimation) window: give one")
-        options["estimate_window"], names["estimate_window"] = options.pop("window"), "window"
-    both = sorted(set(options) & set(guidance))
-    if both:
-        raise ValueError("set in both estimator_options and guidance: "
-                         + ", ".join(f"estimator_options.{names[k]} and guidance.{k}" for k in both)
-                         + "; give each once")
-    return {**options, **guidance}
-
-
-def build_hook(estimator: str = "none", options: Optional[dict] = None, guidance: Optional[dict] = None, *,
+def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[GuidanceSpec] = None, *,
                net: Optional[torch.nn.Module] = None, laplace: Any = None, steps: Optional[int] = None,
                image_shape: Optional[Sequence[int]] = None, device: torch.device | str | None = None):
-    """The sampler hook of a run's settings: the one place where they become an estimator.
+    """The sampler hook of a run's specs (None for no estimator and no guidance): the one place where
+    they become an estimator.
 
-    - `guidance` (`UncertaintyGuidance` options, docs/algorithms.md §4): guided sampling, estimating
-      with the aleatoric estimator, whose `options` join guidance's (`guided_options`). With
-      `threshold='table'`, `table` may be the path of a `save_table` file: loaded, checked against
-      `steps` and `image_shape` where given, and moved to `device`.
-    - `'mc_dropout'`: dropout passes of `net`; `'bayesdiff'`: `net` with the fitted last-layer
-      Laplace posterior `laplace` (moved to `device`); pass the hook's `eps_model` to `generate`.
-    - any other `estimator`: `make_estimator(estimator, **options)` (None for `'none'`).
-    A bad setting is a ValueError naming it, before anything is sampled.
+    - `guidance` with a rule (docs/algorithms.md §4): `UncertaintyGuidance`, estimating with the
+      aleatoric estimator of `estimator`'s `M`, `variant`, `window` (the estimation window),
+      `chunk_size` and `keep_maps`; its threshold `table` is checked against `steps` and `image_shape`
+      where given, and moved to `device`.
+    - `aleatoric` (§3), `mc_dropout` (§5a: dropout passes of `net`), `bayesdiff` (§5b: `net` with the
+      fitted last-layer Laplace posterior `laplace`, moved to `device`; sample with the hook's
+      `eps_model`). A score `reference` is checked to cover `steps` where given.
+    A setting that doesn't fit is a ValueError naming the option, before anything is sampled.
     """
-    options = dict(options or {})
-    if guidance is not None:
-        if estimator not in ("none", "aleatoric"):
-            raise ValueError(f"guidance uses the aleatoric estimator; got estimator={estimator!r}")
-        guidance = guided_options(options, guidance)
-        if isinstance(guidance.get("table"), (str, Path)):  # a file from calibrate_threshold_table
-            try:
-                table = table_from_file(guidance["table"], steps, image_shape)
-            except ValueError as error:
-                raise ValueError(f"guidance.table: {error}") from None
-            guidance["table"] = table if device is None else table.to(device)
+    estimator = EstimatorSpec() if estimator is None else estimator
+    guidance = GuidanceSpec() if guidance is None else guidance
+    check_run(SamplerSpec(), estimator, guidance)
+    e = estimator
+    if guidance.enabled:
+        table = guidance.table
+        if table is not None:
+            need = (table.shape[0] if steps is None else steps, *(table.shape[1:] if image_shape is None
+                                                                  else image_shape))
+            if tuple(table.shape) != tuple(need):
+                raise ValueError(f"guidance.table has shape {tuple(table.shape)}; this run needs {tuple(need)} "
+                                 f"(steps, C, H, W): calibrate it with this model and step count")
+            table = table if device is None else table.to(device)
+        aleatoric = AleatoricUncertainty(e.M, e.variant, e.chunk_size, e.window, e.keep_maps)
+        return UncertaintyGuidance(aleatoric, guidance.rule, guidance.sign, guidance.lam, guidance.quantile, table,
+                                   guidance.window, guidance.grad_wrt, guidance.reduce, guidance.prior_precision)
+    if e.needs_reference:
+        raise ValueError(f"estimator.score {e.score} divides by the per-step reference statistics of unguided samples: "
+                         f"give the score reference file `train.py calibrate` writes (<table>.reference.pt)")
+    if e.reference is not None and steps is not None and len(e.reference["mean"]) != steps:
+        raise ValueError(f"estimator.reference covers {len(e.reference['mean'])} sampler steps; this run has {steps}: "
+                         f"calibrate it with this run's sampler and step count")
+    if e.name == "none":
+        return None
+    if e.name == "aleatoric":
+        return AleatoricUncertainty(e.M, e.variant, e.chunk_size, e.window, e.keep_maps, e.score, e.reference)
+    if net is None:
+        raise ValueError(f"estimator.name {e.name} needs the network (net)")
+    if e.name == "mc_dropout":
         try:
-            return make_estimator("guided", **guidance)
+            return MCDropoutUncertainty(net, e.M, e.dropout, e.window, e.keep_maps, e.chunk_size)
         except ValueError as error:
-            raise ValueError(f"guidance: {error}") from None
-    if isinstance(options.get("reference"), (str, Path)):  # checked against the run's step count
-        try:
-            options["reference"] = load_score_reference(options["reference"], steps)[0]
-        except ValueError as error:
-            raise ValueError(f"reference: {error}") from None
-    if estimator == "mc_dropout":
-        return make_estimator("mc_dropout", model=net, **options)
-    if estimator == "bayesdiff":
-        if laplace is None:
-            raise ValueError("estimator='bayesdiff' needs a fitted Laplace posterior: call fit_laplace() "
-                             "or load a checkpoint that holds one")
-        return make_estimator("bayesdiff", net=net, laplace=laplace if device is None else laplace.to(device),
-                              **options)
-    return make_estimator(estimator, **options)
+            raise ValueError(f"estimator.dropout: {error}") from None
+    if laplace is None:
+        raise ValueError("estimator.name bayesdiff needs a fitted Laplace posterior: call fit_laplace() or load a "
+                         "checkpoint that holds one")
+    return BayesDiffUncertainty(net, laplace if device is None else laplace.to(device), e.draws, e.skip, e.moments,
+                                e.keep_maps, e.chunk_size)

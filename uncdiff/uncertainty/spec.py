@@ -16,8 +16,8 @@ The same objects configure every entry point:
 
 Fields holding loaded values (`EstimatorSpec.reference`, `GuidanceSpec.table`) are values, never paths:
 nothing here reads a file. `settings()` gives each spec's JSON-able record (what a run directory's
-run.json, a threshold table and a score reference keep; `SETTINGS_FORMAT` numbers that layout), with
-only the options that apply (a guided run records no score variant, BayesDiff no M).
+run.json, a threshold table and a score reference keep, numbered `uncdiff.io.tables.SETTINGS_FORMAT`), with
+only the options that apply (BayesDiff records no M, an unguided run no guidance).
 
 `None` in `SamplerSpec` means "the model's own" (its `sampler`/`sample_steps` hyperparameters, a
 diffusers scheduler's clipping, spacing and variance); `SamplerSpec.resolve` fills them in.
@@ -33,12 +33,11 @@ import torch
 from uncdiff.core.samplers import CLIPPED_EPS, DDPM_VARIANCES, SPACINGS
 from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS
 from uncdiff.uncertainty.estimators import SCORES, VARIANTS, check_score, check_window
+from uncdiff.uncertainty.guidance import ABAR_INVERSE, GRAD_WRT, REDUCTIONS, RULES
 
-SETTINGS_FORMAT = 2  # the layout of `settings()`; 1 spelled M num_perturbations/num_passes, draws num_draws
 SAMPLER_NAMES = ("ddim", "ddpm")
 ESTIMATOR_NAMES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
-GUIDANCE_RULES = ("none", "gradient", "posterior")
-ABAR_INVERSE = "abar_inverse"  # the posterior rule's prior precision 1 / abar[t] (the paper's form)
+GUIDANCE_RULES = ("none", *RULES)
 
 
 def _one_of(option: str, value: Any, choices: tuple) -> None:
@@ -155,7 +154,8 @@ class EstimatorSpec:
     - `aleatoric`: `M` re-noised perturbations per step, map `variant`, summed over the step `window`
       (fractions of the steps), per-sample `score` variant (`sum`, or `step_normalized` /
       `standardized` with `reference`, the per-step statistics `{'mean': [n], 'std': [n]}` that
-      `uncdiff.io.tables.load_score_reference` loads from calibrate's file);
+      `uncdiff.io.tables.load_score_reference` loads from calibrate's file; they may be set after the
+      rest, `needs_reference`, but must be there when sampling);
     - `mc_dropout`: `M` dropout passes per step at rate `dropout` (null: the model's own), over `window`;
     - `bayesdiff`: last-layer Laplace propagated through DDIM, `draws` per UQ step, UQ every `skip`-th
       step, covariance estimator `moments` (regression | paper).
@@ -183,11 +183,12 @@ class EstimatorSpec:
         _one_of("estimator.variant", self.variant, VARIANTS)
         _set(self, "window", _window("estimator.window", self.window))
         _one_of("estimator.score", self.score, SCORES)
-        try:
-            _, reference = check_score(self.score, self.reference)
-        except ValueError as error:
-            raise ValueError(f"estimator.score: {error}") from None
-        _set(self, "reference", reference)
+        if self.reference is not None:  # a normalised score's statistics may come later (`needs_reference`)
+            try:
+                _, reference = check_score(self.score, self.reference)
+            except ValueError as error:
+                raise ValueError(f"estimator.reference: {error}") from None
+            _set(self, "reference", reference)
         if self.score != "sum" and self.name != "aleatoric":
             raise ValueError(f"estimator.score {self.score} applies to the aleatoric estimator (its reference "
                              f"statistics are of aleatoric maps, from calibrate); estimator.name is {self.name}")
@@ -204,6 +205,12 @@ class EstimatorSpec:
     @property
     def enabled(self) -> bool:
         return self.name != "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the score variant divides by reference statistics not given yet: load calibrate's file
+        (`uncdiff.io.tables.load_score_reference`) into `reference` before sampling."""
+        return self.score != "sum" and self.reference is None
 
     def settings(self) -> dict:
         """The options of this estimator as plain values (a run's `estimator` record): name and what
@@ -250,8 +257,8 @@ class GuidanceSpec:
             raise ValueError(f"guidance.sign must be +1 or -1, got {self.sign!r}")
         _set(self, "sign", int(self.sign))
         _set(self, "lam", _number("guidance.lam", self.lam, 0.0, math.inf, high_open=True))
-        _one_of("guidance.grad_wrt", self.grad_wrt, ("eps", "x_t"))
-        _one_of("guidance.reduce", self.reduce, ("sum", "mean"))
+        _one_of("guidance.grad_wrt", self.grad_wrt, GRAD_WRT)
+        _one_of("guidance.reduce", self.reduce, REDUCTIONS)
         if self.prior_precision != ABAR_INVERSE:
             try:
                 _set(self, "prior_precision", _number("guidance.prior_precision", self.prior_precision, 0.0,
