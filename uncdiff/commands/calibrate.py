@@ -28,11 +28,12 @@ from typing import Literal, Optional
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, ModelInputs, _error, add_model_arguments, add_sampler_arguments,
-                                     build_sampler, check_seeds, config_yaml, make_fabric, new_parser,
-                                     parse_options, prepare_model, run_info, sampler_settings)
+from uncdiff.commands.options import add_model_arguments, add_sampler_arguments, config_yaml, new_parser, parse_options
+from uncdiff.commands.runtime import ModelInputs, make_fabric, prepare_model, run_info
+from uncdiff.commands.settings import build_sampler, check_seeds, input_error, sampler_settings
 from uncdiff.core.samplers import EpsModel
-from uncdiff.io.files import write_atomic
+from uncdiff.io.files import InputError, write_atomic, written_together
+from uncdiff.io.lock import lock_outputs
 from uncdiff.uncertainty.calibration import calibrate_table_and_reference
 from uncdiff.uncertainty.estimators import VARIANTS, check_count
 from uncdiff.uncertainty.guidance import save_table
@@ -87,7 +88,7 @@ def calibration_settings(args: Namespace, inputs: ModelInputs) -> dict:
     try:
         m = check_count("num_perturbations", args.estimator.M, 2)
     except ValueError as error:
-        raise _error("--estimator.M", error) from None
+        raise input_error("--estimator.M", error) from None
     least = least_samples(args.quantile)
     if args.n < least:
         raise InputError(f"--n must be >= {least} for --quantile {args.quantile} (at least one sample on each side "
@@ -98,7 +99,7 @@ def calibration_settings(args: Namespace, inputs: ModelInputs) -> dict:
     try:
         build_sampler(inputs.module, sampler)
     except ValueError as error:
-        raise _error("sampler", error) from None
+        raise input_error("sampler", error) from None
     return {"format": 1, "checkpoint_sha256": inputs.sha256, "sampler": sampler, "quantile": args.quantile,
             "num_perturbations": m, "variant": args.estimator.variant,
             "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size}
@@ -120,7 +121,6 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, settings: dict, info: dic
 
     module = inputs.module.to(fabric.device)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)  # before sampling: a bad path fails now
     sampler, seeds = settings["sampler"], settings["seeds"]
     m, n = settings["num_perturbations"], seeds["count"]
     print(f"calibrating: {n} unguided samples (seeds {seeds['start']}..{seeds['start'] + n - 1}), "
@@ -138,9 +138,11 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, settings: dict, info: dic
     if out.exists() or config_path(out).exists() or reference_path(out).exists():
         sys.exit(f"error: --out: {out} appeared while calibrating; not overwritten, nothing written")
     record = {**settings, "run": {**info, "seconds": round(seconds, 3)}}
-    save_score_reference(reference_path(out), reference, record)
-    save_table(out, table, record)
-    write_atomic(config_path(out), config.encode())  # after the table: a config always describes a table
+    # all three files or none (a full disk): never a reference without its table
+    with written_together(reference_path(out), out, config_path(out)) as (reference_file, table_file, config_file):
+        save_score_reference(reference_file, reference, record)
+        save_table(table_file, table, record)
+        write_atomic(config_file, config.encode())
     print(f"wrote {out}: the {settings['quantile']}-quantile of U_t, {list(table.shape)} (steps, C, H, W), "
           f"over {n} samples in {seconds:.1f} s; the score reference statistics in {reference_path(out)}; its "
           f"config in {config_path(out)}")
@@ -153,13 +155,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         inputs = prepare_model(args, needs_laplace=False)
         settings = calibration_settings(args, inputs)
+        lock = lock_outputs(args.out)  # held until main returns; its file is the first write: an unwritable folder fails now
         fabric = make_fabric(args.fabric)
         if fabric.world_size > 1:
             raise InputError(f"--fabric.devices/--fabric.num_nodes: calibrate runs in one process, not "
                              f"{fabric.world_size}")
     except InputError as error:
         sys.exit(f"error: {error}")
-    fabric.launch(_run, args, inputs, settings, run_info(["calibrate", *argv], inputs), config_yaml(parser, args))
+    fabric.launch(_run, args, inputs, settings, run_info(["calibrate", *argv], inputs.checkpoint), config_yaml(parser, args))
 
 
 if __name__ == "__main__":

@@ -30,29 +30,25 @@ One process on one device. Every input is checked before `<out>` is created, and
 that isn't empty is refused: nothing is overwritten.
 """
 
-import csv
-import io
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, _error, add_bayesdiff_arguments, add_guidance_arguments,
-                                     add_sampler_arguments, build_sampler, config_yaml, estimator_hook, file_sha256,
-                                     guidance_settings, image_to_image_data, laplace_source, load_or_fit_laplace,
-                                     make_fabric, new_parser, parse_options, sampler_settings)
+from uncdiff.commands.options import (add_bayesdiff_arguments, add_guidance_arguments, add_sampler_arguments,
+                                      config_yaml, new_parser, parse_options, record_config)
+from uncdiff.commands.runtime import make_fabric, typed_command
+from uncdiff.commands.settings import build_sampler, estimator_hook, guidance_settings, input_error, sampler_settings
 from uncdiff.core.samplers import MAX_SEED
-from uncdiff.evaluation.image_to_image import (calibration_markdown, calibration_rows, calibration_study, draw_panels,
-                                               guidance_csv_rows, guidance_markdown, guidance_study, paired_difference)
-from uncdiff.io.files import write_atomic
-from uncdiff.lightning.palette import load_conditional, restorer
-from uncdiff.uncertainty.bayesdiff import OLD_MOMENT_NAMES
+from uncdiff.evaluation.image_to_image import calibration_study, guidance_study
+from uncdiff.evaluation.image_to_image_report import write_study_report
+from uncdiff.io.files import InputError
+from uncdiff.io.lock import holds_files, lock_new_folder
+from uncdiff.lightning.loading import (file_sha256, image_to_image_data, laplace_source, load_module,
+                                       load_or_fit_laplace)
+from uncdiff.lightning.palette import restorer
 from uncdiff.uncertainty.estimators import VARIANTS, check_count
 
 ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
@@ -106,7 +102,7 @@ def study_estimators(args: Namespace, m: int, sampler: dict) -> dict:
             options = {"num_passes": m, "dropout": args.estimator.dropout}
         else:
             options = {"num_draws": args.bayesdiff.draws, "skip": args.bayesdiff.skip,
-                       "moments": OLD_MOMENT_NAMES.get(args.bayesdiff.moments, args.bayesdiff.moments)}
+                       "moments": args.bayesdiff.moments}
         estimators[ROW_NAMES[name]] = (name, options)
     return estimators
 
@@ -129,11 +125,11 @@ def study_plan(args: Namespace) -> dict:
     """Everything the study runs with (recorded in study.json), every option checked; loads the
     checkpoint and builds the held-out pairs. Writes nothing."""
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or holds_files(out)):
         raise InputError(f"--out {out} exists and is not an empty folder; evaluate_i2i never overwrites (choose "
                          f"another --out)")
     checkpoint = Path(args.checkpoint)
-    module = load_conditional(checkpoint)
+    module = load_module(checkpoint, image_to_image=True)
     data, config = image_to_image_data(module, checkpoint, args.data.run_config)
     try:
         m = check_count("--estimator.M", args.estimator.M, 2)
@@ -151,22 +147,22 @@ def study_plan(args: Namespace) -> dict:
     try:
         build_sampler(module, sampler)
     except ValueError as error:
-        raise _error("sampler", error) from None
+        raise input_error("sampler", error) from None
     estimators = study_estimators(args, m, sampler)
     guided = study_guidance(args, m)
     for name, (estimator, options, *guidance) in [*estimators.items(), *guided.items()]:
         try:
             estimator_hook(module, estimator, options, guidance[0] if guidance else None)
         except ValueError as error:
-            raise _error(name, error) from None
-    laplace = laplace_source(module, checkpoint, args.bayesdiff.laplace_images) if "BayesDiff" in estimators \
+            raise input_error(name, error) from None
+    laplace = laplace_source(module, args.bayesdiff.laplace_images) if "BayesDiff" in estimators \
         else None
     try:
         data.prepare_data()
         data.setup("fit")
         x0, condition, mask = data.held_out(args.n)
     except ValueError as error:
-        raise _error("--n", error) from None
+        raise input_error("--n", error) from None
     digits = type(data.data).__name__ == "DigitsDataModule"
     extractor = args.fid.extractor if args.fid.extractor != "auto" else ("digits-classifier" if digits else "inception")
     if extractor == "digits-classifier" and not digits:
@@ -181,83 +177,10 @@ def study_plan(args: Namespace) -> dict:
                        "fid_extractor": extractor, "batch_size": args.batch_size}}
 
 
-def machine() -> str:
-    cpu = " ".join(part for part in (platform.machine(), platform.processor()) if part)
-    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
-
-
-def report_markdown(study: dict, record: dict, seconds: float, device: str, guided: Optional[dict] = None) -> str:
-    """report.md: what ran, the tables, the paired differences, guidance (`guided`: `guidance_study`'s) and
-    the panels."""
-    sampler = record["sampler"]
-    lines = ["# Image-to-image: uncertainty against the real error", "",
-             f"Checkpoint `{record['checkpoint']}` (task `{record['task']}`), {record['held_out']} held-out "
-             f"validation images with the pairs of the run's validation, {sampler['steps']} {sampler['name']} "
-             f"steps, K = {record['samples']} samples per input, M = {record['M']}, seed groups "
-             f"{record['seed_groups']}. {seconds / 60:.1f} minutes on {device} ({machine()}).", "",
-             f"Command: `{' '.join(record['command'])}`", "",
-             "AUSE / AURG rank the output's squared error over the generated pixels by each map "
-             "(docs/algorithms.md §6, §7); the output is the first of the K samples"
-             + (" (BayesDiff's: its own mean trajectory from the same noise, DDIM without x0 clipping, "
-                f"Laplace posterior from {laplace_text(record['laplace'])})" if record.get("laplace") else "")
-             + ".", "",
-             calibration_markdown(study), "", "## Paired differences (per seed group, same outputs)", "",
-             "| map | AUSE minus K-sample variance's | AUSE minus random's | beats the baseline by > 2 std | "
-             "beats random by > 2 std |", "|---|---|---|---|---|"]
-    fmt = lambda pair: f"{pair[0]:+.4f} ± {pair[1]:.4f}"
-    if study["groups"] < 2:
-        beats = lambda pair: "n/a (one group)"
-    else:
-        beats = lambda pair: "yes" if pair[0] + 2 * pair[1] < 0 else "no"
-    for name in [*record["estimators"], "K-sample variance"]:
-        vs_k = paired_difference(study, name, "K-sample variance")
-        vs_random = paired_difference(study, name, "random")
-        k_cells = ("—", "—") if name == "K-sample variance" else (fmt(vs_k), beats(vs_k))
-        lines.append(f"| {name} | {k_cells[0]} | {fmt(vs_random)} | {k_cells[1]} | {beats(vs_random)} |")
-    lines += ["", "With few seed groups the standard deviations are rough; lower AUSE is better.", ""]
-    if guided is not None:
-        lines += ["## Guidance (guided versus unguided, same seeds and inputs)", "",
-                  "The unguided output is the study's output; the guided one starts from the same noise "
-                  "(docs/algorithms.md §4). A verdict needs the paired difference beyond 2 standard deviations.", "",
-                  guidance_markdown(guided), ""]
-    if "examples" in study:
-        lines += ["## Panels", "", "Condition, output, ground truth, squared error, then each map (summed over "
-                  "channels, each on its own scale, zero at the known pixels); first seed group.", "",
-                  "![panels](panels.png)", ""]
-    return "\n".join(lines)
-
-
-def laplace_text(laplace: dict) -> str:
-    if laplace["source"] == "checkpoint":
-        return f"the checkpoint ({laplace['num_images']} images)"
-    return f"the first {laplace['num_images']} training pairs"
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue().encode())
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parse_options(parser, argv)
-    try:
-        plan = study_plan(args)
-        fabric = make_fabric(Namespace(accelerator=args.fabric.accelerator, devices=1, num_nodes=1, strategy="auto"))
-    except InputError as error:
-        sys.exit(f"error: {error}")
-    record = {**plan["record"], "command": ["train.py", "evaluate_i2i", *argv]}
-    module = plan["module"].to(fabric.device)
-    if record["laplace"] is not None:  # BayesDiff: the checkpoint's posterior, its cache, or a fit on training pairs
-        checkpoint = Path(args.checkpoint)
-        load_or_fit_laplace(module, checkpoint, record["checkpoint_sha256"], record["laplace"], plan["data"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", config_yaml(parser, args).encode())
+def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict], float]:
+    """The calibration study and, with a guidance rule, the guidance study, on `fabric`'s device:
+    `(study, guided study or None, seconds)`."""
+    record, module = plan["record"], plan["module"]
     fid = None
     if record["fid_extractor"] != "none":
         from uncdiff.evaluation.fid import fid_between, make_extractor
@@ -269,28 +192,40 @@ def main(argv: Optional[list[str]] = None) -> None:
     sampler = dict(record["sampler"])
     restore = restorer(module, sampler=sampler.pop("name"), steps=sampler.pop("steps"),
                        batch_size=args.batch_size, progress=args.progress, **sampler)
+    progress = lambda message: print(f"evaluate_i2i: {message}", flush=True)
+    inputs = (restore, plan["x0"], plan["condition"], plan["mask"])
     start = time.perf_counter()
-    study = calibration_study(restore, plan["x0"], plan["condition"], plan["mask"], record["estimators"],
-                              num_samples=record["samples"], seed_groups=record["seed_groups"], fid=fid,
-                              keep_examples=min(args.examples, args.n),
-                              progress=lambda message: print(f"evaluate_i2i: {message}", flush=True))
+    study = calibration_study(*inputs, record["estimators"], num_samples=record["samples"],
+                              seed_groups=record["seed_groups"], fid=fid, keep_examples=min(args.examples, args.n),
+                              progress=progress)
     guided = None
     if record["guidance"]:
-        guided = guidance_study(restore, plan["x0"], plan["condition"], plan["mask"], record["guidance"],
-                                num_samples=record["samples"], seed_groups=record["seed_groups"], fid=fid,
-                                progress=lambda message: print(f"evaluate_i2i: {message}", flush=True))
-        write_csv(out / "guidance.csv", guidance_csv_rows(guided))
-    seconds = time.perf_counter() - start
-    if "examples" in study:
-        draw_panels(study["examples"], out / "panels.png")
-    write_csv(out / "calibration.csv", calibration_rows(study))
-    summary = {key: value for key, value in study.items() if key != "examples"}
-    write_atomic(out / "study.json", json.dumps({**record, "seconds": round(seconds, 1), "study": summary,
-                                                 "guidance_study": guided}, indent=2).encode())
-    write_atomic(out / "report.md", report_markdown(study, record, seconds, str(fabric.device), guided).encode())
-    written = ["calibration.csv", "study.json"] + (["panels.png"] if "examples" in study else []) + \
-        (["guidance.csv"] if guided else [])
-    print(f"wrote {out / 'report.md'} ({seconds / 60:.1f} minutes): {', '.join(written)}")
+        guided = guidance_study(*inputs, record["guidance"], num_samples=record["samples"],
+                                seed_groups=record["seed_groups"], fid=fid, progress=progress)
+    return study, guided, time.perf_counter() - start
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parse_options(parser, argv)
+    try:
+        plan = study_plan(args)
+        lock = lock_new_folder(args.out)  # held until main returns: no other run writes there meanwhile
+        fabric = make_fabric(Namespace(accelerator=args.fabric.accelerator, devices=1, num_nodes=1, strategy="auto"))
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    record = {**plan["record"], "command": typed_command(["evaluate_i2i", *argv])}
+    module = plan["module"].to(fabric.device)
+    if record["laplace"] is not None:  # BayesDiff: the checkpoint's posterior, its cache, or a fit on training pairs
+        load_or_fit_laplace(module, Path(args.checkpoint), record["checkpoint_sha256"], record["laplace"],
+                            plan["data"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_config(out, config_yaml(parser, args))
+    study, guided, seconds = run_study(args, plan, fabric)
+    written = write_study_report(out, study, record, seconds, str(fabric.device), guided)
+    print(f"wrote {out / 'report.md'} ({seconds / 60:.1f} minutes): {', '.join(written[:-1])}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from typing import Optional
 
 from jsonargparse import ArgumentParser
 
-from uncdiff.commands.common import InputError, load_module, new_parser, parse_options
+from uncdiff.commands.options import new_parser, parse_options
 from uncdiff.io.diffusers_pipeline import DiffusersEps, ddpm_scheduler_config, save_pipeline
+from uncdiff.io.files import InputError
+from uncdiff.lightning.loading import load_module
 
 
 def build_parser() -> ArgumentParser:

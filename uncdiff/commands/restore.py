@@ -23,21 +23,21 @@ the output directory is created.
 
 import hashlib
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, ModelInputs, SampleStore, add_estimator_arguments,
-                                     add_fabric_arguments, add_guidance_arguments, add_sampler_arguments,
-                                     attach_laplace, build_settings, config_yaml, file_sha256, generate_run,
-                                     image_to_image_data, laplace_cached, laplace_source, make_fabric, new_parser,
-                                     parse_options, print_run_summary, record_config)
+from uncdiff.commands.options import (add_estimator_arguments, add_fabric_arguments, add_guidance_arguments,
+                                      add_sampler_arguments, config_yaml, new_parser, parse_options, record_config)
+from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run, make_fabric, prepare_model,
+                                      print_run_summary, run_info)
+from uncdiff.commands.settings import build_settings
 from uncdiff.io.condition_images import read_conditions, read_masks
-from uncdiff.io.files import write_atomic
-from uncdiff.lightning.palette import ConditionalDiffusionModule, load_conditional
+from uncdiff.io.files import InputError, write_atomic
+from uncdiff.io.sample_store import SampleStore
+from uncdiff.lightning.palette import ConditionalDiffusionModule
 
 
 def build_parser() -> ArgumentParser:
@@ -100,23 +100,6 @@ def read_inputs(args: Namespace, module: ConditionalDiffusionModule) -> tuple[li
     return files, pixels, masks
 
 
-def laplace_inputs(args: Namespace, module: ConditionalDiffusionModule, checkpoint: Path, sha256: str) -> ModelInputs:
-    """What BayesDiff needs (`ModelInputs`): the Laplace posterior's source (the checkpoint's own, or a
-    fit on `--bayesdiff.laplace_images` training pairs, cached beside the checkpoint) and, when it must
-    be fitted, the run's image-to-image data, checked to be there. Loads no data, writes nothing."""
-    if args.estimator.name != "bayesdiff":
-        return ModelInputs(module, checkpoint, sha256)
-    laplace = laplace_source(module, checkpoint, args.bayesdiff.laplace_images)
-    data = None
-    if laplace["source"] == "fit" and not laplace_cached(checkpoint, sha256, laplace):
-        try:
-            data, _ = image_to_image_data(module, checkpoint, args.data.run_config)
-        except InputError as error:
-            raise InputError(f"--estimator.name bayesdiff fits its Laplace posterior on the run's training pairs: "
-                             f"{error}") from None
-    return ModelInputs(module, checkpoint, sha256, laplace, data)
-
-
 def restore_settings(args: Namespace, inputs: ModelInputs, files: list[Path], pixels: torch.Tensor,
                      masks: Optional[torch.Tensor]) -> dict:
     """`sample`'s settings of this run (`build_settings`, every option checked; BayesDiff's Laplace source
@@ -172,18 +155,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = build_parser()
     args = parse_options(parser, argv)
     try:
-        checkpoint = Path(args.checkpoint)
-        module = load_conditional(checkpoint)
-        files, pixels, masks = read_inputs(args, module)
-        inputs = laplace_inputs(args, module, checkpoint, file_sha256(checkpoint))
+        inputs = prepare_model(args, needs_laplace=args.estimator.name == "bayesdiff", image_to_image=True)
+        files, pixels, masks = read_inputs(args, inputs.module)
         settings = restore_settings(args, inputs, files, pixels, masks)
         store = SampleStore(args.out, settings)
         store.check()
     except InputError as error:
         sys.exit(f"error: {error}")
-    info = {"checkpoint": str(checkpoint.resolve()), "command": ["train.py", "restore", *argv],
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    restorer = FolderRestorer(module, pixels, masks, settings["seeds"]["start"])
+    info = run_info(["restore", *argv], inputs.checkpoint)
+    restorer = FolderRestorer(inputs.module, pixels, masks, settings["seeds"]["start"])
     make_fabric(args.fabric).launch(_run, args, inputs, restorer, store, info, config_yaml(parser, args))
 
 

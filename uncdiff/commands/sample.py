@@ -18,11 +18,13 @@ from typing import Optional
 
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.common import (InputError, ModelInputs, SampleStore, add_estimator_arguments,
-                                     add_guidance_arguments, add_model_arguments, add_sampler_arguments,
-                                     attach_laplace, build_settings, config_yaml, generate_run, make_fabric,
-                                     new_parser, parse_options, prepare_model, print_run_summary, record_config,
-                                     run_info)
+from uncdiff.commands.options import (add_estimator_arguments, add_guidance_arguments, add_model_arguments,
+                                      add_sampler_arguments, config_yaml, new_parser, parse_options, record_config)
+from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run, make_fabric, prepare_model,
+                                      print_run_summary, run_info)
+from uncdiff.commands.settings import build_settings
+from uncdiff.io.files import InputError
+from uncdiff.io.sample_store import SampleStore
 
 
 def build_parser() -> ArgumentParser:
@@ -56,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         store.check()
     except InputError as error:
         sys.exit(f"error: {error}")
-    make_fabric(args.fabric).launch(_run, args, inputs, store, run_info(["sample", *argv], inputs),
+    make_fabric(args.fabric).launch(_run, args, inputs, store, run_info(["sample", *argv], inputs.checkpoint),
                                     config_yaml(parser, args))
 
 

@@ -19,7 +19,6 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from uncdiff.core.filtering import keep_best
 from uncdiff.evaluation.metrics import ause_aurg, random_subsets, sparsification_curve
@@ -42,44 +41,13 @@ def compare(difference: float, std: Optional[float], better: str = "better", wor
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and (sample) standard deviation; the standard deviation is None for one value, which has
+    no spread to judge by (`compare` says so)."""
     v = torch.tensor(list(values), dtype=torch.float64)
     return float(v.mean()), float(v.std()) if len(v) > 1 else None
 
 
-# ------------------------------------------------------------------------------------------ FID
-
-class _Features(nn.Module):
-    """Identity "extractor": lets torchmetrics' FID take features that were extracted once."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, features: Tensor) -> Tensor:
-        return features
-
-
-class FeatureFID:
-    """FID of a feature set `[N, D]` against real statistics (torchmetrics' states from
-    `uncdiff.evaluation.fid.real_feature_stats`), with torchmetrics' own sums and Fréchet distance. Features
-    are extracted once per sample set, so the FID of any subset costs no network pass. Never syncs
-    across processes (it runs on one rank)."""
-
-    def __init__(self, real_stats: dict[str, Tensor], device: torch.device | str = "cpu"):
-        dim = real_stats["real_features_sum"].numel()
-        self.metric = FrechetInceptionDistance(feature=_Features(dim), reset_real_features=False, normalize=True,
-                                               sync_on_compute=False).to(device)
-        self.device = torch.device(device)
-        for key, value in real_stats.items():
-            state = getattr(self.metric, key)
-            setattr(self.metric, key, value.to(state.device, state.dtype))
-
-    def __call__(self, features: Tensor) -> float:
-        self.metric.reset()
-        for batch in features.split(4096):
-            self.metric.update(batch.to(self.device, torch.float64), real=False)
-        return float(self.metric.compute())
-
+# ------------------------------------------------------------------------------ precision / recall
 
 class FeaturePrecisionRecall:
     """Improved precision and recall (Kynkäänniemi et al. 2019; docs/algorithms.md §6) of a feature set `[N, D]`
@@ -156,7 +124,7 @@ NEGATIVE_VARIANCES = " (scores invalid: negative variances)"
 
 def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dict, Optional[str]]:
     """BayesDiff's filtering `row` and a report note when its `scores [N]` (sums of the propagated
-    Var[x0], from the estimator `options` `num_draws` and `moments`) include negative ones, which no
+    Var[x0], from the estimator `options` `draws` and `moments`) include negative ones, which no
     variance can be: then the row's verdicts are marked invalid. Unchanged and None when every score
     is >= 0."""
     negative = int((scores < 0).sum())
@@ -167,7 +135,7 @@ def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dic
             f"no variance can be, so the BayesDiff filtering row is not meaningful.")
     if options.get("moments", "regression") == "paper":
         note += (f" The paper's Monte Carlo covariance estimator (docs/algorithms.md §5b) is dominated by noise "
-                 f"at S = {options['num_draws']} draws; `--bayesdiff.moments regression` gives usable variances.")
+                 f"at S = {options['draws']} draws; `--bayesdiff.moments regression` gives usable variances.")
     return marked, note
 
 

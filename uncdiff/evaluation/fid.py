@@ -31,19 +31,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from uncdiff.data import datasets
 from uncdiff.io.files import save_atomic
 from uncdiff.io.images import from_uint8, to_uint8
+from uncdiff.io.processes import rank_and_world
 
 ImageBatches = Union[Iterable[Tensor], Callable[[], Iterable[Tensor]]]
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         torch.distributed.barrier()
 
 
@@ -180,7 +175,7 @@ class ClassifierFeatures(nn.Module):
         self.path = Path(cache_dir) / "fid_classifiers" / f"{self.name}.pt"
 
         self.trained_now = False
-        if _world()[0] == 0 and not self.path.is_file():
+        if rank_and_world()[0] == 0 and not self.path.is_file():
             save_atomic(train_classifier(settings), self.path)
             self.trained_now = True
         _barrier()  # other ranks wait for rank 0's file
@@ -259,7 +254,7 @@ def real_feature_stats(extractor: nn.Module, dataset: str, real_images: ImageBat
     called only when computing."""
     path = stats_path(cache_dir, dataset, extractor.name)
     computed = False
-    if _world()[0] == 0 and not path.is_file():
+    if rank_and_world()[0] == 0 and not path.is_file():
         batches = real_images() if callable(real_images) else real_images
         stats = compute_real_stats(extractor, batches)
         save_atomic({**stats, "dataset": dataset, "extractor": extractor.name}, path)
@@ -287,6 +282,19 @@ def datamodule_images(datamodule, split: str = "train", batch_size: int = 500) -
 
 # ------------------------------------------------------------------------------------ evaluation
 
+class _Features(nn.Module):
+    """The identity as an "extractor": FID of features that were extracted once."""
+
+    name = "features"
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
 class FIDEvaluator(nn.Module):
     """FID of generated images against the cached real statistics of `dataset`.
 
@@ -296,6 +304,10 @@ class FIDEvaluator(nn.Module):
     it yourself after DDP is initialised (e.g. in a callback's `setup`). Only rank 0 holds them, so
     the synced sums count each real image once. Move it with `.to(device)`.
     `name` is the extractor's, to be logged next to every value (docs/algorithms.md §6).
+
+    `FIDEvaluator.from_features(real_stats)` takes features `[N, D]` extracted once per sample set
+    instead of images, so the FID of any subset costs no network pass (`evaluate`'s experiments);
+    `score(x)` is the FID of one set `x` on its own.
     """
 
     def __init__(self, extractor: nn.Module, dataset: str, real_images: ImageBatches, cache_dir: str = "cache",
@@ -306,15 +318,33 @@ class FIDEvaluator(nn.Module):
         self._real_images = real_images
         self.prepared = False
 
+    @classmethod
+    def from_features(cls, real_stats: dict[str, Tensor], device: torch.device | str = "cpu") -> "FIDEvaluator":
+        """FID of feature sets `[N, D]` against real statistics (`real_feature_stats`' states). Never
+        syncs across processes: it runs on one rank."""
+        evaluator = cls(_Features(real_stats["real_features_sum"].numel()), dataset="features", real_images=(),
+                        sync_on_compute=False).to(device)
+        evaluator._set_real(real_stats, keep=True)
+        return evaluator
+
     def prepare(self) -> bool:
         """Load (or compute once and cache) the real statistics. Returns whether they were computed."""
         stats, computed = real_feature_stats(self.metric.inception, self.dataset, self._real_images, self.cache_dir)
-        keep = _world()[0] == 0
+        self._set_real(stats, keep=rank_and_world()[0] == 0)
+        return computed
+
+    def _set_real(self, stats: dict[str, Tensor], keep: bool) -> None:
         for key, value in stats.items():
             state = getattr(self.metric, key)
             setattr(self.metric, key, (value if keep else torch.zeros_like(value)).to(state.device, state.dtype))
         self.prepared = True
-        return computed
+
+    def score(self, fake: Tensor, batch_size: int = 4096) -> float:
+        """The FID of `fake` alone (images, or features for `from_features`), after a `reset`."""
+        self.reset()
+        for batch in fake.split(batch_size):
+            self.update(batch.to(self.metric.real_features_sum.device))
+        return self.compute()
 
     def update(self, fake_images: Tensor) -> None:
         """`fake_images`: float `[B, C, H, W]` in [-1, 1]."""

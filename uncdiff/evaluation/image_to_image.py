@@ -40,7 +40,7 @@ def error_calibration(maps: torch.Tensor, outputs: torch.Tensor, targets: torch.
 # ---------------------------------------------------------------------------------------------
 # Calibration against the true error, with the K-sample baseline (docs/algorithms.md §7)
 
-# restore(condition, mask, seeds, estimator, estimator_options, guidance=None) -> SampleResult
+# restore(condition, mask, seeds, estimator: EstimatorSpec | None, guidance: GuidanceSpec | None = None) -> SampleResult
 Restore = Callable[..., Any]
 
 
@@ -75,11 +75,6 @@ def mean_pairwise_ssim(samples: torch.Tensor) -> float:
     return sum(values) / len(values)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
-
-
 def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, mask: Optional[torch.Tensor],
                       estimators: dict, num_samples: int = 6, seed_groups: Sequence[int] = (0, 1, 2),
                       fid: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
@@ -91,7 +86,7 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     None) is restored `num_samples` (K) times with distinct seeds; the first sample is *the* output.
     Rows (`AUSE`, `AURG` of a map against the output's squared error over the generated pixels):
 
-    - each of `estimators` (`{row name: (estimator, options)}`, run by `restore` with the first
+    - each of `estimators` (`{row name: EstimatorSpec}`, run by `restore` with the first
       sample's seeds), against the error of the output of its own run: the first sample itself for
       the aleatoric and MC-Dropout estimators, which keep the plain trajectory; BayesDiff's mean
       trajectory (DDIM without clipping, docs/algorithms.md §5b) from the same starting noise;
@@ -127,12 +122,12 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         if progress is not None:
             progress(f"seed group {g} ({number + 1} of {len(seed_groups)})")
         seeds = [group_seeds(g, j, k, n) for j in range(k)]
-        samples = torch.stack([restore(condition, mask, seeds[j], "none", {}).images for j in range(k)])
+        samples = torch.stack([restore(condition, mask, seeds[j], None).images for j in range(k)])
         output = samples[0]
         error = (output.double() - x0.double()).pow(2)
         maps = {}
-        for name, (estimator, options) in estimators.items():
-            result = restore(condition, mask, seeds[0], estimator, dict(options))
+        for name, estimator in estimators.items():
+            result = restore(condition, mask, seeds[0], estimator)
             maps[name] = result.maps
             add(name, error_calibration(result.maps, result.images, x0, mask, num_fractions))
         maps["K-sample variance"] = sample_variance(samples)
@@ -152,8 +147,8 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         quality["diversity_ssim"].append(mean_pairwise_ssim(samples))
         if fid is not None:
             quality["fid"].append(float(fid(output, x0)))
-    study = {"rows": {name: {m: mean_std(v) for m, v in row.items()} for name, row in per_row.items()},
-             "quality": {name: mean_std(v) for name, v in quality.items()}, "groups": len(seed_groups),
+    study = {"rows": {name: {m: experiments.mean_std(v) for m, v in row.items()} for name, row in per_row.items()},
+             "quality": {name: experiments.mean_std(v) for name, v in quality.items()}, "groups": len(seed_groups),
              "per_group": per_row}
     if examples is not None:
         study["examples"] = examples
@@ -171,7 +166,7 @@ def guidance_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, 
     from the same seeds and inputs (docs/algorithms.md §7).
 
     For each seed group g, every held-out input is restored unguided and with each of `guided`
-    (`{row name: (estimator, options, guidance)}`), all with the seeds of `calibration_study`'s output
+    (`{row name: (EstimatorSpec, GuidanceSpec)}`), all with the seeds of `calibration_study`'s output
     (`group_seeds(g, 0, K, n)`, so the unguided output is that study's output). Per group: L1 and PSNR
     to the ground truth over the generated pixels, and `fid(outputs, x0)` when given. Each row pairs
     the groups: the guided-minus-unguided difference's mean ± standard deviation over the groups and
@@ -190,9 +185,9 @@ def guidance_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, 
         if progress is not None:
             progress(f"guidance, seed group {g} ({number + 1} of {len(seed_groups)})")
         seeds = group_seeds(g, 0, num_samples, n)
-        plain = measure(restore(condition, mask, seeds, "none", {}).images)
-        for name, (estimator, options, guidance) in guided.items():
-            ours = measure(restore(condition, mask, seeds, estimator, dict(options), guidance=dict(guidance)).images)
+        plain = measure(restore(condition, mask, seeds, None).images)
+        for name, (estimator, guidance) in guided.items():
+            ours = measure(restore(condition, mask, seeds, estimator, guidance=guidance).images)
             for m in metrics:
                 values[name][m][0].append(plain[m])
                 values[name][m][1].append(ours[m])
@@ -233,16 +228,17 @@ def guidance_csv_rows(study: dict) -> list[dict]:
              "guided_per_group": " ".join(f"{v:.6g}" for v in r["per_group"]["guided"])} for r in study["rows"]]
 
 
-def paired_difference(study: dict, row: str, baseline: str, metric: str = "ause") -> tuple[float, float]:
+def paired_difference(study: dict, row: str, baseline: str, metric: str = "ause") -> tuple[float, Optional[float]]:
     """`(mean, std)` over the seed groups of `row`'s `metric` minus `baseline`'s, group by group (both
-    maps rank the errors of the same outputs, so the groups pair up)."""
+    maps rank the errors of the same outputs, so the groups pair up); std None with one group."""
     a, b = study["per_group"][row][metric], study["per_group"][baseline][metric]
-    return mean_std([x - y for x, y in zip(a, b)])
+    return experiments.mean_std([x - y for x, y in zip(a, b)])
 
 
 def calibration_markdown(study: dict) -> str:
-    """The study of `calibration_study` as two Markdown tables (mean ± std over seed groups)."""
-    fmt = lambda pair: f"{pair[0]:.4f} ± {pair[1]:.4f}"
+    """The study of `calibration_study` as two Markdown tables (mean ± std over seed groups; the mean
+    alone with one group)."""
+    fmt = lambda pair: f"{pair[0]:.4f}" + ("" if pair[1] is None else f" ± {pair[1]:.4f}")
     lines = [f"| map | AUSE (lower is better) | AURG (higher is better) |", "|---|---|---|"]
     lines += [f"| {name} | {fmt(row['ause'])} | {fmt(row['aurg'])} |" for name, row in study["rows"].items()]
     lines += ["", "| output quality | value |", "|---|---|"]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 
 from uncdiff.data.datasets import digits
 from uncdiff.io.images import from_uint8
+from uncdiff.io.processes import rank_and_world
 
 # Lightning warns about mid-epoch resumes unless the DataLoader itself is stateful; ours skips the
 # trained part of the epoch through the datamodule's state instead (see ImageDataModule.state_dict).
@@ -39,22 +40,16 @@ class ResumableSampler(DistributedSampler):
         self.epoch = 0
         self.resume_epoch, self.resume_skip = -1, 0
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
         self.epoch = epoch
 
     def __len__(self) -> int:
-        rank, world = self._world()
+        rank, world = rank_and_world()
         skip = self.resume_skip if self.epoch == self.resume_epoch else 0
         return max(self.size // world - skip, 0)
 
     def __iter__(self) -> Iterator[int]:
-        rank, world = self._world()
+        rank, world = rank_and_world()
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
