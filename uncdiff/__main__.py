@@ -10,9 +10,17 @@ one entry point for every command.
     uncdiff evaluate_i2i --checkpoint CKPT --out DIR   # image-to-image: uncertainty vs the real error, a report
 
 `uncdiff <command> --help` lists a command's options; docs/cli.md describes them all.
+
+A user's mistake (a bad option or input file, a folder that can't be written, a full disk, an output
+folder another run holds) ends in one line on stderr, `error: ...`, naming the option or file and
+the fix: exit status 2 for a command that can't run as given, 1 for a run that failed. `--debug`
+(anywhere on the command line) or `UNCDIFF_DEBUG=1` shows the traceback instead. Anything else is a
+bug and keeps its traceback.
 """
 
+import errno
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -41,9 +49,66 @@ def usage(prog: str) -> str:
     return "\n".join(lines)
 
 
+USAGE_STATUS, RUN_STATUS = 2, 1
+# errnos of a path that names nothing usable: the command as given can't run
+MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def user_error(error: BaseException) -> Optional[tuple[str, int]]:
+    """`(one line, exit status)` for the errors a user causes and can fix; None for a bug."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from uncdiff.io.files import InputError
+    from uncdiff.io.lock import OutputInUse
+
+    if isinstance(error, (InputError, MisconfigurationException)):
+        return one_line(error), USAGE_STATUS
+    if isinstance(error, OutputInUse):
+        return one_line(error), RUN_STATUS
+    if isinstance(error, OSError) and error.errno is not None:
+        name = f": {error.filename}" if error.filename else ""
+        if error.errno == errno.ENOSPC:
+            return (f"no space left on the device{name}: free some space and repeat the command (sample and restore "
+                    f"go on where they stopped)"), RUN_STATUS
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"{error.strerror}{name}: choose a folder you can write (another --out)", RUN_STATUS
+        if error.errno in MISSING:
+            return f"{error.strerror}{name}", USAGE_STATUS
+        return f"{error.strerror}{name}", RUN_STATUS
+    if isinstance(error, OSError) and str(error):  # raised with a message of our own (no errno)
+        return one_line(error), RUN_STATUS
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Run the command `argv[0]` (default: the process's command line) with the rest of `argv`."""
+    """Run the command `argv[0]` (default: the process's command line) with the rest of `argv`; a
+    user's error ends the process with one line and exit status 2 or 1 (module docstring)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("UNCDIFF_DEBUG", "") not in ("", "0")
+    if "--debug" in args:
+        args = [arg for arg in args if arg != "--debug"]
+        if argv is None:
+            sys.argv[1:] = args  # LightningCLI reads sys.argv itself
+    try:
+        run(args, from_sys_argv=argv is None)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str) and not debug:  # a command's own `sys.exit("error: ...")`: a usage error
+            print(one_line(exit_.code), file=sys.stderr)
+            sys.exit(USAGE_STATUS)
+        raise
+    except Exception as error:
+        known = None if debug else user_error(error)
+        if known is None:
+            raise
+        print(f"error: {known[0]}", file=sys.stderr)
+        sys.exit(known[1])
+
+
+def run(args: list[str], from_sys_argv: bool) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(usage("uncdiff"))
         if not args:
@@ -55,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from uncdiff.lightning.cli import main as lightning_main
 
     # LightningCLI reads sys.argv itself when given no argv (and warns when given both)
-    lightning_main(None if argv is None else args)
+    lightning_main(None if from_sys_argv else args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     samples/<seed>_map.png       heatmap of the map summed over channels, scaled to the map's own maximum
     records/chunk-<k>.json       written after chunk k's files: its seeds, scores, network evaluations, seconds
     manifest.csv                 one row per sample (seed, files, score, kept), written when all chunks are done
+    .lock                        held by the run writing the directory (uncdiff.io.lock)
     grid.png, dropped.png        the first 64 samples, and the dropped ones (highest score first),
                                  each as image | heatmap pairs
 
@@ -13,11 +14,14 @@ The seeds are cut into fixed chunks of `batch_size` consecutive seeds, and a chu
 generated as one batch: its results do not depend on how many processes share the work or on
 interruptions (even MC-Dropout's, whose dropout masks depend on the batch). Every file is written
 under a temporary name and renamed, the chunk's record last: a chunk is finished exactly when its
-record exists, and a re-run generates only the chunks without one.
+record exists, and a re-run generates only the chunks without one. A sample whose score is not a
+finite number (a model with NaN weights, an overflow) is never kept: the manifest marks it dropped
+and the summary counts it.
 """
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +32,7 @@ from PIL import Image
 
 from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import InputError, write_atomic
+from uncdiff.io.lock import LOCK_NAME, lock_folder
 from uncdiff.io.images import from_uint8, to_uint8
 
 GRID_SAMPLES = 64
@@ -100,14 +105,17 @@ def check_output_dir(root: Path, settings: dict) -> str:
         raise InputError(f"output path {root} exists and is not a directory")
     run = root / "run.json"
     if not run.is_file():
-        if any(root.iterdir()):
+        if any(p.name != LOCK_NAME for p in root.iterdir()):
             raise InputError(f"output directory {root} is not empty and holds no run.json: it is not a uncdiff "
                              f"output directory; choose another --out")
         return "new"
     try:
         old = json.loads(run.read_text())["settings"]
-    except (ValueError, KeyError) as error:
-        raise InputError(f"{run} is unreadable ({error}); choose another --out") from None
+        if not isinstance(old, dict):
+            raise ValueError("its settings are not a mapping")
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{run} is not a run.json uncdiff wrote ({type(error).__name__}: {error}); choose another "
+                         f"--out") from None
     diff = settings_differences(old, settings)
     if diff:
         raise InputError(f"output directory {root} holds another run (its run.json differs in {len(diff)} "
@@ -136,8 +144,10 @@ class SampleStore:
 
     # ------------------------------------------------------------------------------ checking
 
-    def check(self) -> str:
-        """See `check_output_dir`."""
+    def check(self, lock: bool = True) -> str:
+        """Lock the directory for this run (`lock_folder`; not for a set inside a locked folder), then
+        `check_output_dir`. The lock is held as long as the store (the run) lives."""
+        self.lock = lock_folder(self.root) if lock else None
         return check_output_dir(self.root, self.settings)
 
     def create(self, info: dict) -> None:
@@ -187,8 +197,26 @@ class SampleStore:
                   "nfe": int(nfe), "seconds": float(seconds), **(extras or {})}
         write_atomic(self.record_path(chunk), json.dumps(record).encode())
 
+    def read_record(self, chunk: Chunk) -> dict:
+        """Chunk `chunk`'s record, checked to be this chunk's (its seeds, one score each); an InputError
+        naming the file otherwise (an edited or foreign file: deleting it makes a re-run redo the chunk)."""
+        path = self.record_path(chunk)
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            if record.get("seeds") != chunk.seeds:
+                raise ValueError(f"its seeds are not the chunk's {chunk.seeds[0]}..{chunk.seeds[-1]}")
+            scores = record.get("scores")
+            if scores is not None and (not isinstance(scores, list) or len(scores) != len(chunk.seeds)):
+                raise ValueError(f"it does not hold one score per seed")
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path} is not the record of chunk {chunk.index} ({type(error).__name__}: {error}); "
+                             f"delete it and repeat the command to generate that chunk again") from None
+        return record
+
     def records(self) -> list[dict]:
-        return [json.loads(self.record_path(c).read_text()) for c in self.chunks]
+        return [self.read_record(c) for c in self.chunks]
 
     def finish(self) -> dict:
         """All chunks done: write manifest.csv (filtering by `drop_fraction`), grid.png, dropped.png.
@@ -199,6 +227,8 @@ class SampleStore:
         scores = torch.tensor([s for r in records for s in r["scores"]], dtype=torch.float64) if has_scores else None
         p = self.settings["drop_fraction"]
         kept = keep_best(scores, p) if (has_scores and p) else torch.ones(len(seeds), dtype=torch.bool)
+        non_finite = ~torch.isfinite(scores) if has_scores else torch.zeros(len(seeds), dtype=torch.bool)
+        kept &= ~non_finite  # a NaN score says nothing about the sample: never keep it
 
         lines = [["index", "seed", "image", "map", "heatmap", "score", "kept"]]
         for i, seed in enumerate(seeds):
@@ -215,6 +245,11 @@ class SampleStore:
         summary = {"samples": len(seeds), "kept": int(kept.sum()), "dropped": len(seeds) - int(kept.sum()),
                    "nfe_per_image": sum(r["nfe"] for r in records) / len(seeds),
                    "seconds_per_image": sum(r["seconds"] for r in records) / len(seeds)}
+        if non_finite.any():
+            summary["non_finite_scores"] = int(non_finite.sum())
+            print(f"warning: {summary['non_finite_scores']} of {len(seeds)} samples in {self.root} have a score that is "
+                  f"not a finite number (NaN or inf): the model or its options are broken; those samples are marked "
+                  f"dropped, never kept (manifest.csv)", file=sys.stderr, flush=True)
         write_atomic(self.root / "summary.json", json.dumps(summary, indent=2).encode())
         return summary
 

@@ -51,6 +51,17 @@ def _load(path, kind: str, what: str) -> dict:
     return state
 
 
+def check_thresholds(values: torch.Tensor, path, what: str) -> None:
+    """Statistics of uncertainty maps are finite and >= 0: a NaN threshold would switch guidance off
+    without a word (every comparison with NaN is false), a negative one guide every pixel."""
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{str(path)!r}: {int((~torch.isfinite(values)).sum())} of its {what} are NaN or inf; "
+                         f"calibrate it again")
+    if (values < 0).any():
+        raise ValueError(f"{str(path)!r}: {int((values < 0).sum())} of its {what} are negative (uncertainty is >= 0); "
+                         f"calibrate it again")
+
+
 def load_threshold_table(path, steps: Optional[int] = None,
                          image_shape: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, dict]:
     """`(table [steps, C, H, W], settings)` saved by `save_threshold_table` at `path`, checked against the
@@ -59,6 +70,7 @@ def load_threshold_table(path, steps: Optional[int] = None,
     table, settings = state.get("table"), dict(state.get("settings") or {})
     if not isinstance(table, torch.Tensor) or table.dim() != 4:
         raise ValueError(f"{str(path)!r} holds no [steps, C, H, W] threshold table")
+    check_thresholds(table, path, "thresholds")
     need = (table.shape[0] if steps is None else steps, *(table.shape[1:] if image_shape is None else image_shape))
     if tuple(table.shape) != tuple(need):
         raise ValueError(f"threshold table {path} has shape {tuple(table.shape)}; this run needs {tuple(need)} "
@@ -74,6 +86,8 @@ def load_score_reference(path, steps: Optional[int] = None) -> tuple[dict, dict]
     if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.dim() == std.dim() == 1
             and len(mean) == len(std)):
         raise ValueError(f"{str(path)!r} holds no per-step 'mean' and 'std' [steps]")
+    check_thresholds(mean, path, "per-step means")
+    check_thresholds(std, path, "per-step standard deviations")
     reference = {"mean": mean, "std": std}  # EstimatorSpec checks them for its score variant
     if steps is not None and len(reference["mean"]) != steps:
         raise ValueError(f"score reference {path} was calibrated for {len(reference['mean'])} sampler steps; this "
