@@ -3,9 +3,13 @@
 A run lives in `trainer.default_root_dir` (the configs set it): checkpoints in `checkpoints/`,
 W&B files in `wandb/`, sample grids in `samples/`, and each invocation's full config as
 `config-<time>.yaml`. A new `fit` into a directory that already holds checkpoints is refused
-(resume with `--ckpt_path last` or pick another directory), so nothing is overwritten.
+(resume with `--ckpt_path last` or pick another directory), so nothing is overwritten. `fit` locks
+the run directory for its whole run (`uncdiff.io.lock`): a second `fit` into it is refused. Resuming
+with `--ckpt_path last` needs a `last.ckpt` (never a silent restart from step 0), and clears the
+temporary files of checkpoint writes a kill interrupted.
 """
 
+import re
 import sys
 import time
 from importlib.resources import files
@@ -15,9 +19,12 @@ from typing import Optional, Sequence
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from uncdiff.io.files import InputError, load_torch
+from uncdiff.io.files import InputError, load_torch, remove_temporary_files
+from uncdiff.io.lock import lock_folder
 
 CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
+# --ckpt_path values Lightning resolves itself rather than as a file path
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def resolve_config_args(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -75,11 +82,20 @@ class UncdiffCLI(LightningCLI):
                              f"model {model.class_path}: give the config the run was trained with\n")
             raise
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # a constructor's check of its options (--model.lr 0, ...): the user's
+            raise InputError(constructor_error(str(error))) from error
+
     def before_instantiate_classes(self) -> None:
-        """Point the logger and checkpoints into the run directory unless set explicitly."""
+        """Point the logger and checkpoints into the run directory unless set explicitly; `fit` locks
+        the run directory first (`lock_folder`: one run writes into it at a time)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "runs/default"
         config.trainer.default_root_dir = root
+        if self.subcommand == "fit":
+            self.run_lock = lock_folder(root, "--trainer.default_root_dir")
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "init_args") and "save_dir" in logger.init_args and logger.init_args.save_dir in (None, "."):
@@ -89,7 +105,15 @@ class UncdiffCLI(LightningCLI):
                 callback.init_args.dirpath = str(Path(root) / "checkpoints")
 
     def before_fit(self) -> None:
-        refuse_to_overwrite(self.trainer.checkpoint_callbacks, self.config.fit.get("ckpt_path"))
+        if self.trainer.max_steps == 0:
+            raise InputError("--trainer.max_steps 0 trains nothing and saves nothing: give a number of steps, or -1 "
+                             "for --trainer.max_epochs alone")
+        ckpt_path = self.config.fit.get("ckpt_path")
+        for folder in checkpoint_dirs(self.trainer.checkpoint_callbacks):
+            remove_temporary_files(folder)  # of writes a kill interrupted (the lock says no run is writing)
+        refuse_to_overwrite(self.trainer.checkpoint_callbacks, ckpt_path)
+        if ckpt_path == "last":
+            require_last_checkpoint(checkpoint_dirs(self.trainer.checkpoint_callbacks))
 
 
 def ckpt_hparams(ckpt_path: Optional[str]) -> dict:
@@ -98,7 +122,7 @@ def ckpt_hparams(ckpt_path: Optional[str]) -> dict:
     file doesn't load with weights_only=True, before Lightning reads it (its own error would suggest
     weights_only=False). Names Lightning resolves itself ('last', 'best', URLs) are left to it (empty
     result); SafeCheckpointIO loads those."""
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path:
         return {}
     try:
         checkpoint = load_torch(ckpt_path, "checkpoint", mmap=True)
@@ -106,6 +130,35 @@ def ckpt_hparams(ckpt_path: Optional[str]) -> dict:
         raise SystemExit(f"error: --ckpt_path: {error}") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     return {k: v for k, v in hparams.items() if not k.startswith("_")} if isinstance(hparams, dict) else {}
+
+
+def constructor_error(message: str) -> str:
+    """jsonargparse's report of a constructor's ValueError (nested in "Does not validate against any of
+    the Union subtypes ...") as one line: the option group and the constructor's own message."""
+    group = re.search(r"Subtypes: \[<class '[\w.]*?(\w+)'>", message)
+    reason = next((line.strip()[2:] for line in message.splitlines()
+                   if line.strip().startswith("- ") and not line.strip().startswith("- Expected a")), message)
+    name = group.group(1) if group else ""
+    option = "--data" if "DataModule" in name else "--model" if "Module" in name else "options"
+    return f"{option} ({name}): {reason}" if name else f"{option}: {reason}"
+
+
+def checkpoint_dirs(checkpoint_callbacks) -> list[Path]:
+    """The folders the run's ModelCheckpoint callbacks write to (those that exist)."""
+    return [Path(c.dirpath) for c in checkpoint_callbacks
+            if isinstance(c, ModelCheckpoint) and c.dirpath and Path(c.dirpath).is_dir()]
+
+
+def require_last_checkpoint(folders: list[Path]) -> None:
+    """`--ckpt_path last` resumes from a `last*.ckpt`; without one Lightning would only warn and start
+    over from step 0 in the same run directory. Refuse instead, listing what is there."""
+    if any(any(folder.glob("last*.ckpt")) for folder in folders):
+        return
+    present = sorted(p.name for folder in folders for p in folder.iterdir() if p.suffix == ".ckpt")
+    raise InputError(f"--ckpt_path last: no last.ckpt in {', '.join(map(str, folders)) or 'the run directory'} "
+                     f"(a run killed before its first last.ckpt was written?); its checkpoints: "
+                     f"{', '.join(present) or 'none'}. Resume from one with --ckpt_path <that file>, or start "
+                     f"a new run in another --trainer.default_root_dir")
 
 
 def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:
