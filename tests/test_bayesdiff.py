@@ -184,7 +184,7 @@ def k_coefficients(t, t_prev):
 def test_first_steps_by_hand(schedule, moments):
     """Steps 0, 1 (first draw block) and the final non-UQ step against the formulas written out."""
     var_eps, s_draws, seeds, shape = 0.02, 6, [3, 4], (1, 2, 3)
-    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(var_eps), num_draws=s_draws, skip=1, moments=moments,
+    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(var_eps), draws=s_draws, skip=1, moments=moments,
                               keep_maps=True)
     rec = Recorder(bd)
     sample(bd.eps_model, DDIMSampler(schedule, steps=4, clip=False), shape, seeds, hook=rec)
@@ -225,7 +225,7 @@ def test_first_steps_by_hand(schedule, moments):
 
 def test_variance_propagation_matches_monte_carlo_trajectories(schedule):
     var_eps, steps, seeds, shape = 0.01, 10, [0, 1], (1, 4, 4)
-    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(var_eps), num_draws=10, skip=1, moments="regression")
+    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(var_eps), draws=10, skip=1, moments="regression")
     sample(bd.eps_model, DDIMSampler(schedule, steps=steps, clip=False), shape, seeds, hook=bd)
     propagated = bd.maps.double()  # Var[x_0], [2, 1, 4, 4]
 
@@ -245,7 +245,7 @@ def test_variance_propagation_matches_monte_carlo_trajectories(schedule):
 
 
 def test_skip_steps_scale_the_variance(schedule):
-    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01), num_draws=3, skip=3, keep_maps=True)
+    bd = BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01), draws=3, skip=3, keep_maps=True)
     rec = Recorder(bd)
     sample(bd.eps_model, DDIMSampler(schedule, steps=8, clip=False), (1, 2, 2), [0], hook=rec)
     assert bd.draw_steps(8) == [3, 6]
@@ -259,7 +259,7 @@ def test_skip_steps_scale_the_variance(schedule):
 @pytest.mark.parametrize("skip, passes", [(5, 140), (1, 530)])
 def test_pass_counts_for_50_ddim_steps(schedule, skip, passes, moments):
     net = AnalyticNet()
-    bd = BayesDiffUncertainty(net, FixedVariance(0.01), num_draws=10, skip=skip, moments=moments)
+    bd = BayesDiffUncertainty(net, FixedVariance(0.01), draws=10, skip=skip, moments=moments)
     assert len(bd.draw_steps(50)) == (passes - 50) // 10
     calls = []
 
@@ -275,7 +275,7 @@ def test_pass_counts_for_50_ddim_steps(schedule, skip, passes, moments):
 
 def test_uncached_features_cost_a_counted_pass(schedule):
     net = AnalyticNet()
-    bd = BayesDiffUncertainty(net, FixedVariance(0.01), num_draws=3, skip=2)
+    bd = BayesDiffUncertainty(net, FixedVariance(0.01), draws=3, skip=2)
     sample(lambda x, t: net(x, t), DDIMSampler(schedule, steps=6, clip=False), (1, 2, 2), [0], hook=bd)
     # UQ steps 0, 2, 4 each recompute the features (1 pass); draws at 2 and 4 (3 passes each)
     assert bd.nfe == 3 + 2 * 3
@@ -292,7 +292,7 @@ def test_needs_deterministic_unclipped_ddim(schedule, sampler, match):
         sample(bd.eps_model, sampler(schedule), (1, 2, 2), [0], hook=bd)
 
 
-@pytest.mark.parametrize("kwargs, option", [(dict(num_draws=1), "num_draws"), (dict(skip=0), "skip"),
+@pytest.mark.parametrize("kwargs, option", [(dict(draws=1), "draws"), (dict(skip=0), "skip"),
                                             (dict(chunk_size=0), "chunk_size"), (dict(moments="exact"), "moments")])
 def test_validation_names_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
@@ -309,7 +309,7 @@ def test_on_the_unet(schedule):
             param.add_(0.05 * torch.randn_like(param))
     la = fit_last_layer_laplace(net, torch.rand(6, 1, 8, 8) * 2 - 1, schedule, num_images=6, batch_size=4)
     assert (la.var_W > 0).all() and (la.var_W <= 1).all()
-    bd = BayesDiffUncertainty(net, la, num_draws=3, skip=2, moments="regression", chunk_size=4)
+    bd = BayesDiffUncertainty(net, la, draws=3, skip=2, moments="regression", chunk_size=4)
     sampler = DDIMSampler(schedule, steps=6, clip=False)
     together = generate(bd.eps_model, sampler, (1, 8, 8), [0, 1, 2], bd, batch_size=3)
     alone = generate(bd.eps_model, sampler, (1, 8, 8), [0, 1, 2], bd, batch_size=1)

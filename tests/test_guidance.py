@@ -8,11 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from uncdiff.uncertainty.calibration import calibrate_threshold_table
-from uncdiff.uncertainty.guidance import (UncertaintyGuidance, load_table, posterior_eps, save_table,
-                                          uncertainty_gradient)
+from uncdiff.io.tables import load_threshold_table, save_threshold_table
+from uncdiff.uncertainty.guidance import UncertaintyGuidance, posterior_eps, uncertainty_gradient
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, StepContext, sample
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, aleatoric_map
+
+def guided_hook(M: int = 5, estimate_window=(0.0, 1.0), keep_maps: bool = False, **options) -> UncertaintyGuidance:
+    """Guidance estimating with M perturbations over `estimate_window`; `options` are the guidance's."""
+    return UncertaintyGuidance(AleatoricUncertainty(M, window=estimate_window, keep_maps=keep_maps), **options)
+
 
 KERNEL = torch.tensor([[0.1, -0.3, 0.2], [0.4, 0.9, -0.2], [0.05, 0.3, -0.1]], dtype=torch.float64)
 
@@ -98,7 +103,7 @@ class Recorder:
 def test_guidance_changes_only_its_window(schedule, rule):
     sampler = DDIMSampler(schedule, steps=10)
     seeds, shape = [0, 1, 2], (1, 4, 4)
-    plain, guided = Recorder(), Recorder(UncertaintyGuidance(num_perturbations=3, rule=rule, lam=5.0,
+    plain, guided = Recorder(), Recorder(guided_hook(M=3, rule=rule, lam=5.0,
                                                              window=(0.4, 0.6), quantile=0.5))
     sample(smooth_eps, sampler, shape, seeds, hook=plain)
     sample(smooth_eps, sampler, shape, seeds, hook=guided)
@@ -118,7 +123,7 @@ def test_percentile_mask_guides_the_most_uncertain_pixels(schedule):
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     ctx = StepContext(0, 10, sampler.timesteps[0], sampler.timesteps[1], x, smooth_eps(x, torch.full((2,), 900)),
                       smooth_eps, sampler, SampleNoise([0, 1]))
-    guide = UncertaintyGuidance(num_perturbations=4, window=(0.0, 0.5), keep_maps=True)
+    guide = guided_hook(M=4, window=(0.0, 0.5), keep_maps=True)
     out = guide(ctx)
     changed = out != ctx.eps
     u = guide.step_maps[:, 0]
@@ -132,8 +137,8 @@ def test_percentile_mask_guides_the_most_uncertain_pixels(schedule):
 
 def test_guided_run_reports_the_unguided_maps_up_to_its_first_update(schedule):
     sampler = DDIMSampler(schedule, steps=10)
-    est = AleatoricUncertainty(num_perturbations=3, keep_maps=True)
-    guide = UncertaintyGuidance(num_perturbations=3, window=(0.3, 0.6), keep_maps=True)
+    est = AleatoricUncertainty(M=3, keep_maps=True)
+    guide = guided_hook(M=3, window=(0.3, 0.6), keep_maps=True)
     sample(smooth_eps, sampler, (1, 4, 4), [4, 5], hook=est)
     sample(smooth_eps, sampler, (1, 4, 4), [4, 5], hook=guide)
     assert guide.step_indices == list(range(10))
@@ -146,32 +151,34 @@ def test_guided_run_reports_the_unguided_maps_up_to_its_first_update(schedule):
 def test_guidance_works_under_any_sampler(schedule, make):
     sampler = make(schedule)
     plain = sample(smooth_eps, sampler, (1, 4, 4), [0, 1])
-    guided = sample(smooth_eps, sampler, (1, 4, 4), [0, 1], hook=UncertaintyGuidance(num_perturbations=2, lam=3.0))
+    guided = sample(smooth_eps, sampler, (1, 4, 4), [0, 1], hook=guided_hook(M=2, lam=3.0))
     assert torch.isfinite(guided).all() and not torch.equal(plain, guided)
 
 
 def test_table_threshold(schedule, tmp_path):
     sampler = DDIMSampler(schedule, steps=5)
     shape, seeds = (1, 4, 4), list(range(40))
-    table = calibrate_threshold_table(smooth_eps, sampler, shape, seeds, quantile=0.8, num_perturbations=3,
+    table = calibrate_threshold_table(smooth_eps, sampler, shape, seeds, quantile=0.8, M=3,
                                       batch_size=16)
     assert table.shape == (5, 1, 4, 4)
-    maps = AleatoricUncertainty(num_perturbations=3, keep_maps=True)
+    maps = AleatoricUncertainty(M=3, keep_maps=True)
     sample(smooth_eps, sampler, shape, seeds, hook=maps)
     above = (maps.step_maps > table[None]).float().mean(0)  # per step and position, over the samples
     assert above.mean().item() == pytest.approx(0.2, abs=0.02)
     torch.testing.assert_close(table[1, 0, 2, 3], torch.quantile(maps.step_maps[:, 1, 0, 2, 3], 0.8))
 
-    save_table(tmp_path / "tau.pt", table, {"quantile": 0.8, "steps": 5, "num_perturbations": 3})
-    loaded, settings = load_table(tmp_path / "tau.pt")
-    assert torch.equal(loaded, table) and settings["quantile"] == 0.8
+    save_threshold_table(tmp_path / "tau.pt", table, {"quantile": 0.8, "steps": 5, "M": 3})
+    loaded, settings = load_threshold_table(tmp_path / "tau.pt", steps=5, image_shape=shape)
+    assert torch.equal(loaded, table) and settings == {"quantile": 0.8, "steps": 5, "M": 3}
+    with pytest.raises(ValueError, match="shape"):
+        load_threshold_table(tmp_path / "tau.pt", steps=4)
 
     plain = sample(smooth_eps, sampler, shape, [0, 1])
-    never = UncertaintyGuidance(threshold="table", table=torch.full((5, 1, 4, 4), math.inf), window=(0, 1))
+    never = guided_hook(table=torch.full((5, 1, 4, 4), math.inf), window=(0, 1))
     assert torch.equal(sample(smooth_eps, sampler, shape, [0, 1], hook=never), plain)
-    guided = UncertaintyGuidance(threshold="table", table=table, window=(0, 1), lam=3.0)
+    guided = guided_hook(table=table, window=(0, 1), lam=3.0)
     assert not torch.equal(sample(smooth_eps, sampler, shape, [0, 1], hook=guided), plain)
-    wrong = UncertaintyGuidance(threshold="table", table=table[:3])
+    wrong = guided_hook(table=table[:3])
     with pytest.raises(ValueError, match="table"):
         sample(smooth_eps, sampler, shape, [0], hook=wrong)
 
@@ -181,21 +188,14 @@ def test_table_threshold(schedule, tmp_path):
     (dict(sign=0), "sign"),
     (dict(sign=2), "sign"),
     (dict(lam=-1.0), "lam"),
-    (dict(threshold="otsu"), "threshold"),
     (dict(quantile=1.0), "quantile"),
     (dict(quantile=0.0), "quantile"),
-    (dict(threshold="table"), "table"),
-    (dict(table=torch.zeros(2, 1, 4, 4)), "table"),
-    (dict(threshold="table", table=torch.zeros(4, 4)), "table"),
-    (dict(num_perturbations=1), "num_perturbations"),
-    (dict(variant="x"), "variant"),
+    (dict(table=torch.zeros(4, 4)), "table"),
     (dict(window=(0.2, 0.1)), "window"),
-    (dict(estimate_window=(0.0, 2.0)), "estimate_window"),
-    (dict(chunk_size=0), "chunk_size"),
 ])
 def test_validation_names_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
-        UncertaintyGuidance(**kwargs)
+        guided_hook(**kwargs)
 
 
 def test_gradient_leaves_the_network_parameters_alone(schedule):

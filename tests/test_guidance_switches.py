@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from uncdiff.core.samplers import DDIMSampler, SampleNoise, StepContext
 from uncdiff.core.schedule import NoiseSchedule
-from uncdiff.uncertainty.estimators import aleatoric_map
+from uncdiff.uncertainty.estimators import AleatoricUncertainty, aleatoric_map
 from uncdiff.uncertainty.guidance import UncertaintyGuidance, posterior_eps, uncertainty_gradient
 
 KERNEL = torch.tensor([[0.2, -0.1, 0.3], [-0.4, 0.8, 0.1], [0.15, -0.25, 0.05]], dtype=torch.float64)
@@ -87,7 +87,7 @@ def test_guided_eps_is_eps_bar_plus_masked_finite_difference_step(schedule, grad
     noise = SampleNoise([7, 8])
     eps = smooth_eps(x, torch.full((2,), t))
     ctx = StepContext(0, 10, t, sampler.timesteps[1], x, eps, smooth_eps, sampler, noise)
-    guide = UncertaintyGuidance(num_perturbations=3, window=(0.0, 0.1), quantile=0.6, keep_maps=True, sign=sign,
+    guide = UncertaintyGuidance(AleatoricUncertainty(M=3, keep_maps=True), window=(0.0, 0.1), quantile=0.6, sign=sign,
                                 lam=lam, grad_wrt=grad_wrt, reduce=reduce)
     out = guide(ctx)
 
@@ -162,8 +162,8 @@ def test_posterior_hook_against_its_closed_form(schedule, prior_precision):
     ctx = StepContext(2, 10, t, sampler.timesteps[3], x, x.clone(), identity_eps, sampler, SampleNoise([3, 4]))
     options = {} if prior_precision is None else {"prior_precision": prior_precision}
     every_pixel = torch.full((10, 1, 2, 3), -float("inf"))  # threshold table -inf: the mask is all ones
-    guide = UncertaintyGuidance(rule="posterior", num_perturbations=4, window=(0.2, 0.3), threshold="table",
-                                table=every_pixel, **options)
+    guide = UncertaintyGuidance(AleatoricUncertainty(M=4), rule="posterior", window=(0.2, 0.3), table=every_pixel,
+                                **options)
     out = guide(ctx)
 
     z = SampleNoise([3, 4]).randn((4, 1, 2, 3), stream="uncertainty").double()
@@ -190,10 +190,10 @@ def test_posterior_hook_against_its_closed_form(schedule, prior_precision):
 ])
 def test_switch_validation_names_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
-        UncertaintyGuidance(**kwargs)
+        UncertaintyGuidance(AleatoricUncertainty(), **kwargs)
 
 
-# ---------------------------------------------------------------------------------- command options
+# ----------------------------------------------------------------------------------- the run spec
 
 @pytest.mark.parametrize("argv, expected", [
     (["--guidance.rule", "gradient"], {"sign": 1, "lam": 1.0, "grad_wrt": "eps", "reduce": "sum"}),
@@ -204,24 +204,26 @@ def test_switch_validation_names_the_option(kwargs, option):
      {"prior_precision": "abar_inverse"}),
     (["--guidance.rule", "posterior", "--guidance.prior_precision", "3"], {"prior_precision": 3.0}),
 ])
-def test_command_options_reach_the_guidance_settings(argv, expected):
-    """`train.py sample --guidance.*`: each rule records only its own options."""
-    from uncdiff.commands.common import estimator_settings, parse_options
-    from uncdiff.commands.sample import build_parser
+def test_command_line_options_reach_the_hook(argv, expected):
+    """`--guidance.*` parsed into a GuidanceSpec as a command parses it: each rule records only its own
+    options, and the hook gets them."""
+    from jsonargparse import ArgumentParser
 
-    args = parse_options(build_parser(), ["--checkpoint", "x.ckpt", "--out", "out", *argv])
-    _, _, guidance = estimator_settings(args)
-    assert {k: v for k, v in guidance.items() if k not in ("rule", "quantile", "window")} == expected
-    UncertaintyGuidance(**guidance)  # what the hook is built from
+    from uncdiff.uncertainty.sampling import build_hook
+    from uncdiff.uncertainty.spec import GuidanceSpec
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(GuidanceSpec, "guidance", skip={"table"})
+    spec = parser.instantiate_classes(parser.parse_args(argv)).guidance
+    assert {k: v for k, v in spec.settings().items() if k not in ("rule", "quantile", "window")} == expected
+    hook = build_hook(guidance=spec)
+    assert all(getattr(hook, k) == v for k, v in expected.items())
 
 
-def test_callbacks_take_the_switches():
-    """The sampling callbacks pass guidance options through to the hook: the switches included."""
-    from uncdiff.callbacks.sampling import check_guidance
+def test_spec_refuses_a_bad_switch_by_its_option_name():
+    from uncdiff.uncertainty.spec import GuidanceSpec
 
-    options, hook = check_guidance({"grad_wrt": "x_t", "reduce": "mean", "lam": 0.1}, steps=20)
-    assert (hook.grad_wrt, hook.reduce, hook.lam) == ("x_t", "mean", 0.1) and options["grad_wrt"] == "x_t"
-    _, hook = check_guidance({"rule": "posterior", "prior_precision": "abar_inverse"}, steps=20)
-    assert hook.prior_precision == "abar_inverse"
-    with pytest.raises(ValueError, match="grad_wrt"):
-        check_guidance({"grad_wrt": "x0"}, steps=20)
+    with pytest.raises(ValueError, match="guidance.grad_wrt"):
+        GuidanceSpec("gradient", grad_wrt="x0")
+    with pytest.raises(ValueError, match="guidance.prior_precision"):
+        GuidanceSpec("posterior", prior_precision="abar")

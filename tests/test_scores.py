@@ -8,8 +8,10 @@ from uncdiff.core.samplers import DDIMSampler, sample
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import (AleatoricUncertainty, StepwiseUncertainty, variant_scores,
                                             window_totals)
-from uncdiff.uncertainty.sampling import build_hook, generate, make_estimator
-from uncdiff.uncertainty.score_reference import load_score_reference, reference_statistics, save_score_reference
+from uncdiff.io.tables import load_score_reference, save_score_reference
+from uncdiff.uncertainty.calibration import reference_statistics
+from uncdiff.uncertainty.sampling import build_hook, generate
+from uncdiff.uncertainty.spec import EstimatorSpec
 
 SHAPE = (2, 3, 3)  # C, H, W: 18 pixels
 PIXELS = 18
@@ -111,9 +113,9 @@ def test_reference_statistics_are_the_per_step_mean_and_unbiased_std():
 
 def test_reference_file_round_trip_and_checks(tmp_path):
     path = tmp_path / "tau.pt.reference.pt"
-    save_score_reference(path, reference(20), {"num_perturbations": 5})
+    save_score_reference(path, reference(20), {"M": 5})
     loaded, settings = load_score_reference(path, steps=20)
-    assert torch.equal(loaded["mean"], reference(20)["mean"]) and settings == {"num_perturbations": 5}
+    assert torch.equal(loaded["mean"], reference(20)["mean"]) and settings == {"M": 5}
     with pytest.raises(ValueError, match="calibrated for 20 sampler steps; this run has 10"):
         load_score_reference(path, steps=10)
     with pytest.raises(ValueError, match="no score reference file"):
@@ -121,11 +123,19 @@ def test_reference_file_round_trip_and_checks(tmp_path):
     torch.save({"table": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a score reference file"):
         load_score_reference(tmp_path / "other.pt")
-    # a path in the options is loaded by the hook builders, and checked against the run's steps
-    est = make_estimator("aleatoric", score="standardized", reference=str(path))
+    # a file of the first settings format (num_perturbations for M) is refused by name, not mis-read
+    torch.save({"kind": "uncdiff score reference", "mean": torch.ones(20), "std": torch.ones(20),
+                "settings": {"num_perturbations": 5}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier uncdiff .*format 1.*calibrate it again"):
+        load_score_reference(tmp_path / "old.pt")
+    # the loaded values go into the spec; the hook builder checks them against the run's steps
+    spec = EstimatorSpec("aleatoric", score="standardized", reference=loaded)
+    est = build_hook(spec, steps=20)
     assert torch.equal(est.reference["std"], reference(20)["std"])
-    with pytest.raises(ValueError, match="reference: .* this run has 4"):
-        build_hook("aleatoric", {"score": "standardized", "reference": str(path)}, steps=4)
+    with pytest.raises(ValueError, match="estimator.reference covers 20 sampler steps; this run has 4"):
+        build_hook(spec, steps=4)
+    with pytest.raises(ValueError, match="estimator.score standardized divides .* reference"):
+        build_hook(EstimatorSpec("aleatoric", score="standardized"), steps=20)
     # a reference of another step count is refused when the run starts, before any map
     est = KnownMaps(score="standardized", reference=reference(20))
     with pytest.raises(ValueError, match="cover 20 steps but this sampler runs 10"):

@@ -89,7 +89,7 @@ def test_abar_indexed_by_training_timestep_in_a_run(schedule):
     of the `sample` map must follow (1-abar[t])^2 / v_t^2 at the training t; indexing abar by the
     step counter (abar ~ 1, a near-zero jitter) would give values orders of magnitude smaller."""
     sampler = DDIMSampler(schedule, steps=10, clip=False)
-    est = AleatoricUncertainty(num_perturbations=5, variant="sample", keep_maps=True)
+    est = AleatoricUncertainty(M=5, variant="sample", keep_maps=True)
     sample(gaussian_eps, sampler, (1, 4, 4), range(100), hook=est)
     assert est.step_indices == list(range(10))
     assert sampler.timesteps != list(range(10))
@@ -102,7 +102,7 @@ def test_abar_indexed_by_training_timestep_in_a_run(schedule):
 def test_estimation_never_changes_the_samples(schedule):
     sampler = DDPMSampler(schedule, steps=20)  # stochastic: any shift of the sampler's noise shows
     plain = sample(toy_eps, sampler, (2, 4, 4), [3, 4, 5])
-    est = AleatoricUncertainty(num_perturbations=3)
+    est = AleatoricUncertainty(M=3)
     with_est = sample(toy_eps, sampler, (2, 4, 4), [3, 4, 5], hook=est)
     assert torch.equal(plain, with_est)
     assert est.scores.shape == (3,) and (est.scores > 0).all()
@@ -111,7 +111,7 @@ def test_estimation_never_changes_the_samples(schedule):
 
 def test_scores_do_not_depend_on_the_batch(schedule):
     sampler = DDIMSampler(schedule, steps=8, eta=0.5)
-    est = AleatoricUncertainty(num_perturbations=3, chunk_size=5)
+    est = AleatoricUncertainty(M=3, chunk_size=5)
     sample(toy_eps, sampler, (1, 4, 4), [7, 8, 9, 10], hook=est)
     together = est.scores.clone()
     sample(toy_eps, sampler, (1, 4, 4), [9], hook=est)
@@ -120,7 +120,7 @@ def test_scores_do_not_depend_on_the_batch(schedule):
 
 def test_score_is_sum_over_window_steps_and_pixels(schedule):
     sampler = DDIMSampler(schedule, steps=20)
-    est = AleatoricUncertainty(num_perturbations=2, window=(0.0, 0.15), keep_maps=True)
+    est = AleatoricUncertainty(M=2, window=(0.0, 0.15), keep_maps=True)
     sample(toy_eps, sampler, (1, 4, 4), [0, 1], hook=est)
     assert est.step_indices == [0, 1, 2]  # 0.15 * 20 = 3 steps despite float rounding
     torch.testing.assert_close(est.maps, est.step_maps.sum(1))
@@ -138,7 +138,7 @@ def test_window_steps():
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    (dict(num_perturbations=1), "num_perturbations"),
+    (dict(M=1), "M"),
     (dict(variant="biased"), "variant"),
     (dict(window=(0.5, 0.5)), "window"),
     (dict(window=(-0.1, 0.5)), "window"),
@@ -187,7 +187,7 @@ def test_mc_dropout_zero_rate_has_zero_variance_and_norms_stay_in_eval():
     stats = model.bn.running_mean.clone()
     ctx = make_ctx(model.eval())
     model.train()
-    est = MCDropoutUncertainty(model, num_passes=4, dropout=0.0)
+    est = MCDropoutUncertainty(model, M=4, dropout=0.0)
     assert torch.equal(est(ctx), ctx.eps)
     assert torch.equal(est.maps, torch.zeros_like(ctx.eps))
     assert torch.equal(model.bn.running_mean, stats)  # BatchNorm never ran in train mode
@@ -198,7 +198,7 @@ def test_mc_dropout_zero_rate_has_zero_variance_and_norms_stay_in_eval():
 def test_mc_dropout_positive_variance_with_dropout():
     model = DropNet().eval()
     ctx = make_ctx(model)
-    est = MCDropoutUncertainty(model, num_passes=6, dropout=0.1)
+    est = MCDropoutUncertainty(model, M=6, dropout=0.1)
     est(ctx)
     assert (est.scores > 0).all()
     assert not model.training and model.drop.p == 0.3
@@ -219,7 +219,7 @@ def test_mc_dropout_variance_of_inverted_dropout_matches_its_closed_form():
     p, m = 0.2, 400
     model = DropoutOnly().eval()
     ctx = make_ctx(model, b=4)
-    est = MCDropoutUncertainty(model, num_passes=m, dropout=p)
+    est = MCDropoutUncertainty(model, M=m, dropout=p)
     est(ctx)
     ratio = est.maps / (ctx.x_t**2 * p / (1 - p))  # ~ 1 per pixel
     assert ratio.mean().item() == pytest.approx(1.0, abs=0.03)
@@ -236,10 +236,10 @@ def test_mc_dropout_on_unet_groupnorm():
         for param in net.parameters():
             param.add_(0.05 * torch.randn_like(param))
     ctx = make_ctx(net.eval(), b=2)
-    est = MCDropoutUncertainty(net, num_passes=3)
+    est = MCDropoutUncertainty(net, M=3)
     est(ctx)
     assert (est.scores > 0).all()
-    est0 = MCDropoutUncertainty(net, num_passes=3, dropout=0.0)
+    est0 = MCDropoutUncertainty(net, M=3, dropout=0.0)
     est0(ctx)  # identical passes up to float rounding of the batched kernels
     assert est0.scores.max() < 1e-6 * est.scores.min()
 
@@ -253,7 +253,7 @@ def test_mc_dropout_reproducible_for_the_same_batch():
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    (dict(num_passes=1), "num_passes"),
+    (dict(M=1), "M"),
     (dict(dropout=1.0), "dropout"),
     (dict(window=(0.2, 0.1)), "window"),
     (dict(chunk_size=-1), "chunk_size"),
@@ -276,15 +276,15 @@ def test_mc_dropout_on_a_model_trained_without_dropout_needs_a_rate():
         for param in net.parameters():
             param.add_(0.05 * torch.randn_like(param))
     with pytest.raises(ValueError, match="trained without dropout.*dropout="):
-        MCDropoutUncertainty(net, num_passes=3)
-    est = MCDropoutUncertainty(net, num_passes=3, dropout=0.1)
+        MCDropoutUncertainty(net, M=3)
+    est = MCDropoutUncertainty(net, M=3, dropout=0.1)
     est(make_ctx(net.eval(), b=2))
     assert (est.scores > 0).all()
     assert all(d.p == 0.0 for d in net.modules() if isinstance(d, nn.Dropout))  # its own rate restored
 
 
 # ----------------------------------------------------------------------------------------------
-# generate() and make_estimator()
+# generate() and build_hook()
 
 
 def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
@@ -297,7 +297,7 @@ def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
         return toy_eps(x, t)
 
     sampler = DDPMSampler(schedule, steps=5)
-    est = AleatoricUncertainty(num_perturbations=3, keep_maps=True, window=(0.0, 0.6))
+    est = AleatoricUncertainty(M=3, keep_maps=True, window=(0.0, 0.6))
     together = generate(counted, sampler, (1, 4, 4), [5, 6, 7], est, batch_size=3)
     assert sum(calls) == together.nfe == 3 * 5 + 3 * 3 * 3  # 5 steps, M = 3 on steps 0, 1, 2
     apart = generate(toy_eps, sampler, (1, 4, 4), [5, 6, 7], est, batch_size=2)
@@ -308,14 +308,14 @@ def test_generate_is_batch_independent_and_counts_every_evaluation(schedule):
     assert torch.equal(plain.images, together.images) and plain.maps is None and plain.nfe == 15
 
 
-def test_make_estimator_names_bad_options():
-    from uncdiff.uncertainty.sampling import make_estimator
+def test_build_hook_builds_each_estimator_from_its_spec():
+    from uncdiff.uncertainty.sampling import build_hook
+    from uncdiff.uncertainty.spec import EstimatorSpec
 
-    assert make_estimator("none") is None
-    assert isinstance(make_estimator("aleatoric", num_perturbations=3), AleatoricUncertainty)
-    with pytest.raises(ValueError, match="estimator"):
-        make_estimator("ensemble")
-    with pytest.raises(ValueError, match="num_perturbation"):
-        make_estimator("aleatoric", num_perturbation=3)
-    with pytest.raises(ValueError, match="model"):
-        make_estimator("mc_dropout")
+    assert build_hook(EstimatorSpec()) is None
+    est = build_hook(EstimatorSpec("aleatoric", M=3, variant="sample", window=(0.0, 0.5)))
+    assert isinstance(est, AleatoricUncertainty) and (est.M, est.variant, est.window) == (3, "sample", (0.0, 0.5))
+    with pytest.raises(ValueError, match="net"):
+        build_hook(EstimatorSpec("mc_dropout"))
+    with pytest.raises(ValueError, match="Laplace"):
+        build_hook(EstimatorSpec("bayesdiff"), net=nn.Conv2d(1, 1, 1))
