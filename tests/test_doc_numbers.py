@@ -123,6 +123,15 @@ def test_the_rule_reads_passages_and_figures():
     assert found_in("-0.013", "AURG | -0.013 |") and not found_in("0.97", "0.975")
 
 
+def test_passages_carry_their_lead_in_links_and_leave_code_out(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("Intro [r](a/report.md) says:\n\n- first 1.5\n  continued 2.5\n- second `--x 3.5`\n\n"
+                   "```\n4.5\n```\n\n# Head\n\n- third 5.5\n")
+    got = [(line, figures(prose), links) for line, prose, links in passages(doc)]
+    assert got == [(1, [], ["a/report.md"]), (3, ["1.5", "2.5"], ["a/report.md"]), (5, [], ["a/report.md"]),
+                   (13, ["5.5"], [])]
+
+
 def test_some_figures_are_checked():
     checked = [d.relative_to(ROOT).as_posix() for d, *_ in quoted_figures()]
     assert "README.md" in checked and "docs/evaluation.md" in checked
