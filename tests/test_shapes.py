@@ -90,3 +90,35 @@ def test_uint8_and_float_agree_at_the_threshold():
     assert check(image).valid and check(dim).rule == "malformed"
     assert check(from_uint8(dim)).rule == "malformed"
     assert np.isclose(float(from_uint8(torch.tensor([127], dtype=torch.uint8))), -1 / 255, atol=1e-6)
+
+
+class FakeTrainer:
+    global_rank, world_size = 0, 1
+
+
+class FakeModule:
+    """Stands in for a DiffusionModule: seed s gives a valid image when s is even, two squares (rule
+    `duplicate`) when odd, scored s; guided sampling gives valid images only."""
+
+    device = torch.device("cpu")
+
+    def sample(self, seeds, batch_size, sampler, estimator=None, guidance=None):
+        from uncdiff.uncertainty.sampling import SampleResult
+
+        good, bad = draw((SQUARE, 1, 0)), draw((SQUARE, 1, 0), (SQUARE, 1, 8))
+        images = from_uint8(torch.stack([good if s % 2 == 0 or guidance is not None else bad for s in seeds]))
+        return SampleResult(images=images, scores=torch.tensor(seeds, dtype=torch.float))
+
+
+def test_invalid_rate_callback_counts_the_checkers_labels():
+    from uncdiff.callbacks import InvalidRate
+    from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec
+
+    callback = InvalidRate(num_samples=10, seed=0, fraction_dropped=0.5, batch_size=3,
+                           guidance=GuidanceSpec(rule="gradient"))
+    rates = callback.rates(FakeTrainer(), FakeModule())
+    assert rates["unguided"] == 0.5 and rates["unguided_duplicate"] == 0.5 and rates["unguided_malformed"] == 0
+    assert rates["filtered"] == pytest.approx(0.4)  # drops the 5 highest scores, seeds 5..9: odd seeds 1 and 3 stay of 0..4
+    assert rates["guided"] == 0.0
+    with pytest.raises(ValueError, match="estimator.name must be aleatoric or mc_dropout"):
+        InvalidRate(estimator=EstimatorSpec(name="none"))

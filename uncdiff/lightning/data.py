@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from uncdiff.data.datasets import digits
+from uncdiff.data.shapes import make_shapes
 from uncdiff.io.images import from_uint8
 from uncdiff.io.processes import rank_and_world
 
@@ -139,6 +140,23 @@ class DigitsDataModule(ImageDataModule):
         self.train_set = TensorDataset(train_x, train_y)
         self.val_set = TensorDataset(val_x, val_y)
 
+
+class ShapesDataModule(ImageDataModule):
+    """The simple-shapes testbed (`uncdiff.data.shapes`, docs/algorithms.md §6c): 16x16 images whose
+    validity a checker decides exactly. `train_size` images from `data_seed`, and a validation set
+    of `val_size` from the next seed; generated here, no download."""
+
+    def __init__(self, train_size: int = 20000, val_size: int = 1000, data_seed: int = 0, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__(batch_size, num_workers, seed)
+        for name, value in (("train_size", train_size), ("val_size", val_size)):
+            if value < batch_size:
+                raise ValueError(f"{name} must be >= batch_size ({batch_size}), got {value}")
+        self.image_size, self.train_size, self.val_size, self.data_seed = 16, train_size, val_size, data_seed
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.train_set = TensorDataset(*make_shapes(self.train_size, self.data_seed))
+        self.val_set = TensorDataset(*make_shapes(self.val_size, self.data_seed + 1))
 
 CIFAR_HELP = (
     "CIFAR-10 is not in {root} and could not be downloaded ({error}). Download "
