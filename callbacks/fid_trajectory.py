@@ -110,7 +110,8 @@ class FIDTrajectory(L.Callback):
         real statistics, on every rank: DDP is initialised here."""
         if stage not in ("fit", "validate") or self.evaluators is not None or trainer.limit_val_batches == 0:
             return  # nothing to evaluate (e.g. validation switched off)
-        check_against_model(pl_module, self.sampler, self.estimator, self.guidance)
+        check_against_model(pl_module, self.sampler, self.estimator)
+        check_against_model(pl_module, self.sampler, self.guided_estimator, self.guidance)
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("FIDTrajectory needs the trainer's datamodule (its real images): "

@@ -14,7 +14,7 @@ import torch
 
 from uncdiff.io.tables import load_score_reference, load_threshold_table
 from uncdiff.uncertainty.sampling import SampleResult, build_hook
-from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 # The callbacks log values that are already identical on every rank (computed from gathered or
 # synced data) with sync_dist=False; Lightning's advice to sync them would only add a collective.
@@ -64,14 +64,13 @@ def with_files(sampler: SamplerSpec, estimator: EstimatorSpec, guidance: Guidanc
         except ValueError as error:
             raise ValueError(f"guidance_table: {error}") from None
         guidance = dataclasses.replace(guidance, table=table)
-    check_run(sampler, estimator, guidance)
     return estimator, guidance
 
 
 def check_against_model(pl_module: L.LightningModule, sampler: SamplerSpec, estimator: EstimatorSpec,
-                        guidance: GuidanceSpec) -> None:
-    """The specs against the model itself (its schedule, image shape and dropout layers), so a run fails
-    when it starts, not at its first validation."""
+                        guidance: Optional[GuidanceSpec] = None) -> None:
+    """The specs of one run against the model itself (its schedule, image shape and dropout layers), so a
+    run fails when it starts, not at its first validation."""
     sampler_obj, estimator, guidance = pl_module.sampling_run(sampler, estimator, guidance)
     build_hook(estimator, guidance, net=pl_module.ema.ema_model, steps=len(sampler_obj.timesteps),
                image_shape=pl_module.image_shape)

@@ -29,6 +29,7 @@ from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.wandb_logger import WandbLogger
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, spec_from_dict
 
 FID_KEYS = ("val/fid/unguided", "val/fid/guided", "val/fid/filtered")
 N_FID = 12
@@ -41,13 +42,13 @@ def cache(tmp_path_factory):
 
 
 def fid_callback(cache: Path) -> FIDTrajectory:
-    return FIDTrajectory(num_samples=N_FID, steps=3, extractor="digits-classifier", cache_dir=str(cache),
+    return FIDTrajectory(num_samples=N_FID, sampler=SamplerSpec("ddim", 3), extractor="digits-classifier", cache_dir=str(cache),
                          batch_size=5, save_images=True, progress=False)
 
 
 def fit(root: Path, cache: Path, devices: int) -> L.Trainer:
     """Two epochs of two steps, validating after each: FID both times, figures at epoch 2 only."""
-    figures = UncertaintySampling(num_samples=6, every_n_epochs=2, steps=3, batch_size=4, num_extremes=2,
+    figures = UncertaintySampling(num_samples=6, every_n_epochs=2, sampler=SamplerSpec("ddim", 3), batch_size=4, num_extremes=2,
                                   progress=False)
     best = ModelCheckpoint(dirpath=root / "best", monitor="val/fid/filtered", save_top_k=1, save_last=True)
     trainer = L.Trainer(
@@ -233,6 +234,15 @@ def test_real_stats_are_cached_per_dataset_and_extractor(one_process, two_proces
     assert dataset_key(CIFAR10DataModule(), (3, 32, 32), "train") == "cifar10-32x32-train"
 
 
+def from_config(cls, init_args: dict):
+    """The callback as LightningCLI builds it from a YAML's `init_args` (the specs parsed and checked)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "callback")
+    return parser.instantiate_classes(parser.parse_object({"callback": init_args})).callback
+
+
 def test_configs_run_both_callbacks_on_validation_epochs():
     """The issue's schedules: quickstart at validations with a small N and the digits
     classifier; CIFAR-10 with Inception, 10k samples of 20-step DDIM, on some validations, and a
@@ -245,10 +255,11 @@ def test_configs_run_both_callbacks_on_validation_epochs():
     for name in ("quickstart", "cifar"):
         config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
         every_val = config["trainer"]["check_val_every_n_epoch"]
-        built = {c["class_path"].split(".")[-1]: (c, getattr(callbacks, c["class_path"].split(".")[-1])(
-            **c["init_args"])) for c in config["trainer"]["callbacks"] if c["class_path"].startswith("uncdiff.callbacks.")}
+        built = {c["class_path"].split(".")[-1]: (c, from_config(getattr(callbacks, c["class_path"].split(".")[-1]),
+                                                                 c["init_args"]))
+                 for c in config["trainer"]["callbacks"] if c["class_path"].startswith("uncdiff.callbacks.")}
         fid_callback, figures = built["FIDTrajectory"][1], built["UncertaintySampling"][1]
-        assert fid_callback.sampler == "ddim" and fid_callback.steps == 20
+        assert fid_callback.sampler == SamplerSpec("ddim", 20)
         assert fid_callback.every_n_epochs % every_val == 0 and figures.every_n_epochs % every_val == 0
         if name == "quickstart":
             assert fid_callback.extractor == "digits-classifier" and 200 <= fid_callback.num_samples <= 300
@@ -261,95 +272,108 @@ def test_configs_run_both_callbacks_on_validation_epochs():
 
 
 @pytest.mark.parametrize("cls, options, option", [
-    (FIDTrajectory, {"fraction_dropped": 0.0}, "fraction_dropped"),
-    (FIDTrajectory, {"fraction_dropped": 1.0}, "fraction_dropped"),
-    (FIDTrajectory, {"every_n_epochs": 0}, "every_n_epochs"),
-    (FIDTrajectory, {"num_samples": 1}, "num_samples"),
-    (FIDTrajectory, {"steps": 0}, "steps"),
-    (FIDTrajectory, {"sampler": "euler"}, "sampler"),
-    (FIDTrajectory, {"sampler_options": {"eta": 2.0}}, "eta"),
-    (FIDTrajectory, {"sampler_options": {"etta": 0.0}}, "etta"),
-    (FIDTrajectory, {"estimator": "none"}, "estimator"),
-    (FIDTrajectory, {"estimator_options": {"num_perturbations": 1}}, "num_perturbations"),
-    (FIDTrajectory, {"estimator": "mc_dropout", "estimator_options": {"num_passes": 1}}, "num_passes"),
-    (FIDTrajectory, {"estimator": "bayesdiff"}, "estimator: 'bayesdiff'.*Laplace posterior fitted after training"),
-    (FIDTrajectory, {"guidance": {"threshold": "table", "table": "/nowhere/tau.pt"}}, "guidance.table"),
-    (UncertaintySampling, {"guidance": {"threshold": "table", "table": "/nowhere/tau.pt"}}, "guidance.table"),
-    (FIDTrajectory, {"guidance": {"sign": 2}}, "sign"),
-    (FIDTrajectory, {"guidance": {"lambda": 1.0}}, "lambda"),
-    (FIDTrajectory, {"extractor": "vgg"}, "extractor"),
-    (FIDTrajectory, {"extractor_options": {"weights_path": "/nowhere/inception.pth"}}, "weights_path"),
-    (FIDTrajectory, {"real_split": "test"}, "real_split"),
-    (FIDTrajectory, {"batch_size": 0}, "batch_size"),
-    (UncertaintySampling, {"every_n_epochs": 0}, "every_n_epochs"),
-    (UncertaintySampling, {"fraction_dropped": 1.5}, "fraction_dropped"),
-    (UncertaintySampling, {"num_samples": 0}, "num_samples"),
-    (UncertaintySampling, {"num_extremes": 0}, "num_extremes"),
-    (UncertaintySampling, {"estimator_options": {"window": (0.5, 0.2)}}, "window"),
-    (UncertaintySampling, {"guidance": {"rule": "magic"}}, "rule"),
-    (UncertaintySampling, {"cmap": "rainbowish"}, "cmap"),
+    (FIDTrajectory, lambda: {"fraction_dropped": 0.0}, "fraction_dropped"),
+    (FIDTrajectory, lambda: {"fraction_dropped": 1.0}, "fraction_dropped"),
+    (FIDTrajectory, lambda: {"every_n_epochs": 0}, "every_n_epochs"),
+    (FIDTrajectory, lambda: {"num_samples": 1}, "num_samples"),
+    (FIDTrajectory, lambda: {"sampler": SamplerSpec(steps=0)}, "sampler.steps"),
+    (FIDTrajectory, lambda: {"sampler": SamplerSpec("euler")}, "sampler.name"),
+    (FIDTrajectory, lambda: {"sampler": SamplerSpec(eta=2.0)}, "sampler.eta"),
+    (FIDTrajectory, lambda: {"sampler": spec_from_dict(SamplerSpec, {"etta": 0.0})}, "sampler.etta"),
+    (FIDTrajectory, lambda: {"estimator": EstimatorSpec()}, "estimator.name"),
+    (FIDTrajectory, lambda: {"estimator": EstimatorSpec("aleatoric", M=1)}, "estimator.M"),
+    (FIDTrajectory, lambda: {"estimator": EstimatorSpec("mc_dropout", M=1)}, "estimator.M"),
+    (FIDTrajectory, lambda: {"estimator": EstimatorSpec("bayesdiff")},
+     "estimator.name bayesdiff .*Laplace posterior fitted after training"),
+    (FIDTrajectory, lambda: {"guidance_table": "/nowhere/tau.pt"}, "guidance_table: no threshold table"),
+    (UncertaintySampling, lambda: {"guidance_table": "/nowhere/tau.pt"}, "guidance_table: no threshold table"),
+    (FIDTrajectory, lambda: {"guidance": GuidanceSpec("gradient", sign=2)}, "guidance.sign"),
+    (FIDTrajectory, lambda: {"guidance": spec_from_dict(GuidanceSpec, {"lambda": 1.0})}, "guidance.lambda"),
+    (FIDTrajectory, lambda: {"extractor": "vgg"}, "extractor"),
+    (FIDTrajectory, lambda: {"extractor_options": {"weights_path": "/nowhere/inception.pth"}}, "weights_path"),
+    (FIDTrajectory, lambda: {"real_split": "test"}, "real_split"),
+    (FIDTrajectory, lambda: {"batch_size": 0}, "batch_size"),
+    (UncertaintySampling, lambda: {"every_n_epochs": 0}, "every_n_epochs"),
+    (UncertaintySampling, lambda: {"fraction_dropped": 1.5}, "fraction_dropped"),
+    (UncertaintySampling, lambda: {"num_samples": 0}, "num_samples"),
+    (UncertaintySampling, lambda: {"num_extremes": 0}, "num_extremes"),
+    (UncertaintySampling, lambda: {"estimator": EstimatorSpec("aleatoric", window=(0.5, 0.2))}, "estimator.window"),
+    (UncertaintySampling, lambda: {"estimator": EstimatorSpec("mc_dropout")}, "estimator.name"),
+    (UncertaintySampling, lambda: {"guidance": GuidanceSpec("magic")}, "guidance.rule"),
+    (UncertaintySampling, lambda: {"cmap": "rainbowish"}, "cmap"),
 ])
 def test_bad_options_fail_at_construction_naming_the_option(cls, options, option):
     with pytest.raises((ValueError, FileNotFoundError), match=option):
-        cls(**options)
+        cls(**options())
+
+
+def test_a_yaml_config_is_checked_against_the_specs_when_parsed():
+    """LightningCLI parses a callback's `init_args` into the specs: a bad value is refused by its name."""
+    with pytest.raises(Exception, match="estimator.M must be an integer >= 2"):
+        from_config(FIDTrajectory, {"estimator": {"name": "aleatoric", "M": 1}})
+    callback = from_config(UncertaintySampling, {"sampler": {"name": "ddim", "steps": 3},
+                                                 "estimator": {"name": "aleatoric", "M": 3}})
+    assert callback.estimator == EstimatorSpec("aleatoric", M=3) and callback.sampler.steps == 3
 
 
 def test_a_threshold_table_file_is_checked_at_construction_and_used_when_sampling(tmp_path, monkeypatch):
-    from uncdiff.uncertainty.calibration import calibrate_threshold_table
-    from uncdiff.uncertainty.guidance import save_table
     from uncdiff.core.samplers import make_sampler, sample
+    from uncdiff.io.tables import save_threshold_table
+    from uncdiff.uncertainty.calibration import calibrate_threshold_table
+    from uncdiff.uncertainty.estimators import AleatoricUncertainty
     from uncdiff.uncertainty.guidance import UncertaintyGuidance
 
     torch.manual_seed(0)
     module = DiffusionModule(**tiny_model_kwargs())
     sampler = make_sampler(module.schedule, "ddim", steps=3)
     table = calibrate_threshold_table(module.ema.ema_model.eval(), sampler, module.image_shape, range(4),
-                                      quantile=0.9, num_perturbations=2)
-    save_table(tmp_path / "tau.pt", table, {"sampler": "ddim", "steps": 3, "quantile": 0.9})
+                                      quantile=0.9, M=2)
+    save_threshold_table(tmp_path / "tau.pt", table, {"sampler": {"name": "ddim", "steps": 3}, "quantile": 0.9})
     monkeypatch.chdir(tmp_path)
-    guidance = {"rule": "posterior", "threshold": "table", "table": "tau.pt"}
-    figures = UncertaintySampling(num_samples=2, steps=3, guidance=guidance, progress=False)
-    fid_trajectory = FIDTrajectory(num_samples=2, steps=3, guidance=guidance, progress=False)
+    options = dict(sampler=SamplerSpec("ddim", 3), guidance=GuidanceSpec("posterior"), guidance_table="tau.pt",
+                   progress=False)
+    figures = UncertaintySampling(num_samples=2, **options)
+    fid_trajectory = FIDTrajectory(num_samples=2, **options)
     (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")  # the path was made absolute: the run may change directory
-    assert figures.guidance["table"] == fid_trajectory.guided_options["table"] == str(tmp_path / "tau.pt")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the table was loaded at construction: the run may change directory
+    assert torch.equal(figures.guidance.table, table) and torch.equal(fid_trajectory.guidance.table, table)
     trainer = SimpleNamespace(global_rank=0, world_size=1, is_global_zero=True)
     results = figures.generate(trainer, module)
     assert results["guided"]["scores"].shape == (2,)
     # the file's table in the plain sampling loop gives the same images (the default 5 perturbations)
-    hook = UncertaintyGuidance(rule="posterior", threshold="table", table=table)
+    hook = UncertaintyGuidance(AleatoricUncertainty(), rule="posterior", table=table)
     loop = sample(module.ema.ema_model.eval(), sampler, module.image_shape, [0, 1], hook=hook)
     torch.testing.assert_close(results["guided"]["images"], loop)
-    with pytest.raises(ValueError, match="guidance.table: .*calibrated"):  # 3 steps in the table, 4 here
-        UncertaintySampling(steps=4, guidance=guidance | {"table": "../tau.pt"})
+    with pytest.raises(ValueError, match="guidance_table: .*shape"):  # 3 steps in the table, 4 here
+        UncertaintySampling(sampler=SamplerSpec("ddim", 4), guidance=GuidanceSpec("posterior"),
+                            guidance_table="../tau.pt")
 
 
 def test_mc_dropout_scores_on_a_model_trained_without_dropout_fail_when_the_run_starts(cache):
-    callback = FIDTrajectory(num_samples=4, estimator="mc_dropout", extractor="digits-classifier",
+    callback = FIDTrajectory(num_samples=4, estimator=EstimatorSpec("mc_dropout"), extractor="digits-classifier",
                              cache_dir=str(cache))
     trainer = SimpleNamespace(datamodule=DigitsDataModule(image_size=8), loggers=[], limit_val_batches=1)
-    with pytest.raises(ValueError, match="estimator_options: the model was trained without dropout"):
+    with pytest.raises(ValueError, match="estimator.dropout: the model was trained without dropout"):
         callback.setup(trainer, DiffusionModule(**tiny_model_kwargs(dropout=0.0)), "fit")
 
 
 def test_filtered_set_takes_a_score_variant_with_a_checked_reference_file(tmp_path, monkeypatch):
-    """FIDTrajectory's filtered set scores with estimator_options.score (docs/algorithms.md §3): the
-    reference file is checked against its steps at construction and reaches the estimator that
+    """FIDTrajectory's filtered set scores with estimator.score (docs/algorithms.md §3): the reference
+    file is loaded and checked against its steps at construction and reaches the estimator that
     `sample` builds, which scores with it."""
+    from uncdiff.io.tables import save_score_reference
     from uncdiff.uncertainty.estimators import variant_scores
-    from uncdiff.uncertainty.score_reference import save_score_reference
 
     path = tmp_path / "tau.pt.reference.pt"
     reference = {"mean": torch.tensor([4.0, 3.0, 2.0]), "std": torch.tensor([1.0, 2.0, 0.5])}
     save_score_reference(path, reference, {})
-    with pytest.raises(ValueError, match="pass reference"):
-        FIDTrajectory(steps=3, estimator_options={"score": "standardized"})
-    with pytest.raises(ValueError, match="estimator_options.reference: .*calibrated for 3 sampler steps; this run has 4"):
-        FIDTrajectory(steps=4, estimator_options={"score": "standardized", "reference": str(path)})
-    callback = FIDTrajectory(steps=3, estimator_options={"score": "standardized", "reference": str(path)})
-    assert callback.estimator_options["reference"] == str(path.resolve())
+    standardized = EstimatorSpec("aleatoric", score="standardized")
+    with pytest.raises(ValueError, match="needs score_reference"):
+        FIDTrajectory(sampler=SamplerSpec("ddim", 3), estimator=standardized)
+    with pytest.raises(ValueError, match="score_reference: .*calibrated for 3 sampler steps; this run has 4"):
+        FIDTrajectory(sampler=SamplerSpec("ddim", 4), estimator=standardized, score_reference=str(path))
+    callback = FIDTrajectory(sampler=SamplerSpec("ddim", 3), estimator=standardized, score_reference=str(path))
     module = DiffusionModule(**tiny_model_kwargs())
-    result = module.sample(n=3, steps=3, sampler="ddim", estimator="aleatoric",
-                           estimator_options=callback.estimator_options)
+    result = module.sample(n=3, sampler=callback.sampler, estimator=callback.estimator)
     want = variant_scores(result.step_totals, result.total_steps, "standardized", reference)
     torch.testing.assert_close(result.scores.double(), want, rtol=1e-5, atol=1e-5)
