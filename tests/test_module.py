@@ -9,8 +9,9 @@ from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.core.samplers import make_sampler, sample
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
-from uncdiff.uncertainty.estimators import MCDropoutUncertainty
+from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 
 class LossHistory(L.Callback):
@@ -47,17 +48,16 @@ def model():
 
 
 def test_sample_is_seeded_per_image_and_estimation_does_not_change_images(model):
-    plain = model.sample(5, seed=10, sampler="ddpm", steps=6, batch_size=2)
+    plain = model.sample(5, seed=10, sampler=SamplerSpec("ddpm", 6), batch_size=2)
     assert plain.images.shape == (5, 1, 8, 8) and plain.maps is None and plain.nfe == 5 * 6
-    again = model.sample(n=3, seeds=[12, 13, 14], sampler="ddpm", steps=6, batch_size=3)
+    again = model.sample(n=3, seeds=[12, 13, 14], sampler=SamplerSpec("ddpm", 6), batch_size=3)
     torch.testing.assert_close(again.images, plain.images[2:])
-    est = model.sample(5, seed=10, sampler="ddpm", steps=6, estimator="aleatoric",
-                       estimator_options={"num_perturbations": 3})
+    est = model.sample(5, seed=10, sampler=SamplerSpec("ddpm", 6), estimator=EstimatorSpec("aleatoric", M=3))
     torch.testing.assert_close(est.images, plain.images)
     assert est.maps.shape == (5, 1, 8, 8) and est.scores.shape == (5,) and (est.scores > 0).all()
     assert est.nfe == 5 * 6 * (1 + 3)
     model.ema.ema_model.train()
-    mc = model.sample(2, sampler="ddim", steps=4, estimator="mc_dropout")
+    mc = model.sample(2, sampler=SamplerSpec("ddim", 4), estimator=EstimatorSpec("mc_dropout"))
     assert (mc.scores > 0).all()
     assert model.ema.ema_model.training  # the network's mode is restored
     # the same as the plain sampling loop with the estimator as its hook, on the network in eval mode
@@ -69,19 +69,23 @@ def test_sample_is_seeded_per_image_and_estimation_does_not_change_images(model)
 
 
 def test_guided_sampling_changes_images_and_reports_cost(model):
-    plain = model.sample(3, sampler="ddim", steps=10)
-    guided = model.sample(3, sampler="ddim", steps=10, guidance={"rule": "posterior", "window": (0.0, 0.3)})
+    plain = model.sample(3, sampler=SamplerSpec("ddim", 10))
+    guided = model.sample(3, sampler=SamplerSpec("ddim", 10), guidance=GuidanceSpec("posterior", window=(0.0, 0.3)))
     assert not torch.allclose(guided.images, plain.images)
     assert guided.nfe > plain.nfe and guided.scores.shape == (3,)
 
 
 def test_bad_estimator_options_name_the_option(model):
-    with pytest.raises(ValueError, match="estimator"):
-        model.sample(2, estimator="dropout")
-    with pytest.raises(ValueError, match="num_perturbations"):
-        model.sample(2, estimator="aleatoric", estimator_options={"num_perturbations": 1})
+    with pytest.raises(ValueError, match="estimator.name"):
+        model.sample(2, estimator={"name": "dropout"})
+    with pytest.raises(ValueError, match="estimator.M"):
+        model.sample(2, estimator={"name": "aleatoric", "M": 1})
+    with pytest.raises(ValueError, match="unknown option.*estimator.num_perturbations"):
+        model.sample(2, estimator={"name": "aleatoric", "num_perturbations": 3})
     with pytest.raises(ValueError, match="fit_laplace"):
-        model.sample(2, estimator="bayesdiff")
+        model.sample(2, estimator=EstimatorSpec("bayesdiff"))
+    with pytest.raises(ValueError, match="bayesdiff .*needs sampler.clip false"):
+        model.sample(2, sampler=SamplerSpec(clip=True), estimator=EstimatorSpec("bayesdiff"))
 
 
 def test_laplace_travels_with_the_checkpoint(model, tmp_path):
@@ -92,8 +96,9 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt")
     torch.testing.assert_close(loaded.laplace.var_W, model.laplace.var_W)
-    options = {"skip": 1, "num_draws": 2, "moments": "regression"}
-    result = loaded.sample(2, sampler="ddim", steps=5, clip=False, estimator="bayesdiff", estimator_options=options)
+    options = {"skip": 1, "draws": 2, "moments": "regression"}
+    # BayesDiff's sampler is unclipped by default (its moments need affine steps)
+    result = loaded.sample(2, sampler=SamplerSpec("ddim", 5), estimator=EstimatorSpec("bayesdiff", **options))
     assert result.scores.shape == (2,) and (result.scores > 0).all()
     # what the checkpoint's posterior gives through the plain loop (features cached by the hook's eps_model)
     hook = BayesDiffUncertainty(net=loaded.ema.ema_model.eval(), laplace=loaded.laplace, **options)
@@ -107,59 +112,53 @@ def test_laplace_travels_with_the_checkpoint(model, tmp_path):
 def test_gradient_guidance_works_under_inference_mode(model):
     """Lightning runs validation (and so the callbacks) under inference_mode."""
     with torch.inference_mode():
-        guided = model.sample(2, sampler="ddim", steps=10, guidance={"rule": "gradient"})
+        guided = model.sample(2, sampler=SamplerSpec("ddim", 10), guidance=GuidanceSpec("gradient"))
     # the guided images of the plain loop, outside inference mode
     images = sample(model.ema.ema_model.eval(), make_sampler(model.schedule, "ddim", steps=10), model.image_shape,
-                    [0, 1], hook=UncertaintyGuidance(rule="gradient"))
+                    [0, 1], hook=UncertaintyGuidance(AleatoricUncertainty(), rule="gradient"))
     torch.testing.assert_close(guided.images, images)
-    assert not torch.allclose(guided.images, model.sample(2, sampler="ddim", steps=10).images)
+    assert not torch.allclose(guided.images, model.sample(2, sampler=SamplerSpec("ddim", 10)).images)
 
 
 def test_table_threshold_from_a_calibration_file(model, tmp_path):
+    from uncdiff.io.tables import load_threshold_table, save_threshold_table
     from uncdiff.uncertainty.calibration import calibrate_threshold_table
-    from uncdiff.uncertainty.guidance import save_table
 
     sampler = make_sampler(model.schedule, "ddim", steps=6)
     table = calibrate_threshold_table(model.ema.ema_model.eval(), sampler, model.image_shape, range(8),
-                                      quantile=0.9, num_perturbations=2)
+                                      quantile=0.9, M=2)
     assert table.shape == (6, 1, 8, 8)
-    save_table(tmp_path / "tau.pt", table, {"steps": 6, "quantile": 0.9})
-    guided = model.sample(2, sampler="ddim", steps=6,
-                          guidance={"threshold": "table", "table": str(tmp_path / "tau.pt"), "rule": "posterior"})
+    save_threshold_table(tmp_path / "tau.pt", table, {"steps": 6, "quantile": 0.9})
+    loaded, _ = load_threshold_table(tmp_path / "tau.pt", 6, model.image_shape)
+    guidance = GuidanceSpec("posterior", table=loaded)
+    guided = model.sample(2, sampler=SamplerSpec("ddim", 6), guidance=guidance)
     # the file's table, used by the plain loop
-    hook = UncertaintyGuidance(threshold="table", table=table, rule="posterior")
+    hook = UncertaintyGuidance(AleatoricUncertainty(), table=table, rule="posterior")
     torch.testing.assert_close(guided.images, sample(model.ema.ema_model.eval(), sampler, model.image_shape, [0, 1],
                                                      hook=hook))
-    with pytest.raises(ValueError, match="calibrated"):
-        model.sample(2, sampler="ddim", steps=5, guidance={"threshold": "table", "table": str(tmp_path / "tau.pt")})
-    with pytest.raises(ValueError, match="guidance.table: no threshold table file"):
-        model.sample(2, sampler="ddim", steps=6, guidance={"threshold": "table", "table": str(tmp_path / "no.pt")})
+    with pytest.raises(ValueError, match="guidance.table has shape .*calibrate it"):
+        model.sample(2, sampler=SamplerSpec("ddim", 5), guidance=guidance)
 
 
 def test_estimator_window_with_guidance_is_the_estimation_window(model):
-    """With guidance, estimator_options' window is where U_t is recorded (guidance's estimate_window),
-    not the guidance window: docs/algorithms.md §3-4, M extra evaluations on each estimated or guided step."""
+    """With guidance, the estimator's window is where U_t is recorded, not the guidance window:
+    docs/algorithms.md §3-4, M extra evaluations on each estimated or guided step."""
     n, steps, m = 2, 10, 2
-    guided = model.sample(n, sampler="ddim", steps=steps, guidance={"rule": "posterior"},  # guides steps 0, 1
-                          estimator_options={"window": (0.5, 1.0), "num_perturbations": m, "keep_maps": True})
+    guided = model.sample(n, sampler=SamplerSpec("ddim", steps), guidance=GuidanceSpec("posterior"),  # steps 0, 1
+                          estimator=EstimatorSpec(window=(0.5, 1.0), M=m, keep_maps=True))
     estimated, guided_steps = range(5, 10), range(0, 2)  # the second half; the first 15% of 10 steps
     assert guided.step_indices == list(estimated)
     assert guided.nfe == n * steps + n * m * (len(estimated) + len(guided_steps))
 
 
-@pytest.mark.parametrize("estimator_options, guidance, option", [
-    ({"num_perturbations": 3}, {"num_perturbations": 2}, "num_perturbations"),
-    ({"window": (0.5, 1.0)}, {"estimate_window": (0.0, 1.0)}, "estimator_options.window and guidance.estimate_window"),
-    ({"window": (0.5, 1.0), "estimate_window": (0.0, 1.0)}, {}, "window and estimate_window"),
-])
-def test_an_option_in_both_estimator_options_and_guidance_is_named(model, estimator_options, guidance, option):
-    with pytest.raises(ValueError, match=option):
-        model.sample(2, steps=4, guidance=guidance, estimator_options=estimator_options)
+def test_guidance_refuses_another_estimator_by_name(model):
+    with pytest.raises(ValueError, match="guidance.rule gradient estimates with the aleatoric estimator"):
+        model.sample(2, guidance=GuidanceSpec("gradient"), estimator=EstimatorSpec("mc_dropout"))
 
 
 def test_mc_dropout_on_a_model_trained_without_dropout_needs_a_rate():
     model = DiffusionModule(**tiny_model_kwargs(dropout=0.0))
     with pytest.raises(ValueError, match="trained without dropout.*dropout="):
-        model.sample(2, steps=2, estimator="mc_dropout")
-    result = model.sample(2, steps=2, estimator="mc_dropout", estimator_options={"dropout": 0.1})
+        model.sample(2, sampler=SamplerSpec(steps=2), estimator=EstimatorSpec("mc_dropout"))
+    result = model.sample(2, sampler=SamplerSpec(steps=2), estimator=EstimatorSpec("mc_dropout", dropout=0.1))
     assert result.scores.shape == (2,)
