@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import tiny_model_kwargs
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
+from uncdiff.io.lock import LOCK_NAME
 from uncdiff.lightning.checkpoint_io import SafeCheckpointIO
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule, NonFiniteLossError
@@ -58,9 +59,9 @@ def comparable(path: Path) -> bytes:
 
 def files(root: Path) -> dict[str, Path]:
     """Every file under `root` but the temporary files a killed write leaves (`.<name>.<pid>.tmp`,
-    never read: no reader looks for such names)."""
+    never read: no reader looks for such names) and the lock file (it names its run's process)."""
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != LOCK_NAME}
 
 
 def test_killed_sampling_run_resumes_to_the_same_bytes(tiny_checkpoint, tmp_path):  # noqa: F811

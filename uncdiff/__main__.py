@@ -22,6 +22,7 @@ import errno
 import importlib
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 # commands of our own; every other first word goes to LightningCLI (fit, validate, ...)
@@ -96,10 +97,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         run(args, from_sys_argv=argv is None)
     except SystemExit as exit_:
-        if isinstance(exit_.code, str) and not debug:  # a command's own `sys.exit("error: ...")`: a usage error
-            print(one_line(exit_.code), file=sys.stderr)
-            sys.exit(USAGE_STATUS)
-        raise
+        if not isinstance(exit_.code, str):
+            raise
+        if debug and exit_.__context__ is not None:  # the error a command turned into its message
+            traceback.print_exception(exit_.__context__)
+        print(one_line(exit_.code), file=sys.stderr)  # a command's own `sys.exit("error: ...")`: a usage error
+        sys.exit(USAGE_STATUS)
     except Exception as error:
         known = None if debug else user_error(error)
         if known is None:

@@ -63,12 +63,16 @@ def attach_laplace(fabric, inputs: ModelInputs) -> None:
 
 
 def make_fabric(options: Namespace):
-    """Lightning Fabric from the `fabric` options."""
+    """Lightning Fabric from the `fabric` options; an InputError naming them when Fabric refuses them."""
     from lightning.fabric import Fabric
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     devices = int(options.devices) if str(options.devices).isdigit() else options.devices
-    return Fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
-                  strategy=options.strategy)
+    try:
+        return Fabric(accelerator=options.accelerator, devices=devices, num_nodes=options.num_nodes,
+                      strategy=options.strategy)
+    except (ValueError, MisconfigurationException) as error:
+        raise InputError(f"--fabric.*: {error}") from None
 
 
 def typed_command(command: list[str]) -> list[str]:

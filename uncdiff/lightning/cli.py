@@ -109,11 +109,11 @@ class UncdiffCLI(LightningCLI):
             raise InputError("--trainer.max_steps 0 trains nothing and saves nothing: give a number of steps, or -1 "
                              "for --trainer.max_epochs alone")
         ckpt_path = self.config.fit.get("ckpt_path")
-        for folder in checkpoint_dirs(self.trainer.checkpoint_callbacks):
+        for folder in checkpoint_dirs(self.trainer):
             remove_temporary_files(folder)  # of writes a kill interrupted (the lock says no run is writing)
         refuse_to_overwrite(self.trainer.checkpoint_callbacks, ckpt_path)
         if ckpt_path == "last":
-            require_last_checkpoint(checkpoint_dirs(self.trainer.checkpoint_callbacks))
+            require_last_checkpoint(checkpoint_dirs(self.trainer))
 
 
 def ckpt_hparams(ckpt_path: Optional[str]) -> dict:
@@ -143,10 +143,13 @@ def constructor_error(message: str) -> str:
     return f"{option} ({name}): {reason}" if name else f"{option}: {reason}"
 
 
-def checkpoint_dirs(checkpoint_callbacks) -> list[Path]:
-    """The folders the run's ModelCheckpoint callbacks write to (those that exist)."""
-    return [Path(c.dirpath) for c in checkpoint_callbacks
-            if isinstance(c, ModelCheckpoint) and c.dirpath and Path(c.dirpath).is_dir()]
+def checkpoint_dirs(trainer) -> list[Path]:
+    """The folders the trainer's ModelCheckpoint callbacks write to, those that exist. A callback without
+    a dirpath writes to `<default_root_dir>/checkpoints` when there is no logger (with one, to a
+    version folder of the logger's: not looked for)."""
+    folders = [Path(c.dirpath) if c.dirpath else None if trainer.loggers else Path(trainer.default_root_dir) /
+               "checkpoints" for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    return [folder for folder in folders if folder is not None and folder.is_dir()]
 
 
 def require_last_checkpoint(folders: list[Path]) -> None:

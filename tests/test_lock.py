@@ -1,0 +1,118 @@
+"""One run per output folder: two real processes, one folder. The second run is refused in one line
+naming the first (its pid and command), the first ends with exactly its own files; a killed holder
+leaves nothing locked."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
+from uncdiff.io.lock import LOCK_NAME, OutputInUse, lock_folder
+from uncdiff.io.sample_store import check_output_dir
+
+TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
+
+# `train.py sample ...` whose chunk writes wait for the file argv[1]: a run that holds its folder for as
+# long as the test needs, whatever the machine's speed
+PAUSED_SAMPLE = """
+import sys, time
+from pathlib import Path
+from uncdiff.io import sample_store
+
+go, write = Path(sys.argv[1]), sample_store.SampleStore.write_chunk
+def paused(self, *args, **kwargs):
+    while not go.exists():
+        time.sleep(0.05)
+    return write(self, *args, **kwargs)
+sample_store.SampleStore.write_chunk = paused
+from uncdiff.__main__ import main
+sys.argv = ["train.py", *sys.argv[2:]]
+main()
+"""
+
+HOLD = """
+import sys, time
+from uncdiff.io.lock import lock_folder
+lock = lock_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def wait_for_holder(folder: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `process` has written its pid into `folder`'s lock file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            if json.loads((folder / LOCK_NAME).read_text())["pid"] == process.pid:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the first run never locked its folder")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:") or line.startswith("Traceback")]
+
+
+@pytest.mark.slow
+def test_second_run_into_a_busy_folder_is_refused_and_the_first_keeps_its_own_files(tiny_checkpoint, tmp_path):  # noqa: F811
+    common = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", "race", "--n", "8", "--batch_size", "4",
+              "--sampler.steps", "2", "--estimator.name", "none", "--progress", "false"]
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_SAMPLE, str(tmp_path / "go"), *common], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_holder(tmp_path / "race", first)
+        # another run (other seeds), and the very same command: both refused while the first runs
+        for args in ([*common, "--seed", "100"], common):
+            second = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, capture_output=True, text=True)
+            assert second.returncode == 1, second.stderr[-3000:]
+            errors = error_lines(second.stderr)
+            assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+            assert f"pid {first.pid}" in errors[0] and "in use by another run" in errors[0]
+            assert "sample" in errors[0] and "race" in errors[0]  # the holder's command line
+        (tmp_path / "go").touch()
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+
+    root = tmp_path / "race"
+    assert json.loads((root / "run.json").read_text())["settings"]["seeds"] == {"start": 0, "count": 8}
+    with open(root / "manifest.csv", newline="") as f:
+        assert [int(row["seed"]) for row in csv.DictReader(f)] == list(range(8))
+    assert sorted(p.name for p in (root / "samples").iterdir()) == [f"{seed:06d}.png" for seed in range(8)]
+    assert sorted(p.name for p in (root / "records").iterdir()) == ["chunk-000000.json", "chunk-000001.json"]
+
+
+def test_lock_names_its_holder_and_dies_with_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUse, match=rf"pid {holder.pid}, started .*: -c {tmp_path / 'out'}"):
+            lock_folder(tmp_path / "out")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = lock_folder(tmp_path / "out")  # a killed holder holds nothing: its .lock file is stale
+    assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert lock_folder(tmp_path / "out") is lock  # re-entrant within one process
+
+
+def test_a_folder_holding_only_a_lock_is_a_new_run(tmp_path):
+    """A run that stopped before writing anything (a bad model, a kill) leaves only its .lock: the next
+    run starts there, it is not refused as a folder of something else."""
+    (tmp_path / LOCK_NAME).write_text("{}")
+    assert check_output_dir(tmp_path, {"seeds": {"start": 0, "count": 1}}) == "new"
+    (tmp_path / "other.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        check_output_dir(tmp_path, {})
