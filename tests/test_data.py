@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
+import uncdiff.lightning.data as data_module
 from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule, ResumableSampler
 
 
@@ -71,7 +72,7 @@ def test_digits_are_16x16_in_range_with_disjoint_val_split():
 def test_sampler_shards_are_disjoint_and_depend_on_epoch(monkeypatch):
     shards = []
     for rank in (0, 1):
-        monkeypatch.setattr(ResumableSampler, "_world", staticmethod(lambda rank=rank: (rank, 2)))
+        monkeypatch.setattr(data_module, "rank_and_world", lambda rank=rank: (rank, 2))
         s = ResumableSampler(11, seed=3)
         shards.append(list(s))
         s.set_epoch(1)
