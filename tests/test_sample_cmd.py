@@ -78,7 +78,7 @@ def test_writes_what_it_says(reference, tiny_checkpoint):
     rows = read_manifest(reference)
     assert [int(r["seed"]) for r in rows] == list(range(N))
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu")
-    expected = module.sample(seeds=list(range(N)), steps=4).images  # one batch: images don't depend on it
+    expected = module.sample(seeds=list(range(N)), sampler={"steps": 4}).images  # one batch: images don't depend on it
     expected = ((expected + 1) * 127.5).round().clamp(0, 255)
     for r in rows:
         image = torch.from_numpy(np.asarray(Image.open(reference / r["image"])).astype(np.float32))
@@ -94,7 +94,7 @@ def test_writes_what_it_says(reference, tiny_checkpoint):
     for name in ("grid.png", "dropped.png"):
         assert Image.open(reference / name).mode == "RGB"
     settings = json.loads((reference / "run.json").read_text())["settings"]
-    assert settings["estimator"] == "aleatoric" and settings["estimator_options"]["num_perturbations"] == 2
+    assert settings["estimator"]["name"] == "aleatoric" and settings["estimator"]["M"] == 2
     assert settings["seeds"] == {"start": 0, "count": N} and settings["drop_fraction"] == DROP
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["dropped"] == 3 and summary["nfe_per_image"] == 4 * (1 + 2)  # steps x (1 + M)
@@ -192,16 +192,15 @@ def tree(path: Path) -> dict:
     ("missing checkpoint", {"--checkpoint": "nowhere.ckpt"}, "checkpoint not found"),
     ("not a checkpoint", {"--checkpoint": "text"}, "not a checkpoint torch can read"),
     ("another model's checkpoint", {"--checkpoint": "other"}, "not a uncdiff DiffusionModule checkpoint"),
-    ("unknown estimator", {"--estimator.name": "ensemble"}, "unknown estimator 'ensemble'"),
     ("fraction 0", {"--filtering.drop_fraction": "0"}, "--filtering.drop_fraction must lie in (0, 1)"),
     ("fraction 1", {"--filtering.drop_fraction": "1"}, "--filtering.drop_fraction must lie in (0, 1)"),
     ("fraction above 1", {"--filtering.drop_fraction": "1.5"}, "--filtering.drop_fraction must lie in (0, 1)"),
-    ("M < 2", {"--estimator.M": "1"}, "num_perturbations must be an integer >= 2"),
+    ("M < 2", {"--estimator.M": "1"}, "estimator.M must be an integer >= 2"),
     ("M < 2, MC-Dropout", {"--estimator.M": "1", "--estimator.name": "mc_dropout"},
-     "num_passes must be an integer >= 2"),
+     "estimator.M must be an integer >= 2"),
     ("another run", {"--estimator.M": "3", "--out": "reference"}, "holds another run"),
     ("BayesDiff with clipping", {"--estimator.name": "bayesdiff", "--estimator.M": None, "--sampler.clip": "true"},
-     "--sampler.clip false"),
+     "sampler.clip false"),
 ])
 def test_bad_input_fails_before_writing(case, change, message, reference, tiny_checkpoint, tmp_path):
     (tmp_path / "text").write_text("not a checkpoint")
@@ -219,32 +218,38 @@ def test_bad_input_fails_before_writing(case, change, message, reference, tiny_c
     assert message in str(error.value.code), error.value.code
     assert tree(tmp_path) == before  # nothing written, nothing touched
     if case == "another run":
-        assert "estimator_options.num_perturbations: 2 there, 3 here" in str(error.value.code)
+        assert "estimator.M: 2 there, 3 here" in str(error.value.code)
+
+
+def test_an_unknown_estimator_is_refused_by_the_parser(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "new"), "--estimator.name", "ensemble"])
+    assert error.value.code == 2 and "estimator.name" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_guided_with_a_calibrated_threshold_table(tiny_checkpoint, tmp_path):
     from uncdiff.uncertainty.calibration import calibrate_threshold_table
-    from uncdiff.uncertainty.guidance import save_table
+    from uncdiff.io.tables import save_threshold_table
     from uncdiff.core.samplers import make_sampler
 
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     table = calibrate_threshold_table(module.ema.ema_model, make_sampler(module.schedule, "ddim", steps=4),
-                                      module.image_shape, range(100, 108), num_perturbations=2)
-    save_table(tmp_path / "table.pt", table, {"steps": 4})
+                                      module.image_shape, range(100, 108), M=2)
+    save_threshold_table(tmp_path / "table.pt", table, {})
     args = ["--checkpoint", str(tiny_checkpoint), "--n", "4", "--batch_size", "4", "--sampler.steps", "4",
-            "--estimator.M", "2", "--guidance.rule", "gradient", "--guidance.sign", "-1", "--guidance.window", "0", "0.5",
-            "--guidance.table", str(tmp_path / "table.pt"), "--fabric.accelerator", "cpu", "--progress", "false"]
+            "--estimator.M", "2", "--guidance.rule", "gradient", "--guidance.sign", "-1", "--guidance.window", "[0, 0.5]",
+            "--guidance_table", str(tmp_path / "table.pt"), "--fabric.accelerator", "cpu", "--progress", "false"]
     with pytest.raises(SystemExit) as error:  # a table of 4 steps for a 5-step run
         main([*args, "--out", str(tmp_path / "wrong"), "--sampler.steps", "5"])
-    assert "calibrated for 4 steps" in str(error.value.code) and not (tmp_path / "wrong").exists()
+    assert "this run needs (5, 1, 8, 8)" in str(error.value.code) and not (tmp_path / "wrong").exists()
 
     main([*args, "--out", str(tmp_path / "guided")])
     settings = json.loads((tmp_path / "guided" / "run.json").read_text())["settings"]
     assert settings["guidance"]["threshold"] == "table" and settings["guidance"]["sign"] == -1
-    assert len(settings["guidance_table_sha256"]) == 64
-    expected = module.sample(seeds=range(4), steps=4, estimator_options={"num_perturbations": 2},
-                             guidance={"rule": "gradient", "sign": -1, "window": (0, 0.5), "threshold": "table",
-                                       "table": table}).images
+    assert len(settings["files"]["guidance_table"]["sha256"]) == 64
+    expected = module.sample(seeds=range(4), sampler={"steps": 4}, estimator={"M": 2},
+                             guidance={"rule": "gradient", "sign": -1, "window": (0, 0.5), "table": table}).images
     written = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "guided" / "samples" / f"{s:06d}.png")))
                            for s in range(4)]).float()
     assert (written - ((expected[:, 0] + 1) * 127.5).round().clamp(0, 255)).abs().max() <= 1

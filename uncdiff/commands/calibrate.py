@@ -4,7 +4,7 @@
     uncdiff calibrate --checkpoint runs/quickstart/checkpoints/last.ckpt --out tau.pt \\
         --n 1000 --sampler.steps 20 --estimator.M 5 --quantile 0.95
     uncdiff sample --checkpoint runs/quickstart/checkpoints/last.ckpt --out samples/guided \\
-        --sampler.steps 20 --estimator.M 5 --guidance.rule gradient --guidance.table tau.pt
+        --sampler.steps 20 --estimator.M 5 --guidance.rule gradient --guidance_table tau.pt
 
 `tau[step, c, h, w]` is the `--quantile` of the aleatoric map `U_t` (docs/algorithms.md §3) at that
 sampler step and position over `--n` unguided samples, seeds `--seed .. --seed+n-1`
@@ -12,7 +12,7 @@ sampler step and position over `--n` unguided samples, seeds `--seed .. --seed+n
 settings it was made with: use it with the same checkpoint, sampler, steps, `--estimator.M` and
 `--estimator.variant`. The same samples give the per-step reference statistics of the score
 variants (docs/algorithms.md §3: at each step, the mean and standard deviation of the per-image total
-of `U_t`), written beside the table as `<out>.reference.pt` (`--estimator.score_reference` of `sample`
+of `U_t`), written beside the table as `<out>.reference.pt` (`--score_reference` of `sample`
 and `evaluate`). The command's full config is written beside it as `<out>.config.yaml`.
 
 One process on one device: the quantile needs every sample's maps in one place. Every input is
@@ -30,14 +30,14 @@ from jsonargparse import ArgumentParser, Namespace
 
 from uncdiff.commands.options import add_model_arguments, add_sampler_arguments, config_yaml, new_parser, parse_options
 from uncdiff.commands.runtime import ModelInputs, make_fabric, prepare_model, run_info
-from uncdiff.commands.settings import build_sampler, check_seeds, input_error, sampler_settings
+from uncdiff.commands.settings import build_sampler, check_seeds, input_error, spec
 from uncdiff.core.samplers import EpsModel
 from uncdiff.io.files import InputError, write_atomic, written_together
 from uncdiff.io.lock import lock_outputs
+from uncdiff.io.tables import SETTINGS_FORMAT, save_score_reference, save_threshold_table
 from uncdiff.uncertainty.calibration import calibrate_table_and_reference
-from uncdiff.uncertainty.estimators import VARIANTS, check_count
-from uncdiff.uncertainty.guidance import save_table
-from uncdiff.uncertainty.score_reference import save_score_reference
+from uncdiff.uncertainty.estimators import VARIANTS
+from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
 
 
 def build_parser() -> ArgumentParser:
@@ -85,25 +85,21 @@ def calibration_settings(args: Namespace, inputs: ModelInputs) -> dict:
         raise InputError(f"{', '.join(unused)}: calibrate reads no training data (the table comes from samples)")
     if not 0.0 < args.quantile < 1.0:
         raise InputError(f"--quantile must lie in (0, 1), got {args.quantile}")
-    try:
-        m = check_count("num_perturbations", args.estimator.M, 2)
-    except ValueError as error:
-        raise input_error("--estimator.M", error) from None
+    estimator = spec(EstimatorSpec, {"name": "aleatoric", "M": args.estimator.M, "variant": args.estimator.variant})
     least = least_samples(args.quantile)
     if args.n < least:
         raise InputError(f"--n must be >= {least} for --quantile {args.quantile} (at least one sample on each side "
                          f"of the quantile), got {args.n}")
     check_seeds(args)
     # the maps of a guided `sample` run's aleatoric estimator: its sampler defaults (x0 clipped)
-    sampler = sampler_settings(args.sampler, inputs.module, "aleatoric")
     try:
-        build_sampler(inputs.module, sampler)
+        sampler = inputs.module.resolve_sampler(spec(SamplerSpec, args.sampler), estimator)
+        build_sampler(inputs.module, sampler.settings())
     except ValueError as error:
         raise input_error("sampler", error) from None
-    return {"format": 1, "checkpoint_sha256": inputs.sha256, "sampler": sampler, "quantile": args.quantile,
-            "num_perturbations": m, "variant": args.estimator.variant,
+    return {"format": SETTINGS_FORMAT, "checkpoint_sha256": inputs.sha256, "sampler": sampler.settings(),
+            "quantile": args.quantile, "M": estimator.M, "variant": estimator.variant,
             "seeds": {"start": args.seed, "count": args.n}, "batch_size": args.batch_size}
-
 
 class ProgressEps:
     """`eps_model` that advances a progress bar by the image rows it evaluates."""
@@ -122,7 +118,7 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, settings: dict, info: dic
     module = inputs.module.to(fabric.device)
     out = Path(args.out)
     sampler, seeds = settings["sampler"], settings["seeds"]
-    m, n = settings["num_perturbations"], seeds["count"]
+    m, n = settings["M"], seeds["count"]
     print(f"calibrating: {n} unguided samples (seeds {seeds['start']}..{seeds['start'] + n - 1}), "
           f"{sampler['steps']} {sampler['name']} steps, M={m}, q={settings['quantile']}, on {fabric.device}",
           flush=True)
@@ -141,7 +137,7 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, settings: dict, info: dic
     # all three files or none (a full disk): never a reference without its table
     with written_together(reference_path(out), out, config_path(out)) as (reference_file, table_file, config_file):
         save_score_reference(reference_file, reference, record)
-        save_table(table_file, table, record)
+        save_threshold_table(table_file, table, record)
         write_atomic(config_file, config.encode())
     print(f"wrote {out}: the {settings['quantile']}-quantile of U_t, {list(table.shape)} (steps, C, H, W), "
           f"over {n} samples in {seconds:.1f} s; the score reference statistics in {reference_path(out)}; its "

@@ -41,8 +41,10 @@ from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, O
                                            needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
+from uncdiff.io.lock import lock_folder
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import DigitsDataModule, dataset_key
+from uncdiff.uncertainty.spec import EstimatorSpec
 
 
 def build_parser() -> ArgumentParser:
@@ -151,7 +153,7 @@ def check_options(args: Namespace) -> int:
 def check_ause_window(settings: dict) -> None:
     """An --estimator.window without any of AUSE's steps would leave it no map to score."""
     steps = settings["sampler"]["steps"]
-    window = settings["estimator_options"]["window"]
+    window = settings["estimator"]["window"]
     if not ause_map_steps(settings):
         raise InputError(f"--estimator.window {window[0]:g} {window[1]:g} has no step among steps "
                          f"{denoised_steps(steps).start}..{steps - 1} of {steps}: AUSE denoises only the second half "
@@ -182,7 +184,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
             ause[name] = stores[name].settings if name in stores else \
                 build_settings(set_arguments(args, name, dropout), inputs.module, inputs.sha256, None)
             check_ause_window(ause[name])
-    hooks = {name: estimator_hook(inputs.module, name, s["estimator_options"], None) for name, s in ause.items()}
+    hooks = {name: estimator_hook(inputs.module, EstimatorSpec(**s["estimator"])) for name, s in ause.items()}
     sampler = build_sampler(inputs.module, ause["aleatoric"]["sampler"]) if ause else None
     kept = args.n - round(drop_fraction(stores) * args.n)
     if "filtering" in args.experiments and prc_real and kept <= PRC_NEIGHBOURS:
@@ -197,10 +199,11 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "fid": {"extractor": extractor, "dataset": dataset}}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
+    lock = lock_folder(root)  # before looking inside: from now on no other run writes there
     check_output_dir(root, settings)
     for store in stores.values():
-        store.check()
-    return Plan(root, settings, stores, extractor, dataset, notes, ause, hooks, sampler)
+        store.check(lock=False)  # inside the locked <out>
+    return Plan(root, settings, stores, extractor, dataset, notes, ause, hooks, sampler, lock)
 
 
 # --------------------------------------------------------------------------------------- running

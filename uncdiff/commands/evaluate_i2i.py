@@ -12,7 +12,7 @@ M perturbations on every step costs); the first sample is the output. The report
 the groups:
 
 - AUSE / AURG of each estimator's map (`--estimators`: aleatoric with M perturbations, MC-Dropout
-  with M passes, BayesDiff with `--bayesdiff.*`) against the real squared error over the generated
+  with M passes, BayesDiff with `--estimator.draws`, `skip`, `moments`) against the real squared error over the generated
   pixels of the output it came with, with the baseline users would try (the per-pixel variance of the
   K samples), a random map and the oracle (the error itself); the differences to the baseline and to
   random, paired by group. BayesDiff runs on the study's DDIM (eta 0) without x0 clipping, with the
@@ -37,10 +37,10 @@ from typing import Literal, Optional
 
 from jsonargparse import ArgumentParser, Namespace
 
-from uncdiff.commands.options import (add_bayesdiff_arguments, add_guidance_arguments, add_sampler_arguments,
+from uncdiff.commands.options import (add_guidance_arguments, add_laplace_arguments, add_sampler_arguments,
                                       config_yaml, new_parser, parse_options, record_config)
 from uncdiff.commands.runtime import make_fabric, typed_command
-from uncdiff.commands.settings import build_sampler, estimator_hook, guidance_settings, input_error, sampler_settings
+from uncdiff.commands.settings import build_sampler, estimator_hook, input_error, spec
 from uncdiff.core.samplers import MAX_SEED
 from uncdiff.evaluation.image_to_image import calibration_study, guidance_study
 from uncdiff.evaluation.image_to_image_report import write_study_report
@@ -49,7 +49,7 @@ from uncdiff.io.lock import holds_files, lock_new_folder
 from uncdiff.lightning.loading import (file_sha256, image_to_image_data, laplace_source, load_module,
                                        load_or_fit_laplace)
 from uncdiff.lightning.palette import restorer
-from uncdiff.uncertainty.estimators import VARIANTS, check_count
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
 ROW_NAMES = {"aleatoric": "aleatoric", "mc_dropout": "MC-Dropout", "bayesdiff": "BayesDiff"}
@@ -68,9 +68,6 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--samples", type=Optional[int], default=None,
                    help="K samples per input for the variance baseline and diversity (null: M + 1, the same cost)")
     g.add_argument("--estimators", type=list[Literal[ESTIMATORS]], default=list(ESTIMATORS), help="maps to rank")
-    g.add_argument("--estimator.M", type=int, default=5, help="perturbations (aleatoric) and passes (MC-Dropout)")
-    g.add_argument("--estimator.variant", type=Literal[VARIANTS], default="centered", help="aleatoric map (§3)")
-    g.add_argument("--estimator.dropout", type=float, default=0.1, help="MC-Dropout's rate at sampling time")
     g.add_argument("--examples", type=int, default=8, help="rows of panels.png")
     g.add_argument("--fid.extractor", type=Literal["auto", "digits-classifier", "inception", "none"], default="auto",
                    help="FID features (auto: the digits classifier for digits, else Inception; none: no FID)")
@@ -79,46 +76,37 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--fid.cache", type=str, default="cache", help="where the digits classifier is cached")
     g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps (one device)")
     g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
-    add_bayesdiff_arguments(parser)
+    parser.add_class_arguments(EstimatorSpec, "estimator", skip={"name", "reference", "score", "keep_maps"},
+                               help="the estimators of --estimators (docs/algorithms.md §3, §5)")
+    parser.set_defaults({"estimator.dropout": 0.1})  # MC-Dropout's rate at sampling time
+    add_laplace_arguments(parser)
     add_guidance_arguments(parser)  # rule 'none' (the default): no guidance rows
     return parser
 
 
-def study_estimators(args: Namespace, m: int, sampler: dict) -> dict:
-    """`{row name: (estimator, options)}` of the maps to rank, each checked."""
+def study_estimators(args: Namespace, sampler: SamplerSpec) -> dict:
+    """`{row name: EstimatorSpec}` of the maps to rank, each checked."""
     if not args.estimators:
         raise InputError("--estimators: name at least one of " + ", ".join(ESTIMATORS))
-    if "mc_dropout" in args.estimators and not 0.0 < args.estimator.dropout < 1.0:
-        raise InputError(f"--estimator.dropout must lie in (0, 1), got {args.estimator.dropout}")
-    if "bayesdiff" in args.estimators and not (sampler["name"] == "ddim" and sampler["eta"] == 0):
+    if "bayesdiff" in args.estimators and not (sampler.name == "ddim" and sampler.eta == 0):
         raise InputError("--estimators bayesdiff propagates moments through deterministic DDIM steps: it needs "
                          "--sampler.name ddim with --sampler.eta 0 (it runs without x0 clipping), or drop it from "
                          "--estimators")
-    estimators = {}
-    for name in args.estimators:
-        if name == "aleatoric":
-            options = {"num_perturbations": m, "variant": args.estimator.variant}
-        elif name == "mc_dropout":
-            options = {"num_passes": m, "dropout": args.estimator.dropout}
-        else:
-            options = {"num_draws": args.bayesdiff.draws, "skip": args.bayesdiff.skip,
-                       "moments": args.bayesdiff.moments}
-        estimators[ROW_NAMES[name]] = (name, options)
-    return estimators
+    return {ROW_NAMES[name]: spec(EstimatorSpec, {**args.estimator.as_dict(), "name": name})
+            for name in args.estimators}
 
 
-def study_guidance(args: Namespace, m: int) -> dict:
-    """`{row name: ('aleatoric', options, guidance)}` of `--guidance.rule` (empty for 'none'), checked."""
-    guide = args.guidance
-    if guide.rule == "none":
+def study_guidance(args: Namespace) -> dict:
+    """`{row name: (EstimatorSpec, GuidanceSpec)}` of `--guidance.rule` (empty for 'none'), checked."""
+    guidance = spec(GuidanceSpec, args.guidance)
+    if not guidance.enabled:
         return {}
-    if guide.table is not None:
-        raise InputError("--guidance.table: threshold tables are calibrated on unconditional models; use the "
+    if args.guidance_table is not None:
+        raise InputError("--guidance_table: threshold tables are calibrated on unconditional models; use the "
                          "per-image --guidance.quantile")
-    guidance = guidance_settings(guide)
-    name = f"gradient, sign {guide.sign:+d}, lam {guide.lam:g}" if guide.rule == "gradient" else \
-        f"posterior, prior precision {guide.prior_precision}"
-    return {name: ("aleatoric", {"num_perturbations": m, "variant": args.estimator.variant}, guidance)}
+    name = f"gradient, sign {guidance.sign:+d}, lam {guidance.lam:g}" if guidance.rule == "gradient" else \
+        f"posterior, prior precision {guidance.prior_precision}"
+    return {name: (spec(EstimatorSpec, {**args.estimator.as_dict(), "name": "aleatoric"}), guidance)}
 
 
 def study_plan(args: Namespace) -> dict:
@@ -131,10 +119,7 @@ def study_plan(args: Namespace) -> dict:
     checkpoint = Path(args.checkpoint)
     module = load_module(checkpoint, image_to_image=True)
     data, config = image_to_image_data(module, checkpoint, args.data.run_config)
-    try:
-        m = check_count("--estimator.M", args.estimator.M, 2)
-    except ValueError as error:
-        raise InputError(str(error)) from None
+    m = spec(EstimatorSpec, {**args.estimator.as_dict(), "name": "aleatoric"}).M
     k = m + 1 if args.samples is None else args.samples
     if k < 2:
         raise InputError(f"--samples must be >= 2 (the baseline's variance, the diversity), got {k}")
@@ -143,16 +128,15 @@ def study_plan(args: Namespace) -> dict:
     if args.seed < 0 or (args.seed + args.seed_groups) * k * args.n > MAX_SEED or args.batch_size < 1:
         raise InputError(f"group g's sample j of image i has seed (g K + j) n + i: --seed {args.seed} with "
                          f"--seed_groups {args.seed_groups} needs seeds beyond [0, 2**32), or --batch_size < 1")
-    sampler = sampler_settings(args.sampler, module, "aleatoric")
     try:
-        build_sampler(module, sampler)
+        sampler = module.resolve_sampler(spec(SamplerSpec, args.sampler))
+        build_sampler(module, sampler.settings())
     except ValueError as error:
         raise input_error("sampler", error) from None
-    estimators = study_estimators(args, m, sampler)
-    guided = study_guidance(args, m)
-    for name, (estimator, options, *guidance) in [*estimators.items(), *guided.items()]:
+    estimators, guided = study_estimators(args, sampler), study_guidance(args)
+    for name, (estimator, *guidance) in [*((n, (e,)) for n, e in estimators.items()), *guided.items()]:
         try:
-            estimator_hook(module, estimator, options, guidance[0] if guidance else None)
+            estimator_hook(module, estimator, guidance[0] if guidance else None, sampler.steps)
         except ValueError as error:
             raise input_error(name, error) from None
     laplace = laplace_source(module, args.bayesdiff.laplace_images) if "BayesDiff" in estimators \
@@ -168,11 +152,12 @@ def study_plan(args: Namespace) -> dict:
     if extractor == "digits-classifier" and not digits:
         raise InputError("--fid.extractor digits-classifier is for models of the digits data")
     return {"module": module, "data": data, "x0": x0, "condition": condition,
-            "mask": mask if module.task.masked else None,
+            "mask": mask if module.task.masked else None, "estimators": estimators, "guided": guided,
             "record": {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_sha256(checkpoint),
                        "run_config": str(config.resolve()), "task": module.task.name, "held_out": args.n,
-                       "samples": k, "M": m, "estimators": estimators, "guidance": guided, "laplace": laplace,
-                       "sampler": sampler,
+                       "samples": k, "M": m, "estimators": {name: e.settings() for name, e in estimators.items()},
+                       "guidance": {name: g.settings() for name, (_, g) in guided.items()}, "laplace": laplace,
+                       "sampler": sampler.settings(),
                        "seed_groups": list(range(args.seed, args.seed + args.seed_groups)),
                        "fid_extractor": extractor, "batch_size": args.batch_size}}
 
@@ -189,18 +174,17 @@ def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict]
                    if record["fid_extractor"] == "digits-classifier" else {"weights_path": args.fid.inception_weights})
         extractor = make_extractor(record["fid_extractor"], **options).to(fabric.device)
         fid = lambda a, b: fid_between(a.to(fabric.device), b.to(fabric.device), extractor)
-    sampler = dict(record["sampler"])
-    restore = restorer(module, sampler=sampler.pop("name"), steps=sampler.pop("steps"),
-                       batch_size=args.batch_size, progress=args.progress, **sampler)
+    restore = restorer(module, sampler=SamplerSpec(**record["sampler"]), batch_size=args.batch_size,
+                       progress=args.progress)
     progress = lambda message: print(f"evaluate_i2i: {message}", flush=True)
     inputs = (restore, plan["x0"], plan["condition"], plan["mask"])
     start = time.perf_counter()
-    study = calibration_study(*inputs, record["estimators"], num_samples=record["samples"],
+    study = calibration_study(*inputs, plan["estimators"], num_samples=record["samples"],
                               seed_groups=record["seed_groups"], fid=fid, keep_examples=min(args.examples, args.n),
                               progress=progress)
     guided = None
-    if record["guidance"]:
-        guided = guidance_study(*inputs, record["guidance"], num_samples=record["samples"],
+    if plan["guided"]:
+        guided = guidance_study(*inputs, plan["guided"], num_samples=record["samples"],
                                 seed_groups=record["seed_groups"], fid=fid, progress=progress)
     return study, guided, time.perf_counter() - start
 

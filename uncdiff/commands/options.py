@@ -14,11 +14,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter,
 from uncdiff.io.files import write_atomic
 from uncdiff.lightning.cli import resolve_config_args
 from uncdiff.lightning.loading import DATASETS
-from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS
-from uncdiff.uncertainty.estimators import SCORES, VARIANTS
-
-ESTIMATOR_CHOICES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
-GUIDANCE_CHOICES = ("none", "gradient", "posterior")
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -95,56 +91,31 @@ def add_sampler_arguments(parser: ArgumentParser, n: Optional[int] = 64, steps: 
     g.add_argument("--seed", type=int, default=0, help="seed of the first sample")
     g.add_argument("--batch_size", type=int, default=256,
                    help="samples per batch; also the unit of work and of resuming, so part of the run's settings")
-    g = parser.add_argument_group("sampler (docs/algorithms.md §2)")
-    g.add_argument("--sampler.name", type=Optional[Literal["ddim", "ddpm"]], default=None,
-                   help="default: the checkpoint's")
-    g.add_argument("--sampler.steps", type=Optional[int], default=steps,
-                   help="sampler steps (null: the checkpoint's sample_steps)")
-    g.add_argument("--sampler.eta", type=Optional[float], default=None, help="DDIM eta (null: 0)")
-    g.add_argument("--sampler.spacing", type=Optional[Literal["uniform", "quadratic", "leading", "trailing", "linspace"]],
-                   default=None, help="DDIM timestep spacing; leading/trailing/linspace are diffusers' (null: uniform, "
-                   "or a diffusers model's timestep_spacing)")
-    g.add_argument("--sampler.clipped_eps", type=Optional[Literal["rederive", "keep"]], default=None,
-                   help="DDIM with x0 clipping: eps re-derived from the clipped x0, or the network's kept "
-                   "(diffusers' default) (null: rederive, not recorded)")
-    g.add_argument("--sampler.variance", type=Optional[Literal["beta_tilde", "beta"]], default=None,
-                   help="DDPM variance (null: beta_tilde, or a diffusers model's variance_type)")
-    g.add_argument("--sampler.clip", type=Optional[bool], default=None,
-                   help="clip x0 to [-1, 1] (null: on, or a diffusers model's clip_sample and range; off for "
-                   "BayesDiff, which needs affine steps)")
+    parser.add_class_arguments(SamplerSpec, "sampler", help="sampler (docs/algorithms.md §2; null: the checkpoint's)")
+    if steps is not None:
+        parser.set_defaults({"sampler.steps": steps})
 
 
 def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None:
-    """Estimator, BayesDiff and filtering options; `choose` adds --estimator.name (evaluate runs them all)."""
-    g = parser.add_argument_group("uncertainty (docs/algorithms.md §3, §5)")
+    """The estimator (`EstimatorSpec`: --estimator.name, M, variant, window, score, dropout, draws, skip,
+    moments, chunk_size), its score reference file, BayesDiff's Laplace fit and filtering; without
+    `choose` no --estimator.name (evaluate runs them all)."""
+    parser.add_class_arguments(EstimatorSpec, "estimator", skip={"reference", "keep_maps"} | (set() if choose else {"name"}),
+                               help="uncertainty estimator (docs/algorithms.md §3, §5)")
     if choose:
-        g.add_argument("--estimator.name", type=str, default="aleatoric", help=" | ".join(ESTIMATOR_CHOICES))
-    g.add_argument("--estimator.M", type=Optional[int], default=None,
-                   help="perturbations (aleatoric, guided) or dropout passes (mc_dropout) (null: 5)")
-    g.add_argument("--estimator.variant", type=Literal[VARIANTS], default="centered", help="aleatoric map (§3)")
-    g.add_argument("--estimator.window", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "STOP"),
-                   help="steps whose maps are summed into the score, as fractions of the steps")
-    g.add_argument("--estimator.score", type=Literal[SCORES], default="sum",
-                   help="score variant (§3): sum of the per-step totals, or each step's total divided by "
-                        "(step_normalized) or standardized with (standardized) the reference statistics")
-    g.add_argument("--estimator.score_reference", type=Optional[str], default=None,
-                   help="the score reference file `calibrate` writes (<table>.reference.pt), for the "
-                        "step_normalized and standardized scores")
-    g.add_argument("--estimator.dropout", type=Optional[float], default=None,
-                   help="MC-Dropout rate (null: the model's own)")
-    add_bayesdiff_arguments(parser)
+        parser.set_defaults({"estimator.name": "aleatoric"})
+    parser.add_argument("--score_reference", type=Optional[str], default=None,
+                        help="the score reference file `calibrate` writes (<table>.reference.pt), for "
+                             "--estimator.score step_normalized | standardized")
+    add_laplace_arguments(parser)
     g = parser.add_argument_group("filtering")
     g.add_argument("--filtering.drop_fraction", type=Optional[float], default=None,
                    help="mark the fraction with the highest scores as dropped (null: 1/6)")
 
 
-def add_bayesdiff_arguments(parser: ArgumentParser) -> None:
-    """BayesDiff's options: the propagation's draws, skip and moments, and the Laplace fit's images."""
-    g = parser.add_argument_group("BayesDiff (docs/algorithms.md §5b)")
-    g.add_argument("--bayesdiff.draws", type=int, default=10, help="draws S per UQ step")
-    g.add_argument("--bayesdiff.skip", type=int, default=5, help="UQ every k-th step")
-    g.add_argument("--bayesdiff.moments", type=Literal[MOMENT_ESTIMATORS], default=MOMENT_ESTIMATORS[0],
-                   help="how Cov(x_t, eps) is estimated: regression, or the paper's Monte Carlo form (paper)")
+def add_laplace_arguments(parser: ArgumentParser) -> None:
+    """BayesDiff's Laplace fit: on how many training images (or pairs)."""
+    g = parser.add_argument_group("BayesDiff's Laplace posterior (docs/algorithms.md §5b)")
     g.add_argument("--bayesdiff.laplace_images", type=Optional[int], default=None,
                    help="fit the Laplace posterior on this many training images (null: the checkpoint's own "
                         "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt; an "
@@ -152,24 +123,10 @@ def add_bayesdiff_arguments(parser: ArgumentParser) -> None:
 
 
 def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:
-    """Guidance options; `choose` adds --guidance.rule and --guidance.sign (evaluate runs them all)."""
-    g = parser.add_argument_group("guidance (docs/algorithms.md §4; uses the aleatoric estimator)")
-    if choose:
-        g.add_argument("--guidance.rule", type=Literal[GUIDANCE_CHOICES], default="none", help="update rule")
-        g.add_argument("--guidance.sign", type=int, default=1, help="gradient rule: +1 or -1")
-    g.add_argument("--guidance.lam", type=float, default=1.0, help="gradient rule: step size lambda")
-    g.add_argument("--guidance.grad_wrt", type=Literal["eps", "x_t"], default="eps",
-                   help="gradient rule: differentiate U with respect to eps_bar, or x_t (the released code)")
-    g.add_argument("--guidance.reduce", type=Literal["sum", "mean"], default="sum",
-                   help="gradient rule: U summed over pixels per image, or also averaged over the batch (the "
-                        "released code)")
-    g.add_argument("--guidance.prior_precision", type=Union[float, Literal["abar_inverse"]], default=1.0,
-                   help="posterior rule: precision of the N(0, 1/p) prior on eps; abar_inverse = the paper's 1/abar[t]")
-    g.add_argument("--guidance.quantile", type=float, default=0.95, help="per-image percentile threshold q")
-    g.add_argument("--guidance.table", type=Optional[str], default=None,
-                   help="threshold table file from `calibrate` (threshold 'table' instead of the per-image "
-                        "percentile)")
-    g.add_argument("--guidance.window", type=float, nargs=2, default=[0.0, 0.15], metavar=("START", "STOP"),
-                   help="guided steps, as fractions of the steps (default: the first 3 of 20)")
-
-
+    """Guidance (`GuidanceSpec`) and its threshold table file; without `choose` no --guidance.rule and
+    --guidance.sign (evaluate runs them all)."""
+    parser.add_class_arguments(GuidanceSpec, "guidance", skip={"table"} | (set() if choose else {"rule", "sign"}),
+                               help="guidance (docs/algorithms.md §4; estimates with the aleatoric estimator)")
+    parser.add_argument("--guidance_table", type=Optional[str], default=None,
+                        help="threshold table file from `calibrate` (the threshold of each step and pixel instead "
+                             "of the per-image --guidance.quantile)")

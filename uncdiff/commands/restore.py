@@ -109,8 +109,8 @@ def restore_settings(args: Namespace, inputs: ModelInputs, files: list[Path], pi
     if args.estimator.score != "sum":
         raise InputError("--estimator.score: an image-to-image score is the sum of the map over the generated pixels "
                          "(sum)")
-    if args.guidance.table is not None:
-        raise InputError("--guidance.table: threshold tables are calibrated on unconditional models; use the "
+    if args.guidance_table is not None:
+        raise InputError("--guidance_table: threshold tables are calibrated on unconditional models; use the "
                          "per-image --guidance.quantile")
     args = args.clone()
     args.n = len(files)  # build_settings reads the seed count from --n

@@ -39,7 +39,7 @@ def report_header(args, plan: Plan, inputs, extractor, fabric, command: list[str
         + " (x0 clipped, except BayesDiff's)",
         "samples per set": f"{args.n} (seeds {args.seed}..{args.seed + args.n - 1}), batch {args.batch_size}",
         "random subsets (seeds)": args.filtering.subset_seeds, "seed groups": args.seed_groups,
-        "M (perturbations / passes)": 5 if args.estimator.M is None else args.estimator.M,
+        "M (perturbations / passes)": args.estimator.M,
         "default gradient sign": f"{default_sign:+d} (UncertaintyGuidance)",
         "device": f"{device_name(fabric.device)} x {fabric.world_size} process(es)",
         "date": time.strftime("%Y-%m-%d %H:%M"),

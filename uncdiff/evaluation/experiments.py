@@ -135,7 +135,7 @@ def check_variance_scores(row: dict, scores: Tensor, options: dict) -> tuple[dic
             f"no variance can be, so the BayesDiff filtering row is not meaningful.")
     if options.get("moments", "regression") == "paper":
         note += (f" The paper's Monte Carlo covariance estimator (docs/algorithms.md §5b) is dominated by noise "
-                 f"at S = {options['draws']} draws; `--bayesdiff.moments regression` gives usable variances.")
+                 f"at S = {options['draws']} draws; `--estimator.moments regression` gives usable variances.")
     return marked, note
 
 

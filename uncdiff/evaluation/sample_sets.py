@@ -1,7 +1,7 @@
 """The sample sets `evaluate`'s experiments need (docs/algorithms.md §6), each an `uncdiff sample` run
 in <out>/sets/<name>: which sets, and how each one's options differ from the command's. `options` is
-the command's parsed options (`--experiments`, `--estimators`, `--bayesdiff.moments`, `--sweep.*`,
-`--n`)."""
+the command's parsed options (`--experiments`, `--estimators`, `--sweep.*`,
+`--n`, `--estimator.moments`)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +16,10 @@ FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
 GUIDED = ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]  # the guidance experiment's sets
 # sample set -> how its options differ from the command's (see `set_overrides`)
 SETS = {
-    "plain": {"estimator.name": "none", "filtering.drop_fraction": None, "estimator.M": None},
+    "plain": {"estimator.name": "none", "filtering.drop_fraction": None},
     "aleatoric": {"estimator.name": "aleatoric"},
     "mc_dropout": {"estimator.name": "mc_dropout"},
-    "bayesdiff": {"estimator.name": "bayesdiff", "sampler.clip": False, "estimator.M": None},
+    "bayesdiff": {"estimator.name": "bayesdiff", "sampler.clip": False},
     GUIDED[0]: {"guidance.rule": "gradient", "guidance.sign": 1},
     GUIDED[1]: {"guidance.rule": "gradient", "guidance.sign": -1},
     GUIDED[2]: {"guidance.rule": "posterior"},
@@ -39,6 +39,7 @@ class Plan:
     ause: dict[str, dict] = field(default_factory=dict)  # estimator -> sampling settings of its AUSE maps
     ause_hooks: dict = field(default_factory=dict)  # estimator -> its sampler hook, for the AUSE denoising
     ause_sampler: Any = None  # the sampler of the AUSE denoising
+    lock: Any = None  # <out>'s lock (uncdiff.io.lock), held as long as the plan (the run)
 
 
 def moments_sets(options) -> dict[str, dict]:
@@ -46,8 +47,8 @@ def moments_sets(options) -> dict[str, dict]:
     estimator (docs/algorithms.md §5b), so that the report counts the negative scores of both."""
     if "filtering" not in options.experiments or "bayesdiff" not in options.estimators:
         return {}
-    other = next(m for m in MOMENT_ESTIMATORS if m != options.bayesdiff.moments)
-    return {f"bayesdiff-{other}": {**SETS["bayesdiff"], "bayesdiff.moments": other}}
+    other = next(m for m in MOMENT_ESTIMATORS if m != options.estimator.moments)
+    return {f"bayesdiff-{other}": {**SETS["bayesdiff"], "estimator.moments": other}}
 
 
 def sweep_sets(options) -> dict[str, dict]:
@@ -91,7 +92,7 @@ def set_overrides(options, name: str, dropout: float) -> dict:
                  **({**SETS, **moments_sets(options)}[name] if name in SETS or name.startswith("bayesdiff")
                     else sweep_sets(options)[name])}
     if name != "aleatoric":  # --estimator.score (docs/algorithms.md §3) scores the aleatoric set only
-        overrides.update({"estimator.score": "sum", "estimator.score_reference": None})
+        overrides.update({"estimator.score": "sum", "score_reference": None})
     if name == "mc_dropout":
         overrides["estimator.dropout"] = dropout
     return overrides

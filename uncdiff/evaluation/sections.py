@@ -77,7 +77,7 @@ def filtering_section(report: Report, stores: dict[str, SampleStore], features: 
                                 "affine DDIM steps) and follows E[x_t], so its images differ from the others'; "
                                 "its random baseline is drawn from its own set.")
         if name.startswith("bayesdiff"):
-            row, invalid = check_variance_scores(row, scores, store.settings["estimator_options"])
+            row, invalid = check_variance_scores(row, scores, store.settings["estimator"])
             if invalid:
                 report.notes.append(invalid if name == "bayesdiff" else f"{name}: {invalid}")
         report.filtering.append(row)
@@ -92,7 +92,7 @@ def note_negative_variances(report: Report, stores: dict[str, SampleStore]) -> N
         if row["estimator"].startswith("bayesdiff"):
             store = stores[row["estimator"]]
             scores = store.load_scores()
-            row["moments"] = store.settings["estimator_options"]["moments"]
+            row["moments"] = store.settings["estimator"]["moments"]
             row["negative_scores"] = int((scores < 0).sum())
             counts.append(f"{row['negative_scores']} of {len(scores)} with moments {row['moments']}")
     if counts:
@@ -200,7 +200,7 @@ def ause_map_steps(settings: dict) -> list[int]:
     """The steps an AUSE map sums over: those of the estimator's window that AUSE's denoising runs,
     the second half of the sampler's steps (docs/algorithms.md §6)."""
     steps = settings["sampler"]["steps"]
-    return sorted(set(window_steps(settings["estimator_options"]["window"], steps)) & set(denoised_steps(steps)))
+    return sorted(set(window_steps(settings["estimator"]["window"], steps)) & set(denoised_steps(steps)))
 
 
 def ause_section(report: Report, model, sampler, hooks: dict, images: Tensor, settings: dict, fractions: int,

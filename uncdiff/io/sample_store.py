@@ -170,7 +170,7 @@ class SampleStore:
     # ------------------------------------------------------------------------------ writing
 
     def files(self, seed: int) -> dict:
-        has_maps = self.settings["save_maps"] and self.settings["estimator"] != "none"
+        has_maps = self.settings["save_maps"] and self.settings["estimator"]["name"] != "none"
         return {"image": f"samples/{seed:06d}.png",
                 "map": f"samples/{seed:06d}_map.npy" if has_maps else "",
                 "heatmap": f"samples/{seed:06d}_map.png" if has_maps else ""}

@@ -64,9 +64,10 @@ def load_module(path: str | Path, image_to_image: bool = False) -> DiffusionModu
     if not image_to_image and task is not None:
         raise InputError(f"{path} is an image-to-image model (task {task!r}): it restores condition images and "
                          f"can't sample from noise alone: use `restore` and `evaluate_i2i` (docs/palette.md)")
-    if not any(k.startswith("ema.ema_model.") for k in checkpoint["state_dict"]):
-        raise InputError(f"{path} is not a uncdiff checkpoint (no EMA weights 'ema.ema_model.*' in its state_dict)")
     cls = ConditionalDiffusionModule if image_to_image else DiffusionModule
+    if not any(k.startswith("ema.ema_model.") for k in checkpoint["state_dict"]):
+        raise InputError(f"{path} is not a uncdiff {cls.__name__} checkpoint (no EMA weights 'ema.ema_model.*' in its "
+                         f"state_dict)")
     try:
         module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:
