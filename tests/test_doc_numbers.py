@@ -29,8 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*_report/README.md")])
 
-NUMBER = r"[-+−]?\d+(?:\.\d+)?"
-PAIR = re.compile(rf"(?<![\w.])({NUMBER})\s*±\s*(\d+(?:\.\d+)?)(?![\w]|\.\d)")
+PAIR = re.compile(r"(?<![\w.])([-+−]?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)(?!\w|\.\d)")
 DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d+\.\d+(?!\.?\d)")
 LINK = re.compile(r"!?\[([^\]]*)\]\(([^)\s]+)[^)]*\)")
 LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+\.)\s+")
@@ -50,6 +49,7 @@ def figures(text: str) -> list[str]:
 
 
 def found_in(figure: str, source: str) -> bool:
+    """Whether `figure` stands in `source` (both normalised) as a whole number, not inside a longer one."""
     return re.search(rf"(?<![\d.]){re.escape(figure)}(?!\d|\.\d)", source) is not None
 
 
@@ -108,6 +108,7 @@ def results_files(document: Path, target: str) -> list[Path]:
 
 
 def quoted_figures():
+    """`(document, first line, prose, results files)` of every passage that links to results files."""
     for document in DOCUMENTS:
         for line, prose, links in passages(document):
             sources = sorted({p for target in links for p in results_files(document, target)})
