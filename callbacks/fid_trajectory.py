@@ -50,7 +50,8 @@ class FIDTrajectory(L.Callback):
       `variant` only on its guidance steps (where it is computed anyway); this never changes the images;
     - `extractor` ('inception' | 'digits-classifier') and `extractor_options` (e.g.
       `{weights_path: /path/to/weights-inception-2015-12-05-6726825d.pth}`); the digits classifier
-      is cached in `cache_dir` and gets the model's image size unless told otherwise;
+      loads the weights shipped for the model's image size unless told otherwise (`{retrain: true}`
+      trains one into `cache_dir`);
     - real statistics: the data module's `real_split`, cached at
       `<cache_dir>/fid_stats/<dataset>-<extractor name>.pt` with `dataset` by default
       `dataset_key(...)`; computed once (on rank 0), then read;
@@ -58,8 +59,8 @@ class FIDTrajectory(L.Callback):
     - `save_images`: also write each rank's seeds, images and scores to
       `<default_root_dir>/fid/step_<global step>/rank<r>.pt` (for checks; large for big N).
 
-    The extractor's name, the dataset key and the sampling options are logged as the run's
-    config key `fid`, so every FID value says what it measured.
+    The extractor's name (and the digits classifier's weights sha256), the dataset key and the
+    sampling options are logged as the run's config key `fid`, so every FID value says what it measured.
     """
 
     def __init__(self, num_samples: int = 10_000, every_n_epochs: int = 1, seed: int = 0,
@@ -126,7 +127,8 @@ class FIDTrajectory(L.Callback):
         self.evaluators = {kind: FIDEvaluator(extractor, dataset, real, self.cache_dir) for kind in KINDS}
         for evaluator in self.evaluators.values():
             evaluator.prepare()  # the first computes and caches when needed; the others read the file
-        self.config = {"extractor": extractor.name, "extractor_options": options, "dataset": dataset,
+        self.config = {"extractor": extractor.name, "extractor_sha256": getattr(extractor, "sha256", None),
+                       "extractor_options": options, "dataset": dataset,
                        "real_stats": str(stats_path(self.cache_dir, dataset, extractor.name)),
                        "num_samples": self.num_samples, "seed": self.seed,
                        "sampler": pl_module.resolve_sampler(self.sampler, self.estimator).settings(),

@@ -5,6 +5,7 @@ is at distance 0 from itself; adding more noise to one side moves it further awa
 does not touch the data again; two ranks see the FID one process sees.
 """
 
+import hashlib
 import urllib.error
 
 import pytest
@@ -40,11 +41,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory):
-    """A cache dir holding the default digits classifier, trained once for this file."""
-    cache = tmp_path_factory.mktemp("cache")
-    first = ClassifierFeatures(cache_dir=str(cache))
-    return cache, first
+def classifier():
+    """The digits classifier shipped for 16x16 images."""
+    return ClassifierFeatures()
 
 
 def test_fid_matches_gaussian_closed_form():
@@ -55,50 +54,50 @@ def test_fid_matches_gaussian_closed_form():
 
 
 @pytest.mark.slow
-def test_fid_of_a_set_with_itself_is_zero(classifier_cache, digits):
-    _, extractor = classifier_cache
+def test_fid_of_a_set_with_itself_is_zero(classifier, digits):
     train_x, val_x = digits
     a = train_x[:400]
-    scale = fid_between(a, val_x, extractor)  # two different samples of the same digits
+    scale = fid_between(a, val_x, classifier)  # two different samples of the same digits
     assert scale > 1.0
-    assert abs(fid_between(a, a, extractor)) < 1e-4 * scale
+    assert abs(fid_between(a, a, classifier)) < 1e-4 * scale
 
 
 @pytest.mark.slow
-def test_fid_grows_with_added_noise(classifier_cache, digits):
-    _, extractor = classifier_cache
+def test_fid_grows_with_added_noise(classifier, digits):
     a = digits[0][:400]
     noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
-    values = [fid_between(a, a + sigma * noise, extractor) for sigma in (0.05, 0.1, 0.2, 0.4, 0.8)]
+    values = [fid_between(a, a + sigma * noise, classifier) for sigma in (0.05, 0.1, 0.2, 0.4, 0.8)]
     assert values[0] > 0
     assert all(lo < hi for lo, hi in zip(values, values[1:])), values
 
 
-@pytest.mark.slow
-def test_classifier_is_accurate_and_cached(classifier_cache, digits, monkeypatch):
-    cache, first = classifier_cache
-    assert first.trained_now and first.val_accuracy > 0.9
-    assert first.name.startswith("digits-classifier-") and first.path.is_file()
-    assert first.path.parent == cache / "fid_classifiers"
+def test_retrained_classifier_is_cached_per_settings_and_named_by_its_weights(tmp_path, classifier, digits,
+                                                                               monkeypatch):
+    first = ClassifierFeatures(cache_dir=str(tmp_path), retrain=True, epochs=1)
+    assert first.trained_now and first.path.parent == tmp_path / "fid_classifiers" and first.path.is_file()
+    assert first.name == f"digits-classifier-{hashlib.sha256(first.path.read_bytes()).hexdigest()[:12]}"
+    assert first.name != classifier.name  # other weights, another name: no cache keyed by it is shared
 
     with monkeypatch.context() as patch:
         patch.setattr(fid, "train_classifier", lambda settings: pytest.fail("trained again"))
-        second = make_extractor("digits-classifier", cache_dir=str(cache))
-    assert not second.trained_now and second.name == first.name
+        second = make_extractor("digits-classifier", cache_dir=str(tmp_path), retrain=True, epochs=1)
+        from_file = make_extractor("digits-classifier", weights_path=str(first.path))
     x = digits[1][:16]
-    torch.testing.assert_close(second(x), first(x), rtol=0, atol=0)
-    assert second(x).shape == (16, second.num_features)
+    for again in (second, from_file):
+        assert not again.trained_now and again.name == first.name
+        torch.testing.assert_close(again(x), first(x), rtol=0, atol=0)
 
-    other = ClassifierFeatures(cache_dir=str(cache), epochs=1)  # other settings: own name, own file
+    other = ClassifierFeatures(cache_dir=str(tmp_path), retrain=True, epochs=1, seed=1)  # own file, own name
     assert other.trained_now and other.name != first.name and other.path != first.path
 
 
-def test_classifier_training_is_deterministic(tmp_path, digits):
-    a = ClassifierFeatures(cache_dir=str(tmp_path / "a"), epochs=1)
-    b = ClassifierFeatures(cache_dir=str(tmp_path / "b"), epochs=1)
+def test_classifier_training_is_deterministic(tmp_path):
+    a = ClassifierFeatures(cache_dir=str(tmp_path / "a"), image_size=8, retrain=True, epochs=1)
+    b = ClassifierFeatures(cache_dir=str(tmp_path / "b"), image_size=8, retrain=True, epochs=1)
     assert a.trained_now and b.trained_now
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    assert a.path.read_bytes() == b.path.read_bytes() and a.name == b.name  # same weights, same file, same name
 
 
 def test_real_stats_are_cached_per_dataset_and_extractor(tmp_path):

@@ -37,7 +37,7 @@ N_FID = 12
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One FID cache for the file: the digits classifier is trained once."""
+    """One FID cache for the file: the real statistics are computed once."""
     return tmp_path_factory.mktemp("cache")
 
 
@@ -224,7 +224,7 @@ def test_real_stats_are_cached_per_dataset_and_extractor(one_process, two_proces
         return callback
 
     assert set_up().config["dataset"] == "digits-8x8-train" and computed == []  # read, not recomputed
-    other_extractor = set_up(extractor_options={"epochs": 1})
+    other_extractor = set_up(extractor_options={"retrain": True, "epochs": 1})
     other_split = set_up(real_split="val")
     assert len(computed) == 2
     names = sorted(p.name for p in (cache / "fid_stats").iterdir())

@@ -5,11 +5,12 @@ logic are torchmetrics' `FrechetInceptionDistance`; this file only supplies what
 
 - feature extractors that take float images in [-1, 1] and carry a `name` that is
   recorded with every FID: `InceptionFeatures` (the standard torch-fidelity Inception-v3 pool3,
-  2048-d, for CIFAR-10) and `ClassifierFeatures` (a small CNN trained once on a small labelled
-  dataset such as the quickstart digits, where Inception features mean little);
+  2048-d, for CIFAR-10) and `ClassifierFeatures` (a small CNN trained on a small labelled dataset
+  such as the quickstart digits, where Inception features mean little; its weights ship in
+  `weights/` and its name carries their sha256, so every machine computes the same features);
 - caches on disk, so the expensive parts run once:
-    <cache_dir>/fid_classifiers/<dataset>-classifier-<hash>.pt   trained classifier (state dict)
     <cache_dir>/fid_stats/<dataset>-<extractor name>.pt          real-feature sums (torchmetrics states)
+    <cache_dir>/fid_classifiers/<dataset>-<S>x<S>-<hash>.safetensors   a classifier retrained on request
 - `FIDEvaluator` (fake images in, float out, usable under DDP) and `fid_between(a, b, extractor)`.
 
 Images everywhere are float `[B, C, H, W]` in [-1, 1], C = 1 or 3.
@@ -18,18 +19,20 @@ Images everywhere are float `[B, C, H, W]` in [-1, 1], C = 1 or 3.
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from uncdiff.data import datasets
-from uncdiff.io.files import save_atomic
+from uncdiff.io.files import save_atomic, write_atomic
 from uncdiff.io.images import from_uint8, to_uint8
 from uncdiff.io.processes import rank_and_world
 
@@ -124,12 +127,12 @@ def _classifier(in_channels: int, width: int, feature_dim: int, num_classes: int
 
 def train_classifier(settings: dict) -> dict:
     """Train the classifier described by `settings` on CPU, deterministically (seeded init and
-    batch order, global RNG untouched). Returns a checkpoint dict: state dict, settings, held-out
-    accuracy and training seconds."""
+    batch order, global RNG untouched). Returns a checkpoint dict: state dict, settings and
+    held-out accuracy."""
     s = settings
     train_x, train_y, val_x, val_y = LABELLED_DATASETS[s["dataset"]](s["image_size"])
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    start, threads = time.perf_counter(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     # One thread: the net is too small to gain from more (under CPU contention they cost 10x), and
     # a fixed thread count keeps the float reductions, hence the weights, reproducible.
     torch.set_num_threads(1)
@@ -150,41 +153,112 @@ def train_classifier(settings: dict) -> dict:
     finally:
         torch.set_num_threads(threads)
     return {"state_dict": net.state_dict(), "settings": dict(s), "num_classes": num_classes,
-            "in_channels": train_x.shape[1], "val_accuracy": accuracy, "val_size": len(val_x),
-            "train_seconds": time.perf_counter() - start}
+            "in_channels": train_x.shape[1], "val_accuracy": accuracy, "val_size": len(val_x)}
+
+
+def classifier_bytes(checkpoint: dict) -> bytes:
+    """`train_classifier`'s checkpoint as a safetensors file: the weights, and everything else as one
+    metadata entry `classifier` (JSON with sorted keys: safetensors writes several entries in a
+    random order, and the file's bytes must depend on its contents only, for its sha256 to name them)."""
+    info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    return save_safetensors(checkpoint["state_dict"], {"classifier": json.dumps(info, sort_keys=True)})
+
+
+def read_classifier(path: Path) -> tuple[dict[str, Tensor], dict, str]:
+    """A file `classifier_bytes` wrote: (state dict, its metadata, sha256 hex of the file's bytes)."""
+    data = path.read_bytes()
+    try:
+        state_dict = load_safetensors(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the safetensors layout
+        info = json.loads(header["__metadata__"]["classifier"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a classifier file written by uncdiff (retrain: true writes one): "
+                         f"{type(error).__name__}: {error}") from None
+    return state_dict, info, hashlib.sha256(data).hexdigest()
+
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+# The shipped classifiers by (dataset, image size): their files' sha256, checked at every load, so
+# no other weights are ever used under these names. Made with `retrain: true` and the default
+# training settings (uncdiff 0.1.0) and copied to WEIGHTS_DIR as <dataset>-classifier-<S>.safetensors.
+SHIPPED_WEIGHTS = {
+    ("digits", 8): "486218ac370a4218ef49c1703e04823863833221d409b8aa53cf273175cd26f1",
+    ("digits", 16): "9a9136327f8cebeb2590f3a7a50ea54072a2f740955b9fc8c7c0c614344dcbe6",
+}
+TRAINING_DEFAULTS = dict(epochs=20, lr=1e-3, batch_size=64, width=16, feature_dim=128, seed=0)
+
+
+def shipped_weights(dataset: str, image_size: int) -> Path:
+    """The shipped weights file of the classifier for `dataset` at `image_size` (whether or not one ships)."""
+    return WEIGHTS_DIR / f"{dataset}-classifier-{image_size}.safetensors"
 
 
 class ClassifierFeatures(nn.Module):
     """Penultimate-layer features `[B, feature_dim]` of a small CNN trained on a labelled dataset
-    (for FID on small datasets such as the 16x16 digits). Trained once per settings and cached at
-    `<cache_dir>/fid_classifiers/<name>.pt`, `name = <dataset>-classifier-<hash of settings>`;
-    later constructions load it. `trained_now` says which happened; `val_accuracy` is its accuracy
-    on the dataset's held-out split."""
+    (for FID on small datasets such as the 16x16 digits), named `<dataset>-classifier-<first 12 hex
+    of its weights file's sha256>`: the name says which weights made a feature, so caches keyed by
+    it never mix two classifiers.
 
-    def __init__(self, dataset: str = "digits", image_size: int = 16, cache_dir: str = "cache", epochs: int = 20,
-                 lr: float = 1e-3, batch_size: int = 64, width: int = 16, feature_dim: int = 128, seed: int = 0):
+    The weights come from, in this order of choice:
+    - `weights_path`: a file that `retrain: true` wrote (on this or another machine);
+    - `retrain=True`: trained on this machine with the training settings (`epochs`, `lr`,
+      `batch_size`, `width`, `feature_dim`, `seed`; TRAINING_DEFAULTS where not given), once per
+      settings: `<cache_dir>/fid_classifiers/<dataset>-<S>x<S>-<hash of settings>.safetensors` is
+      reused (on rank 0 under DDP; the others wait and read it). `trained_now` says whether it trained;
+    - otherwise the weights shipped with the package (SHIPPED_WEIGHTS, 8x8 and 16x16 digits),
+      checked against their sha256.
+    `sha256` is the file's digest, `val_accuracy` the accuracy on the dataset's held-out split."""
+
+    def __init__(self, dataset: str = "digits", image_size: int = 16, weights_path: Optional[str] = None,
+                 retrain: bool = False, cache_dir: str = "cache", epochs: Optional[int] = None,
+                 lr: Optional[float] = None, batch_size: Optional[int] = None, width: Optional[int] = None,
+                 feature_dim: Optional[int] = None, seed: Optional[int] = None):
         super().__init__()
         if dataset not in LABELLED_DATASETS:
-            raise ValueError(f"no labelled dataset {dataset!r} to train a classifier on; "
-                             f"known: {sorted(LABELLED_DATASETS)}")
-        settings = dict(dataset=dataset, image_size=image_size, epochs=epochs, lr=lr, batch_size=batch_size,
-                        width=width, feature_dim=feature_dim, seed=seed,
-                        version=1)  # bump when _classifier or train_classifier change: new name, new file
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        self.name = f"{dataset}-classifier-{digest}"
-        self.path = Path(cache_dir) / "fid_classifiers" / f"{self.name}.pt"
+            raise ValueError(f"no labelled dataset {dataset!r} for a classifier; known: {sorted(LABELLED_DATASETS)}")
+        given = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, width=width,
+                                       feature_dim=feature_dim, seed=seed).items() if v is not None}
+        if given and not retrain:
+            raise ValueError(f"{', '.join(given)}: training settings, used only with retrain: true (add it, or "
+                             f"drop them to use the shipped weights)")
+        if retrain and weights_path is not None:
+            raise ValueError("retrain: true trains new weights and weights_path loads existing ones: give one of them")
 
         self.trained_now = False
-        if rank_and_world()[0] == 0 and not self.path.is_file():
-            save_atomic(train_classifier(settings), self.path)
-            self.trained_now = True
-        _barrier()  # other ranks wait for rank 0's file
-        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        if weights_path is not None:
+            self.path = Path(weights_path)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"weights_path={weights_path!r} is not a file")
+        elif retrain:
+            settings = dict(dataset=dataset, image_size=image_size, **{**TRAINING_DEFAULTS, **given},
+                            version=1)  # bump when _classifier or train_classifier change: a new file
+            key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+            self.path = Path(cache_dir) / "fid_classifiers" / f"{dataset}-{image_size}x{image_size}-{key}.safetensors"
+            if rank_and_world()[0] == 0 and not self.path.is_file():
+                write_atomic(self.path, classifier_bytes(train_classifier(settings)))
+                self.trained_now = True
+            _barrier()  # other ranks wait for rank 0's file
+        else:
+            if (dataset, image_size) not in SHIPPED_WEIGHTS:
+                sizes = sorted(size for name, size in SHIPPED_WEIGHTS if name == dataset)
+                raise ValueError(f"no {dataset} classifier ships for {image_size}x{image_size} images (shipped: "
+                                 f"{sizes}); set retrain: true to train one on this machine, or weights_path to "
+                                 f"a file such a training wrote")
+            self.path = shipped_weights(dataset, image_size)
 
-        self.image_size, self.num_features = image_size, feature_dim
-        self.val_accuracy, self.train_seconds = checkpoint["val_accuracy"], checkpoint["train_seconds"]
-        net = _classifier(checkpoint["in_channels"], width, feature_dim, checkpoint["num_classes"])
-        net.load_state_dict(checkpoint["state_dict"])
+        state_dict, info, self.sha256 = read_classifier(self.path)
+        if weights_path is None and not retrain and self.sha256 != SHIPPED_WEIGHTS[dataset, image_size]:
+            raise ValueError(f"{self.path} has sha256 {self.sha256}, not the shipped "
+                             f"{SHIPPED_WEIGHTS[dataset, image_size]}: reinstall uncdiff")
+        trained_on = (info["settings"]["dataset"], info["settings"]["image_size"])
+        if trained_on != (dataset, image_size):
+            raise ValueError(f"{self.path} holds a classifier of {trained_on[1]}x{trained_on[1]} {trained_on[0]} "
+                             f"images, not {image_size}x{image_size} {dataset}")
+        self.name = f"{dataset}-classifier-{self.sha256[:12]}"
+        self.image_size, self.num_features = image_size, info["settings"]["feature_dim"]
+        self.val_accuracy = info["val_accuracy"]
+        net = _classifier(info["in_channels"], info["settings"]["width"], self.num_features, info["num_classes"])
+        net.load_state_dict(state_dict)
         self.features, self.head = net[:-1], net[-1]
         self.requires_grad_(False)
         self.eval()
@@ -211,7 +285,8 @@ EXTRACTORS: dict[str, Callable[..., nn.Module]] = {
 
 def make_extractor(name: str, **options) -> nn.Module:
     """'inception' (options: weights_path, antialias) or 'digits-classifier' (ClassifierFeatures'
-    options: cache_dir, image_size, epochs, ...). The result has `.name` and `.num_features`."""
+    options: image_size, weights_path, retrain, cache_dir, epochs, ...). The result has `.name` and
+    `.num_features`; the digits classifier also `.sha256`, its weights file's digest."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown FID feature extractor {name!r}; choose one of {sorted(EXTRACTORS)}")
     return EXTRACTORS[name](**options)
