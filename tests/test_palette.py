@@ -28,6 +28,7 @@ from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncert
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
 from uncdiff.uncertainty.image_to_image import generate_conditional
 from uncdiff.uncertainty.sampling import generate
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 
 def digit_pixels(n: int = 4, channels: int = 1, size: int = 16) -> torch.Tensor:
@@ -276,25 +277,25 @@ def test_every_estimator_on_the_conditional_model_equals_the_plain_code_on_the_c
     module = tiny_conditional()
     y = torch.randn(3, 1, 8, 8)
     net = module.ema.ema_model
-    sampler = dict(sampler="ddim", steps=4, clip=estimator != "bayesdiff")
+    clip = estimator != "bayesdiff"  # BayesDiff's sampler is unclipped by default
     kwargs, hook = {}, None
     if estimator == "aleatoric":
-        kwargs = dict(estimator="aleatoric", estimator_options={"num_perturbations": 3})
-        hook = AleatoricUncertainty(num_perturbations=3)
+        kwargs = dict(estimator=EstimatorSpec("aleatoric", M=3))
+        hook = AleatoricUncertainty(M=3)
     elif estimator == "guided":
-        kwargs = dict(estimator="aleatoric", guidance={"rule": "gradient", "lam": 1.0}, estimator_options={"num_perturbations": 3})
-        hook = UncertaintyGuidance(rule="gradient", lam=1.0, num_perturbations=3)
+        kwargs = dict(estimator=EstimatorSpec("aleatoric", M=3), guidance=GuidanceSpec("gradient", lam=1.0))
+        hook = UncertaintyGuidance(AleatoricUncertainty(M=3), rule="gradient", lam=1.0)
     elif estimator == "mc_dropout":
-        kwargs = dict(estimator="mc_dropout", estimator_options={"num_passes": 3})
-        hook = MCDropoutUncertainty(ConditionedNet(net, y), num_passes=3)
+        kwargs = dict(estimator=EstimatorSpec("mc_dropout", M=3))
+        hook = MCDropoutUncertainty(ConditionedNet(net, y), M=3)
     elif estimator == "bayesdiff":
         module.fit_laplace(torch.randn(8, 1, 8, 8), conditions=torch.randn(8, 1, 8, 8))
-        kwargs = dict(estimator="bayesdiff", estimator_options={"num_draws": 2, "skip": 2})
-        hook = BayesDiffUncertainty(ConditionedNet(net, y), module.laplace, num_draws=2, skip=2)
-    ours = module.sample(y, seed=7, **sampler, **kwargs)
+        kwargs = dict(estimator=EstimatorSpec("bayesdiff", draws=2, skip=2))
+        hook = BayesDiffUncertainty(ConditionedNet(net, y), module.laplace, draws=2, skip=2)
+    ours = module.sample(y, seed=7, sampler=SamplerSpec("ddim", 4), **kwargs)
     eps_model = hook.eps_model if estimator == "bayesdiff" else closure(net, y)
     with torch.inference_mode(False):
-        plain = generate(eps_model, make_sampler(module.schedule, "ddim", steps=4, clip=sampler["clip"]),
+        plain = generate(eps_model, make_sampler(module.schedule, "ddim", steps=4, clip=clip),
                          (1, 8, 8), range(7, 10), hook)
     assert torch.allclose(ours.images, plain.images, atol=1e-6)
     if estimator != "none":
@@ -306,7 +307,7 @@ def test_inpainting_maps_cover_only_the_generated_pixels():
     module = tiny_conditional("inpaint")
     y = torch.randn(2, 1, 8, 8)
     mask = box_mask(8)[None].repeat(2, 1, 1, 1)
-    result = module.sample(y, mask, estimator="aleatoric", estimator_options={"num_perturbations": 2, "keep_maps": True})
+    result = module.sample(y, mask, estimator=EstimatorSpec("aleatoric", M=2, keep_maps=True))
     known = mask.expand_as(y) == 0
     assert torch.equal(result.images[known], y[known])
     assert (result.maps[known] == 0).all() and (result.maps[~known] > 0).all()
@@ -351,9 +352,11 @@ def test_bad_conditions_and_masks_are_clear_errors_before_sampling():
     with pytest.raises(ValueError, match="takes no mask"):
         sr.sample(torch.randn(2, 1, 8, 8), mask)
     with pytest.raises(ValueError, match="chunk_size"):
-        sr.sample(torch.randn(2, 1, 8, 8), estimator="aleatoric", estimator_options={"chunk_size": 2})
+        sr.sample(torch.randn(2, 1, 8, 8), estimator=EstimatorSpec("aleatoric", chunk_size=2))
     with pytest.raises(ValueError, match="generated pixels"):
-        inpaint.sample(torch.randn(2, 1, 8, 8), mask, estimator="aleatoric", estimator_options={"score": "standardized"})
+        inpaint.sample(torch.randn(2, 1, 8, 8), mask, estimator=EstimatorSpec("aleatoric", score="standardized"))
+    with pytest.raises(ValueError, match="n=3 but 2 condition images"):
+        sr.sample(torch.randn(2, 1, 8, 8), n=3)
     with pytest.raises(ValueError, match="colorize"):
         ConditionalDiffusionModule(task="colorize", **tiny_model_kwargs())
     with pytest.raises(ValueError, match="diffusers_unet"):
