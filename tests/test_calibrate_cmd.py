@@ -1,5 +1,5 @@
 """`train.py calibrate` on a tiny checkpoint trained in the test: the table it writes, the settings
-saved with it, `train.py sample --guidance-table` accepting the file, and bad inputs (an existing
+saved with it, `sample --guidance_table` accepting the file, and bad inputs (an existing
 --out among them) failing before anything is sampled or written.
 
 Independent truth: docs/algorithms.md §2-3 as a textbook loop (DDIM with eta 0 and clipped x0, the centered
@@ -9,6 +9,7 @@ aleatoric map from the per-sample `'uncertainty'` stream), reduced by `torch.qua
 import hashlib
 import json
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.__main__ import COMMANDS
 from uncdiff.commands import calibrate as calibrate_cmd
 from uncdiff.commands.calibrate import main
-from uncdiff.uncertainty.guidance import load_table
+from uncdiff.io.tables import load_score_reference, load_threshold_table as load_table
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.commands.sample import main as sample_main
 from uncdiff.core.samplers import SampleNoise
@@ -73,61 +74,58 @@ def test_table_is_the_quantile_of_the_maps(table_file, tiny_checkpoint):
 def test_settings_say_what_the_table_was_made_for(table_file, tiny_checkpoint):
     _, settings = load_table(table_file)
     assert settings["sampler"] == {"name": "ddim", "steps": STEPS, "eta": 0.0, "spacing": "uniform", "clip": True}
-    assert settings["quantile"] == Q and settings["num_perturbations"] == M and settings["variant"] == "centered"
+    assert settings["quantile"] == Q and settings["M"] == M and settings["variant"] == "centered"
     assert settings["seeds"] == {"start": SEED, "count": N}
     assert settings["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
-    assert settings["run"]["command"][:2] == ["train.py", "calibrate"]
+    assert "calibrate" in settings["run"]["command"]  # after the program as typed (test below)
 
 
 def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
     out = tmp_path / "guided"
     sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.steps", str(STEPS),
                  "--sampler.name", "ddim", "--estimator.M", str(M), "--guidance.rule", "gradient",
-                 "--guidance.table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false"])
+                 "--guidance_table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false"])
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["guidance"]["threshold"] == "table"
-    assert settings["guidance_table_sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
+    assert settings["files"]["guidance_table"]["sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest()
     assert sorted(p.name for p in (out / "samples").glob("*.png") if "_map" not in p.name) == \
         ["000000.png", "000001.png"]
 
 
 @pytest.mark.parametrize("option, value, named", [
-    ("--estimator.M", "3", "num_perturbations: 2 there, 3 here"),
+    ("--estimator.M", "3", "M: 2 there, 3 here"),
     ("--estimator.variant", "sample", "variant: 'centered' there, 'sample' here"),
     ("--sampler.eta", "0.5", "sampler.eta: 0.0 there, 0.5 here")])
 def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpoint, tmp_path, option, value, named):
     out = tmp_path / "guided"
     argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.steps", str(STEPS),
             "--sampler.name", "ddim", "--estimator.M", str(M), "--guidance.rule", "gradient",
-            "--guidance.table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false", option, value]
+            "--guidance_table", str(table_file), "--fabric.accelerator", "cpu", "--progress", "false", option, value]
     with pytest.raises(SystemExit) as error:
         sample_main(argv)
     assert named in str(error.value.code) and not out.exists()
 
 
 def test_reference_statistics_are_the_per_step_mean_and_std_of_the_map_totals(table_file, tiny_checkpoint):
-    from uncdiff.uncertainty.score_reference import load_score_reference
-
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     totals = textbook_maps(module.ema.ema_model, module.schedule, list(range(SEED, SEED + N)), STEPS, M)
     totals = totals.double().flatten(2).sum(2)  # [N, steps]
     reference, settings = load_score_reference(table_file.with_name("tau.pt.reference.pt"), steps=STEPS)
     torch.testing.assert_close(reference["mean"], totals.mean(0), rtol=1e-4, atol=0)
     torch.testing.assert_close(reference["std"], totals.std(0), rtol=1e-3, atol=0)
-    assert settings["num_perturbations"] == M and settings["sampler"]["steps"] == STEPS
+    assert settings["M"] == M and settings["sampler"]["steps"] == STEPS
 
 
 @pytest.mark.parametrize("score", ["step_normalized", "standardized"])
 def test_sample_scores_with_the_reference(table_file, tiny_checkpoint, tmp_path, score):
     """`sample --estimator.score` on other seeds: each score is the variant of that sample's
     textbook per-step totals with the calibrated statistics."""
-    from uncdiff.uncertainty.score_reference import load_score_reference
 
     reference_file = table_file.with_name("tau.pt.reference.pt")
     out = tmp_path / "scored"
     sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "3", "--sampler.steps", str(STEPS),
                  "--sampler.name", "ddim", "--estimator.M", str(M), "--estimator.score", score,
-                 "--estimator.score_reference", str(reference_file), "--fabric.accelerator", "cpu",
+                 "--score_reference", str(reference_file), "--fabric.accelerator", "cpu",
                  "--progress", "false"])
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     totals = textbook_maps(module.ema.ema_model, module.schedule, [0, 1, 2], STEPS, M).double().flatten(2).sum(2)
@@ -136,8 +134,8 @@ def test_sample_scores_with_the_reference(table_file, tiny_checkpoint, tmp_path,
     got = torch.tensor([float(r["score"]) for r in json_manifest(out)], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert settings["estimator_options"]["score"] == score
-    assert settings["score_reference_sha256"] == hashlib.sha256(reference_file.read_bytes()).hexdigest()
+    assert settings["estimator"]["score"] == score
+    assert settings["files"]["score_reference"]["sha256"] == hashlib.sha256(reference_file.read_bytes()).hexdigest()
 
 
 def json_manifest(out: Path) -> list[dict]:
@@ -149,12 +147,12 @@ def json_manifest(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("extra, named", [
     (["--estimator.score", "standardized"], "needs the per-step reference statistics"),
-    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--sampler.steps", "5"],
+    (["--estimator.score", "standardized", "--score_reference", "REF", "--sampler.steps", "5"],
      "calibrated for 4 sampler steps; this run has 5"),
-    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--estimator.M", "3"],
-     "num_perturbations: 2 there, 3 here"),
-    (["--estimator.score_reference", "REF"], "used only by --estimator.score"),
-    (["--estimator.score", "standardized", "--estimator.score_reference", "REF", "--guidance.rule", "posterior"],
+    (["--estimator.score", "standardized", "--score_reference", "REF", "--estimator.M", "3"],
+     "M: 2 there, 3 here"),
+    (["--score_reference", "REF"], "used only by --estimator.score"),
+    (["--estimator.score", "standardized", "--score_reference", "REF", "--guidance.rule", "posterior"],
      "unguided run"),
 ])
 def test_sample_refuses_bad_score_options_before_sampling(table_file, tiny_checkpoint, tmp_path, extra, named):
@@ -166,6 +164,15 @@ def test_sample_refuses_bad_score_options_before_sampling(table_file, tiny_check
     with pytest.raises(SystemExit) as error:
         sample_main(argv)
     assert named in str(error.value.code) and not out.exists()
+
+
+@pytest.mark.parametrize("argv0, program", [("/venv/bin/uncdiff", ["uncdiff"]), ("train.py", ["python", "train.py"]),
+                                            ("/src/uncdiff/__main__.py", ["python", "-m", "uncdiff"])])
+def test_a_run_records_the_command_as_typed(argv0, program, monkeypatch):
+    from uncdiff.commands.runtime import typed_command
+
+    monkeypatch.setattr(sys, "argv", [argv0, "calibrate", "--n", "4"])
+    assert typed_command(["calibrate", "--n", "4"]) == [*program, "calibrate", "--n", "4"]
 
 
 def test_train_py_dispatches_calibrate():
@@ -207,13 +214,13 @@ def tree(path: Path) -> dict:
     ({"--quantile": "0"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "1"}, "--quantile must lie in (0, 1)"),
     ({"--quantile": "95"}, "--quantile must lie in (0, 1)"),
-    ({"--estimator.M": "1"}, "--estimator.M: num_perturbations must be an integer >= 2"),
+    ({"--estimator.M": "1"}, "--estimator.M must be an integer >= 2"),
     ({"--n": "19"}, "--n must be >= 20 for --quantile 0.95"),
     ({"--n": "1", "--quantile": "0.5"}, "--n must be >= 2"),
     ({"--seed": str(2**32 - 10)}, "seeds must lie in [0, 2**32)"),
     ({"--batch_size": "0"}, "--batch_size must be >= 1"),
     ({"--sampler.steps": "5000"}, "sampler: steps must be in [1, 1000]"),
-    ({"--sampler.eta": "0.5", "--sampler.name": "ddpm"}, "--sampler.eta and --sampler.spacing apply to --sampler.name ddim"),
+    ({"--sampler.eta": "0.5", "--sampler.name": "ddpm"}, "--sampler.eta applies to sampler.name ddim"),
     ({"--data.name": "digits"}, "--data.name: calibrate reads no training data"),
     ({"--fabric.devices": "2"}, "calibrate runs in one process, not 2"),
 ])
