@@ -15,7 +15,8 @@ disjoint, with a reference closer to the callback's in size).
     python benchmarks/real_vs_real_fid.py --config digits --reference rest --set-sizes 300
     python benchmarks/real_vs_real_fid.py --config quickstart --splits 20 --set-sizes 200 500
 
-The extractor comes from the config's cache (the digits classifier is trained there once if missing).
+The extractor is the config's (the digits classifier: the shipped weights unless its extractor_options
+say otherwise).
 """
 
 import argparse

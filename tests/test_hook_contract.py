@@ -32,6 +32,7 @@ from uncdiff.core.samplers import DDIMSampler, DDPMSampler
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
 from uncdiff.uncertainty.sampling import build_hook, generate
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec
 
 STEPS = 6
 SHAPE = (2, 4, 4)
@@ -104,15 +105,14 @@ def laplace_of(net):
 
 
 def hook_and_model(net, hook, guided, skip=SKIP):
-    """The hook as a run builds it (`build_hook`) and the eps model to sample with."""
-    options = {"none": {}, "aleatoric": {"num_perturbations": M, "window": WINDOW},
-               "mc_dropout": {"num_passes": M, "window": WINDOW},
-               "bayesdiff": {"num_draws": S, "skip": skip}}[hook]
-    if guided:
-        options = {"num_perturbations": M, "window": ESTIMATE_WINDOW} if hook == "aleatoric" else {}
+    """The hook as a run builds it (`build_hook` of the run's specs) and the eps model to sample with."""
+    if guided:  # guidance estimates with the aleatoric estimator: its M and window, or the defaults
+        estimator = EstimatorSpec(hook, M=M, window=ESTIMATE_WINDOW) if hook == "aleatoric" else EstimatorSpec()
+    else:
+        estimator = EstimatorSpec(hook, M=M, window=WINDOW, draws=S, skip=skip)
+    guidance = GuidanceSpec("gradient", **GUIDANCE) if guided else None
     laplace = laplace_of(net) if hook == "bayesdiff" else None
-    est = build_hook(hook, options, GUIDANCE if guided else None, net=net, laplace=laplace, steps=STEPS,
-                     image_shape=SHAPE)
+    est = build_hook(estimator, guidance, net=net, laplace=laplace, steps=STEPS, image_shape=SHAPE)
     return est, (est.eps_model if hook == "bayesdiff" else net)
 
 
@@ -178,4 +178,4 @@ def test_mc_dropout_maps_do_not_depend_on_the_batch(net, schedule):
 @pytest.mark.parametrize("hook", ["mc_dropout", "bayesdiff"])
 def test_guidance_takes_only_the_aleatoric_estimator(net, hook):
     with pytest.raises(ValueError, match="guidance"):
-        hook_and_model(net, hook, True)
+        build_hook(EstimatorSpec(hook), GuidanceSpec("gradient"), net=net, laplace=laplace_of(net))

@@ -30,11 +30,12 @@ def report_header(args, plan: Plan, inputs, extractor, fabric, command: list[str
     default_sign = inspect.signature(UncertaintyGuidance).parameters["sign"].default
     # a diffusers folder has no training step
     checkpoint = {} if Path(inputs.checkpoint).is_dir() else load_torch(inputs.checkpoint, "checkpoint", mmap=True)
-    accuracy = f" (held-out accuracy {extractor.val_accuracy:.3f})" if hasattr(extractor, "val_accuracy") else ""
+    classifier = (f" (weights sha256 {extractor.sha256}, held-out accuracy {extractor.val_accuracy:.3f})"
+                  if hasattr(extractor, "sha256") else "")  # the digits classifier
     return {
         "checkpoint": f"{inputs.checkpoint} (step {checkpoint.get('global_step', '?')}, sha256 {inputs.sha256[:12]})",
         "data": plan.dataset,
-        "FID features": f"{extractor.name}{accuracy}",
+        "FID features": f"{extractor.name}{classifier}",
         "sampler": ", ".join(f"{k}={v}" for k, v in any_set["sampler"].items() if k != "clip")
         + " (x0 clipped, except BayesDiff's)",
         "samples per set": f"{args.n} (seeds {args.seed}..{args.seed + args.n - 1}), batch {args.batch_size}",
