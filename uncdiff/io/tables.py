@@ -16,7 +16,7 @@ from uncdiff.io.files import load_torch, save_atomic
 
 TABLE_KIND = "uncdiff threshold table"
 REFERENCE_KIND = "uncdiff score reference"
-SETTINGS_FORMAT = 2  # the settings as `uncdiff.uncertainty.spec` names them; 1 said num_perturbations for M
+SETTINGS_FORMAT = 2  # the settings as `uncdiff.uncertainty.spec` names them (format 1: older names for M)
 
 
 def save_threshold_table(path, table: torch.Tensor, settings: Mapping) -> None:
