@@ -11,7 +11,7 @@ import torch
 
 from uncdiff.core.conditioning import ConditionedNet
 from uncdiff.core.modes import eval_mode
-from uncdiff.core.samplers import SampleNoise, make_sampler
+from uncdiff.core.samplers import SampleNoise
 from uncdiff.core.unet import UNet
 from uncdiff.data.degradations import Task, check_task
 from uncdiff.data.masks import check_mask
@@ -22,6 +22,7 @@ from uncdiff.lightning.progress import step_bar
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
 from uncdiff.uncertainty.image_to_image import generate_conditional
 from uncdiff.uncertainty.sampling import SampleResult, build_hook
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 UNET_OPTIONS = ("image_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks", "attn_resolutions",
                 "dropout")
@@ -134,31 +135,30 @@ class ConditionalDiffusionModule(DiffusionModule):
         noise = SampleNoise(seeds).randn(y.shape[1:], stream="condition")
         return torch.where(mask.expand_as(y) > 0.5, noise, y)
 
-    def sample(self, condition: torch.Tensor, mask: Optional[torch.Tensor] = None, seed: int = 0,
-               sampler: Optional[str] = None, steps: Optional[int] = None, estimator: str = "none",
-               guidance: Optional[dict] = None, seeds: Optional[Sequence[int]] = None, batch_size: int = 256,
-               progress: bool = False, estimator_options: Optional[dict] = None, **sampler_kwargs) -> SampleResult:
-        """One output per condition image `condition [N, C, H, W]` (in [-1, 1]), with the EMA network.
+    def sample(self, condition: torch.Tensor, mask: Optional[torch.Tensor] = None, n: Optional[int] = None,
+               seed: int = 0, seeds: Optional[Sequence[int]] = None, sampler: Optional[SamplerSpec] = None,
+               estimator: Optional[EstimatorSpec] = None, guidance: Optional[GuidanceSpec] = None,
+               batch_size: int = 256, progress: bool = False) -> SampleResult:
+        """`DiffusionModule.sample` (the same arguments) with one output per condition image
+        `condition [N, C, H, W]` (in [-1, 1]); `n`, when given, must be N.
 
         For `inpaint` and `uncrop`, `mask [N or 1, 1, H, W]` (1 = generate) is required: the known
         pixels are the condition's, kept exactly, and the maps and scores cover the generated pixels
-        only. Sample i uses seed `seed + i` (or `seeds[i]`). Every other option is
-        `DiffusionModule.sample`'s (samplers, estimators, guidance), except `chunk_size`.
+        only (so the score is their sum: `estimator.score` sum). `estimator.chunk_size` is not supported.
         """
         mask = self.check_inputs(condition, mask)
-        options = dict(estimator_options or {})
-        if "chunk_size" in options or "chunk_size" in (guidance or {}):
-            raise ValueError("chunk_size is not supported for image-to-image sampling: lower batch_size instead")
-        if mask is not None and options.get("score", "sum") != "sum":  # restrict_to_generated sums the masked map
-            raise ValueError(f"score={options['score']!r}: with a mask the per-sample score is the sum of the map over "
-                             f"the generated pixels (score 'sum')")
+        if n is not None and n != condition.shape[0]:
+            raise ValueError(f"n={n} but {condition.shape[0]} condition images: one output per condition")
+        sampler_obj, estimator, guidance = self.sampling_run(sampler, estimator, guidance)
+        if estimator.chunk_size is not None:
+            raise ValueError("estimator.chunk_size is not supported for image-to-image sampling: lower batch_size")
+        if mask is not None and estimator.score != "sum":  # restrict_to_generated sums the masked map
+            raise ValueError(f"estimator.score {estimator.score}: with a mask the per-sample score is the sum of the "
+                             f"map over the generated pixels (score sum)")
         seeds = list(range(seed, seed + condition.shape[0])) if seeds is None else list(seeds)
-        sampler = sampler or self.hparams.sampler
-        sampler_kwargs = {**self.sampler_options(sampler), **sampler_kwargs}
-        sampler_obj = make_sampler(self.schedule, sampler, steps=steps or self.hparams.sample_steps, **sampler_kwargs)
 
         def make_hook(eps_model):
-            return build_hook(estimator, options, guidance, net=eps_model, laplace=self.laplace,
+            return build_hook(estimator, guidance, net=eps_model, laplace=self.laplace,
                               steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device)
 
         make_hook(ConditionedNet(self.ema.ema_model, condition[:1]))  # a bad setting fails before sampling
@@ -207,13 +207,12 @@ def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
 
 
 def restorer(module: ConditionalDiffusionModule, **sample_options):
-    """`restore(condition, mask, seeds, estimator, estimator_options, guidance=None) -> SampleResult` of
-    `module` with `sample_options` (sampler, steps, batch_size, ...): what
+    """`restore(condition, mask, seeds, estimator, guidance=None) -> SampleResult` of `module` with
+    `sample_options` (sampler, batch_size, ...; `estimator` and `guidance` are specs): what
     `uncdiff.evaluation.image_to_image.calibration_study` and `guidance_study` call. BayesDiff runs on the
-    same sampler without x0 clipping (its moments need affine steps, docs/algorithms.md §5b)."""
-    def restore(condition, mask, seeds, estimator, estimator_options, guidance=None):
-        options = {**sample_options, "clip": False} if estimator == "bayesdiff" else sample_options
+    same sampler, whose clipping `resolve_sampler` turns off (its moments need affine steps, docs/algorithms.md §5b)."""
+    def restore(condition, mask, seeds, estimator, guidance=None):
         return module.sample(condition, mask if module.task.masked else None, seeds=seeds, estimator=estimator,
-                             estimator_options=estimator_options, guidance=guidance, **options)
+                             guidance=guidance, **sample_options)
 
     return restore
