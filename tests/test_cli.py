@@ -27,6 +27,7 @@ def train(args, cwd, extra_env=None):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quickstart_first_steps_offline_wandb_and_no_overwrite(tmp_path):
     args = ["--config", "quickstart.yaml", *QUICK]  # bare name: resolved in configs/
     first = train(args, tmp_path)
@@ -54,6 +55,7 @@ def test_quickstart_first_steps_offline_wandb_and_no_overwrite(tmp_path):
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # a new W&B run; the first is untouched
 
 
+@pytest.mark.slow
 def test_user_wandb_mode_wins(tmp_path):
     result = train(["--config", "quickstart.yaml", *QUICK, "--trainer.max_steps", "1"], tmp_path,
                    {"WANDB_MODE": "disabled"})
@@ -62,6 +64,7 @@ def test_user_wandb_mode_wins(tmp_path):
     assert not list((tmp_path / "runs" / "quickstart").glob("wandb/offline-run-*"))
 
 
+@pytest.mark.slow
 def test_ddp_through_the_cli(tmp_path):
     result = train(["--config", "quickstart.yaml", *QUICK, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.accelerator", "cpu"], tmp_path)
@@ -70,6 +73,7 @@ def test_ddp_through_the_cli(tmp_path):
     assert ckpt["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_cifar_recipe_first_steps(tmp_path, monkeypatch):
     """The real config, full-size model, on a CIFAR-10-format fixture (in-process: the fixture's
     md5 sums differ from the real files', which torchvision checks)."""
@@ -94,6 +98,7 @@ def test_config_names_resolve_in_configs_dir(tmp_path, monkeypatch):
     assert resolve_config_args(["--config", "mine.yaml"])[1] == "mine.yaml"
 
 
+@pytest.mark.slow
 def test_bad_config_value_fails_before_training(tmp_path):
     result = train(["--config", "quickstart.yaml", "--model.image_size", "18"], tmp_path)
     assert result.returncode != 0 and "image_size" in result.stderr
@@ -115,6 +120,7 @@ def clean_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_bundled_config_by_bare_name_from_another_directory(tmp_path):
     """`uncdiff fit --config quickstart.yaml` from a directory that is not the repository: the
     installed package finds its bundled config."""
@@ -126,6 +132,7 @@ def test_bundled_config_by_bare_name_from_another_directory(tmp_path):
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["fit", "--config", "quickstart.yaml", "--print_config"],
     ["sample", "--checkpoint", "c.ckpt", "--out", "o", "--sampler.steps", "3", "--print_config"],

@@ -1,11 +1,14 @@
 """Two CPU processes (ddp_spawn): the ranks see disjoint data and end with identical weights."""
 
 import lightning as L
+import pytest
 import torch
 
 from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule
+
+pytestmark = pytest.mark.slow  # two DDP processes train
 
 
 class RecordRank(L.Callback):

@@ -13,6 +13,8 @@ import yaml
 from uncdiff.data.masks import box_mask
 from uncdiff.lightning.palette import load_conditional
 
+pytestmark = pytest.mark.slow  # train.py fit in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "inpaint_quickstart.yaml"
 

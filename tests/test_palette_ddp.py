@@ -3,12 +3,15 @@ unconditional one: the ranks see disjoint images, each image's condition and mas
 whatever rank builds them (so the ranks' pairs differ), and the ranks end with identical weights."""
 
 import lightning as L
+import pytest
 import torch
 
 from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.palette import ConditionalDiffusionModule
 from uncdiff.lightning.palette_data import ImageToImageDataModule
+
+pytestmark = pytest.mark.slow  # two DDP processes train
 
 
 class IndexRecordingData(ImageToImageDataModule):

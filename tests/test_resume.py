@@ -9,6 +9,8 @@ from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule
 
+pytestmark = pytest.mark.slow  # interrupted and straight training runs
+
 
 def fit(tmp_path, max_steps, ckpt_path=None, every=None, limit_train_batches=1.0):
     L.seed_everything(0)
