@@ -61,6 +61,7 @@ def textbook_maps(net, schedule, seeds: list[int], steps: int, m: int) -> torch.
     return torch.stack(maps, 1)
 
 
+@pytest.mark.slow
 def test_table_is_the_quantile_of_the_maps(table_file, tiny_checkpoint):
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     maps = textbook_maps(module.ema.ema_model, module.schedule, list(range(SEED, SEED + N)), STEPS, M)
@@ -71,6 +72,7 @@ def test_table_is_the_quantile_of_the_maps(table_file, tiny_checkpoint):
     assert not torch.allclose(table, torch.quantile(maps, Q - 0.1, dim=0), rtol=1e-4, atol=atol)  # it can tell
 
 
+@pytest.mark.slow
 def test_settings_say_what_the_table_was_made_for(table_file, tiny_checkpoint):
     _, settings = load_table(table_file)
     assert settings["sampler"] == {"name": "ddim", "steps": STEPS, "eta": 0.0, "spacing": "uniform", "clip": True}
@@ -80,6 +82,7 @@ def test_settings_say_what_the_table_was_made_for(table_file, tiny_checkpoint):
     assert "calibrate" in settings["run"]["command"]  # after the program as typed (test below)
 
 
+@pytest.mark.slow
 def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
     out = tmp_path / "guided"
     sample_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "2", "--sampler.steps", str(STEPS),
@@ -92,6 +95,7 @@ def test_sample_accepts_the_table(table_file, tiny_checkpoint, tmp_path):
         ["000000.png", "000001.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value, named", [
     ("--estimator.M", "3", "M: 2 there, 3 here"),
     ("--estimator.variant", "sample", "variant: 'centered' there, 'sample' here"),
@@ -106,6 +110,7 @@ def test_sample_refuses_a_table_made_for_other_settings(table_file, tiny_checkpo
     assert named in str(error.value.code) and not out.exists()
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_the_per_step_mean_and_std_of_the_map_totals(table_file, tiny_checkpoint):
     module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu").eval()
     totals = textbook_maps(module.ema.ema_model, module.schedule, list(range(SEED, SEED + N)), STEPS, M)
@@ -116,6 +121,7 @@ def test_reference_statistics_are_the_per_step_mean_and_std_of_the_map_totals(ta
     assert settings["M"] == M and settings["sampler"]["steps"] == STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["step_normalized", "standardized"])
 def test_sample_scores_with_the_reference(table_file, tiny_checkpoint, tmp_path, score):
     """`sample --estimator.score` on other seeds: each score is the variant of that sample's
@@ -145,6 +151,7 @@ def json_manifest(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, named", [
     (["--estimator.score", "standardized"], "needs the per-step reference statistics"),
     (["--estimator.score", "standardized", "--score_reference", "REF", "--sampler.steps", "5"],
@@ -181,6 +188,7 @@ def test_train_py_dispatches_calibrate():
     assert COMMANDS["calibrate"] == "uncdiff.commands.calibrate"
 
 
+@pytest.mark.slow
 def test_print_config_round_trip_and_recorded_config(table_file, tiny_checkpoint, tmp_path, capsys):
     """`--print_config > s.yaml`, then `--config s.yaml`: the same table as the fixture's (same
     settings), and `<table>.config.yaml` is exactly s.yaml."""
@@ -204,6 +212,7 @@ def tree(path: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     ({"--checkpoint": "nowhere.ckpt"}, "checkpoint not found"),
     ({"--checkpoint": "text"}, "not a checkpoint torch can read"),

@@ -64,6 +64,7 @@ def files(root: Path) -> dict[str, Path]:
             if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != LOCK_NAME}
 
 
+@pytest.mark.slow
 def test_killed_sampling_run_resumes_to_the_same_bytes(tiny_checkpoint, tmp_path):  # noqa: F811
     args = ["sample", "--checkpoint", str(tiny_checkpoint), "--out", "out", "--n", "48", "--batch_size", "4",
             "--sampler.steps", "4", "--estimator.M", "2", "--filtering.drop_fraction", "0.25", "--progress", "false"]
@@ -134,6 +135,7 @@ class NaNAtStep(DiffusionModule):
         return loss * float("nan") if self.global_step == self.nan_step else loss
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_fit_at_that_step_and_keeps_the_last_checkpoint(tmp_path):
     model = NaNAtStep(**tiny_model_kwargs())
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_progress_bar=False,

@@ -24,6 +24,8 @@ from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.palette import load_conditional
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
 
+pytestmark = pytest.mark.slow  # trains image-to-image checkpoints, runs restore and evaluate_i2i
+
 SIZE = 8
 
 

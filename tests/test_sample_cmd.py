@@ -25,6 +25,8 @@ from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.commands.sample import main
 
+pytestmark = pytest.mark.slow  # train.py sample runs on a trained checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 N, BATCH, DROP = 10, 4, 0.3  # chunks of 4, 4, 2 seeds
 RUN_ARGS = ["--n", str(N), "--batch_size", str(BATCH), "--sampler.steps", "4", "--estimator.M", "2",

@@ -72,6 +72,7 @@ def conditions(tmp: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_crafted_checkpoint_is_refused_without_running(command, evil_checkpoint, tmp_path):
     args = COMMANDS[command](str(evil_checkpoint), tmp_path)
