@@ -206,3 +206,31 @@ def test_exit_status_and_debug(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "InputError" in debug.stderr
     assert user_error(RuntimeError("a bug")) is None and user_error(KeyError("x")) is None
     assert user_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "x.yaml"))[1] == 2
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("sample_size", 100000, "GiB of memory"), ("sample_size", -3, "sample_size"),
+    ("layers_per_block", 100000, "layers_per_block"), ("layers_per_block", -1, "layers_per_block"),
+    ("block_out_channels", "x", "block_out_channels"), ("in_channels", "3", "in_channels"),
+])
+def test_absurd_unet_configs_are_refused_before_anything_is_built(tmp_path, key, value, words):
+    from uncdiff.io.diffusers_pipeline import check_unet_config
+
+    config = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1,
+              "block_out_channels": [8, 16], "layers_per_block": 1, key: value}
+    if key == "in_channels":
+        config["out_channels"] = value
+    with pytest.raises(InputError, match=words):
+        check_unet_config(config, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"num_train_timesteps": 2_000_000_000}, "GiB of memory"), ({"num_train_timesteps": 2.5}, "num_train_timesteps"),
+    ({"beta_start": "x"}, "beta_start"), ({"trained_betas": "abc", "num_train_timesteps": 3}, "trained_betas"),
+    ({"variance_type": ["x"]}, "variance_type"), ({"timestep_spacing": {"a": 1}}, "timestep_spacing"),
+])
+def test_scheduler_configs_of_wrong_types_or_sizes_are_refused(config, words):
+    from uncdiff.io.diffusers_pipeline import schedule_from_config
+
+    with pytest.raises(InputError, match=words):
+        schedule_from_config(config, "scheduler_config.json")

@@ -116,3 +116,20 @@ def test_a_folder_holding_only_a_lock_is_a_new_run(tmp_path):
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         check_output_dir(tmp_path, {})
+
+
+def test_fit_into_a_run_directory_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    from test_errors import FIT, FIT_CONFIG, run_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fit.yaml").write_text(FIT_CONFIG)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, "run"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, errors = run_main(FIT, capsys)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert status == 1 and len(errors) == 1, errors
+    assert "--trainer.default_root_dir run is in use" in errors[0] and f"pid {holder.pid}" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()

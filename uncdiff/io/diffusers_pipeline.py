@@ -39,6 +39,7 @@ SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_e
                       "clip_sample_range": 1.0, "prediction_type": "epsilon", "thresholding": False,
                       "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
                       "set_alpha_to_one": True}
+MAX_LAYERS_PER_BLOCK = 64
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # our spacings of the same names
 VARIANCES = {"fixed_small": "beta_tilde", "fixed_small_log": "beta_tilde", "fixed_large": "beta",
@@ -67,6 +68,44 @@ def refuse(where: Path, key: str, value: Any, why: str) -> InputError:
     return InputError(f"{where}: {key} = {value!r} is not supported: {why}")
 
 
+def memory_bytes() -> int:
+    """The machine's memory (RAM), the bound of what a config may ask to allocate."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(where: Path, need: int, what: str) -> None:
+    """Refuse a config whose `what` needs at least `need` bytes, more than the machine has: it would
+    only fail after minutes of allocation (or be killed)."""
+    have = memory_bytes()
+    if need > have:
+        raise InputError(f"{where}: {what} needs at least {need / 2**30:.1f} GiB of memory; this machine has "
+                         f"{have / 2**30:.1f} GiB: make it smaller")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_unet_size(config: dict, size: int, channels: int, where: Path) -> None:
+    """Check the sizes of a UNet2DModel config and refuse one whose weights, or one image's
+    activations, can't fit in memory, before anything is built. The estimates are lower bounds: each
+    of the `layers_per_block` ResNet blocks of a level of `c` channels holds two 3x3 convolutions
+    (18 c^2 weights), down and up; one image holds at least a `c0 x size x size` map per block."""
+    blocks = config.get("block_out_channels", (224, 448, 672, 896))  # UNet2DModel's default
+    layers = config.get("layers_per_block", 2)
+    if not (isinstance(blocks, (list, tuple)) and blocks and all(isinstance(c, int) and c >= 1 for c in blocks)):
+        raise refuse(where, "block_out_channels", blocks, "it must be a list of channel counts >= 1")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= MAX_LAYERS_PER_BLOCK:
+        raise refuse(where, "layers_per_block", layers, f"it must be an integer in [1, {MAX_LAYERS_PER_BLOCK}] (diffusers' "
+                     f"UNets use 1 to 4; each block is Python modules that take long to build, whatever their size)")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise refuse(where, "in_channels", channels, "it must be an integer >= 1")
+    weights = 4 * 2 * layers * sum(18 * c * c for c in blocks)
+    check_fits_in_memory(where, weights, f"a UNet2DModel with layers_per_block {layers} and block_out_channels "
+                                         f"{list(blocks)} (float32 weights)")
+    check_fits_in_memory(where, 4 * layers * blocks[0] * size * size, f"one {size}x{size} image through this UNet")
+
+
 # ------------------------------------------------------------------------------------- schedule
 
 def diffusers_betas(config: dict, where: Path | str = "scheduler config") -> torch.Tensor:
@@ -76,14 +115,20 @@ def diffusers_betas(config: dict, where: Path | str = "scheduler config") -> tor
     capped at 0.999)."""
     c = {**SCHEDULER_DEFAULTS, **config}
     T = c["num_train_timesteps"]
-    if not isinstance(T, int) or T < 2:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 2:
         raise refuse(Path(where), "num_train_timesteps", T, "it must be an integer >= 2")
+    check_fits_in_memory(Path(where), 8 * 8 * T, f"num_train_timesteps {T} (the schedule's float64 tables)")
     if c["trained_betas"] is not None:
+        if not (isinstance(c["trained_betas"], (list, tuple)) and all(map(is_number, c["trained_betas"]))):
+            raise refuse(Path(where), "trained_betas", type(c["trained_betas"]).__name__, "it must be a list of numbers")
         betas = torch.tensor(c["trained_betas"], dtype=torch.float32)
         if betas.shape != (T,):
             raise refuse(Path(where), "trained_betas", f"<{betas.numel()} values>", f"it must hold num_train_timesteps = {T}")
         return betas
     name, start, end = c["beta_schedule"], c["beta_start"], c["beta_end"]
+    for key in ("beta_start", "beta_end"):
+        if not is_number(c[key]):
+            raise refuse(Path(where), key, c[key], "it must be a number")
     if name == "linear":
         return torch.linspace(start, end, T, dtype=torch.float32)
     if name == "scaled_linear":
@@ -111,14 +156,14 @@ def check_scheduler_config(config: dict, where: Path) -> dict:
     if c["rescale_betas_zero_snr"]:
         raise refuse(where, "rescale_betas_zero_snr", True, "a zero terminal SNR leaves x0 undefined for an "
                      "epsilon predictor at the first step")
-    if c["timestep_spacing"] not in TIMESTEP_SPACINGS:
+    if not isinstance(c["timestep_spacing"], str) or c["timestep_spacing"] not in TIMESTEP_SPACINGS:
         raise refuse(where, "timestep_spacing", c["timestep_spacing"], f"uncdiff maps {TIMESTEP_SPACINGS}")
     if c["steps_offset"] != 0:
         raise refuse(where, "steps_offset", c["steps_offset"], "uncdiff's timesteps end at 0 (steps_offset 0)")
     if not c["set_alpha_to_one"]:
         raise refuse(where, "set_alpha_to_one", False, "uncdiff's last DDIM step always goes to the clean image "
                      "(alpha_bar = 1)")
-    if c["variance_type"] not in VARIANCES:
+    if not isinstance(c["variance_type"], str) or c["variance_type"] not in VARIANCES:
         raise refuse(where, "variance_type", c["variance_type"], f"uncdiff's DDPM variances are {tuple(VARIANCES)} "
                      "(a learned variance needs a network uncdiff does not run)")
     r = c["clip_sample_range"]
@@ -196,12 +241,13 @@ def check_unet_config(config: dict, where: Path) -> tuple[int, int]:
     size = config.get("sample_size")
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise refuse(where, "sample_size", size, "uncdiff needs square images of a known size")
     channels = config.get("in_channels", 3)
     if config.get("out_channels", 3) != channels:
         raise refuse(where, "out_channels", config.get("out_channels", 3),
                      f"a noise predictor outputs as many channels as it takes (in_channels = {channels})")
+    check_unet_size(config, size, channels, where)
     return size, channels
 
 

@@ -89,13 +89,10 @@ class UncdiffCLI(LightningCLI):
             raise InputError(constructor_error(str(error))) from error
 
     def before_instantiate_classes(self) -> None:
-        """Point the logger and checkpoints into the run directory unless set explicitly; `fit` locks
-        the run directory first (`lock_folder`: one run writes into it at a time)."""
+        """Point the logger and checkpoints into the run directory unless set explicitly."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "runs/default"
         config.trainer.default_root_dir = root
-        if self.subcommand == "fit":
-            self.run_lock = lock_folder(root, "--trainer.default_root_dir")
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "init_args") and "save_dir" in logger.init_args and logger.init_args.save_dir in (None, "."):
@@ -105,9 +102,12 @@ class UncdiffCLI(LightningCLI):
                 callback.init_args.dirpath = str(Path(root) / "checkpoints")
 
     def before_fit(self) -> None:
+        """Lock the run directory (`lock_folder`: one run writes into it at a time; after the model is
+        built, so that a model that can't be built leaves no folder), then check what is in it."""
         if self.trainer.max_steps == 0:
             raise InputError("--trainer.max_steps 0 trains nothing and saves nothing: give a number of steps, or -1 "
                              "for --trainer.max_epochs alone")
+        self.run_lock = lock_folder(self.trainer.default_root_dir, "--trainer.default_root_dir")
         ckpt_path = self.config.fit.get("ckpt_path")
         for folder in checkpoint_dirs(self.trainer):
             remove_temporary_files(folder)  # of writes a kill interrupted (the lock says no run is writing)
