@@ -190,6 +190,8 @@ def test_bad_grid_and_failing_grid_are_refused():
         calibrate_lambda(never_called, [2.0, 1.0], 100, ALPHA, DELTA)
     with pytest.raises(ValueError, match="extend the lambda grid upward"):
         calibrate_lambda(lambda lam: np.full(100, 0.5), [1.0, 2.0], 100, ALPHA, DELTA)
+    with pytest.raises(ValueError, match="n must be a positive whole number"):
+        calibrate_lambda(never_called, [1.0], 0, ALPHA, DELTA)
     with pytest.raises(ValueError, match="gave 99 losses"):
         calibrate_lambda(lambda lam: np.zeros(99), [1.0], 100, ALPHA, DELTA)
 

@@ -76,6 +76,8 @@ def hoeffding_bentkus_ucb(risk_hat: float, n: int, delta: float) -> float:
     `hb_p_value` is <= delta (so P(mean > R+) <= delta). The p-value falls as mu grows, so bisection
     finds it; the returned end of the bracket always satisfies the bound."""
     check_level("delta", delta)
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive whole number of calibration images, got {n!r}")
     if not 0 <= risk_hat <= 1:
         raise ValueError(f"risk_hat must lie in [0, 1] (a mean of [0, 1] losses), got {risk_hat!r}")
     if risk_hat == 1:
@@ -117,6 +119,8 @@ def calibrate_lambda(losses_fn: Callable[[float], torch.Tensor | np.ndarray], la
     is empty, unsorted or negative, and fewer images than `min_calibration_size(alpha, delta)`."""
     check_level("alpha", alpha)
     check_level("delta", delta)
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive whole number of calibration images, got {n!r}")
     grid = np.asarray(lambdas, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0 or not np.isfinite(grid).all() or (grid < 0).any():
         raise ValueError(f"lambdas must be a non-empty list of finite lam >= 0, got {lambdas!r}")
