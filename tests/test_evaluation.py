@@ -159,15 +159,15 @@ def test_ause_maps_sum_the_window_steps_of_the_denoised_half():
 def test_negative_bayesdiff_variances_mark_the_filtering_row_invalid():
     row = {"estimator": "bayesdiff", "fid_kept": 1.0, "verdict": "better than random",
            "precision_verdict": "within the spread", "recall_verdict": "worse than random"}
-    spec = {"num_draws": 10, "skip": 5, "moments": "paper"}
+    spec = {"name": "bayesdiff", "draws": 10, "skip": 5, "moments": "paper"}
     marked, note = check_variance_scores(row, torch.tensor([0.5, -0.1, 2.0, -3.0]), spec)
     assert marked == {**row, "verdict": "better than random (scores invalid: negative variances)",
                       "precision_verdict": "within the spread (scores invalid: negative variances)",
                       "recall_verdict": "worse than random (scores invalid: negative variances)"}
     assert note.startswith("2 of 4 BayesDiff scores")
-    assert "S = 10 draws" in note and "`--bayesdiff.moments regression` gives usable variances" in note
+    assert "S = 10 draws" in note and "`--estimator.moments regression` gives usable variances" in note
     # the regression estimator: still invalid, but no advice to use what is already used
     _, note = check_variance_scores(row, torch.tensor([-0.5, 1.0]), {**spec, "moments": "regression"})
-    assert note.startswith("1 of 2") and "--bayesdiff.moments" not in note
+    assert note.startswith("1 of 2") and "--estimator.moments" not in note
     # variances that can be variances leave the row as it was
     assert check_variance_scores(row, torch.tensor([0.0, 0.5, 2.0]), spec) == (row, None)

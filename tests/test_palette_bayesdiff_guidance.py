@@ -13,6 +13,7 @@ from uncdiff.data.masks import box_mask
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.evaluation.image_to_image import group_seeds, guidance_markdown, guidance_study, l1_psnr
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
+from uncdiff.uncertainty.spec import EstimatorSpec
 
 
 class TinyNet(nn.Module):
@@ -106,7 +107,7 @@ def constructed_restore(x0, calls):
     """Outputs `x0 + s * 0.1 * z(seed)` at the generated pixels (`x0` at the known ones), with `s = 1` unguided,
     `s = 1/2` with the guidance named 'halve' and `s = 1` with 'same': the answers are known exactly."""
 
-    def restore(condition, mask, seeds, estimator, options, guidance=None):
+    def restore(condition, mask, seeds, estimator, guidance=None):
         calls.append((list(seeds), estimator, guidance))
         z = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s), dtype=x0.dtype)
                          for s in seeds])
@@ -122,8 +123,8 @@ def test_guidance_study_pairs_guided_and_unguided_outputs_by_seed_group():
     mask = box_mask(8)[None].repeat(n, 1, 1, 1)
     calls = []
     fid = lambda a, b: float((a - b).pow(2).mean()) * 100  # any distance whose scaling is known
-    guided = {"halve": ("aleatoric", {"num_perturbations": 2}, {"name": "halve"}),
-              "same": ("aleatoric", {"num_perturbations": 2}, {"name": "same"})}
+    guided = {"halve": (EstimatorSpec("aleatoric", M=2), {"name": "halve"}),  # stand-ins for GuidanceSpecs
+              "same": (EstimatorSpec("aleatoric", M=2), {"name": "same"})}
     study = guidance_study(constructed_restore(x0, calls), x0, x0, mask, guided, num_samples=k, seed_groups=groups,
                            fid=fid)
     # every run of group g uses the seeds of calibration_study's output: sample 0 of the group
@@ -148,7 +149,7 @@ def test_guidance_study_pairs_guided_and_unguided_outputs_by_seed_group():
         same = rows["same", metric]
         assert same["difference"] == (0.0, 0.0) and same["verdict"].startswith("within the spread")
     # the unguided column is l1_psnr of the unguided outputs
-    first = constructed_restore(x0, [])(x0, mask, group_seeds(0, 0, k, n), "none", {}).images
+    first = constructed_restore(x0, [])(x0, mask, group_seeds(0, 0, k, n), None).images
     assert halve_l1["per_group"]["unguided"][0] == pytest.approx(l1_psnr(first, x0, mask)[0], rel=1e-12)
     table = guidance_markdown(study)
     assert "| halve | psnr (higher is better) |" in table and "+6.0206 ± 0.0000 | better than unguided |" in table
@@ -158,7 +159,8 @@ def test_guidance_study_with_one_group_gives_no_verdict_and_no_fid_without_an_ex
     x0 = torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5
     mask = box_mask(8)[None].repeat(4, 1, 1, 1)
     study = guidance_study(constructed_restore(x0, []), x0, x0, mask,
-                           {"halve": ("aleatoric", {}, {"name": "halve"})}, num_samples=2, seed_groups=(5,))
+                           {"halve": (EstimatorSpec("aleatoric"), {"name": "halve"})}, num_samples=2,
+                           seed_groups=(5,))
     assert [r["metric"] for r in study["rows"]] == ["l1", "psnr"]
     assert all(r["verdict"] == "no spread to judge by" and r["difference"][1] is None for r in study["rows"])
     assert "n/a" not in guidance_markdown(study)

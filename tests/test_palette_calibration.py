@@ -13,7 +13,8 @@ from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.evaluation.image_to_image import (calibration_markdown, calibration_study, l1_psnr, mean_pairwise_ssim,
                                                sample_variance)
 from uncdiff.uncertainty.image_to_image import generate_conditional
-from uncdiff.uncertainty.sampling import make_estimator
+from uncdiff.uncertainty.sampling import build_hook
+from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
 
 MU, S, R = 0.0, 0.5, 0.2
 GAIN = torch.tensor([0.0, 0.3, 1.0, 3.0]).repeat(4).view(1, 1, 4, 4)  # how well y observes each pixel
@@ -43,8 +44,8 @@ def problem():
     y = GAIN * x0 + R * torch.randn(48, 1, 4, 4, generator=gen)
     net, sampler = PerPixelGaussianEps(schedule), DDIMSampler(schedule, 50, eta=1.0, clip=False)
 
-    def restore(condition, mask, seeds, estimator, options):
-        make_hook = None if estimator == "none" else (lambda model: make_estimator(estimator, **options))
+    def restore(condition, mask, seeds, estimator, guidance=None):
+        make_hook = None if estimator is None else (lambda model: build_hook(estimator, net=model))
         return generate_conditional(net, sampler, condition, seeds, (1, 4, 4), mask, make_hook)
 
     return restore, x0, y
@@ -52,7 +53,7 @@ def problem():
 
 def test_the_study_ranks_the_sample_variance_above_random_and_the_oracle_first(problem):
     restore, x0, y = problem
-    study = calibration_study(restore, x0, y, None, {"aleatoric": ("aleatoric", {"num_perturbations": 3})},
+    study = calibration_study(restore, x0, y, None, {"aleatoric": EstimatorSpec("aleatoric", M=3)},
                               num_samples=4, seed_groups=(0, 1))
     rows = study["rows"]
     assert set(rows) == {"aleatoric", "K-sample variance", "random", "oracle"}
@@ -91,9 +92,9 @@ def test_the_study_runs_on_a_conditional_module():
     x0 = torch.rand(3, 1, 8, 8) * 2 - 1
     mask = box_mask(8)[None].repeat(3, 1, 1, 1)
     y = torch.where(mask > 0, torch.randn_like(x0), x0)
-    study = calibration_study(restorer(module, steps=3), x0, y, mask,
-                              {"aleatoric": ("aleatoric", {"num_perturbations": 2}),
-                               "mc_dropout": ("mc_dropout", {"num_passes": 2})}, num_samples=3, seed_groups=(0, 1))
+    study = calibration_study(restorer(module, sampler=SamplerSpec(steps=3)), x0, y, mask,
+                              {"aleatoric": EstimatorSpec("aleatoric", M=2),
+                               "mc_dropout": EstimatorSpec("mc_dropout", M=2)}, num_samples=3, seed_groups=(0, 1))
     assert {"aleatoric", "mc_dropout", "K-sample variance", "random", "oracle"} == set(study["rows"])
     assert all(torch.isfinite(torch.tensor(row["ause"])).all() for row in study["rows"].values())
 
@@ -105,7 +106,7 @@ def test_the_study_keeps_per_group_values_and_the_examples_it_ranked(problem):
 
     restore, x0, y = problem
     x0, y = x0[:6], y[:6]
-    study = calibration_study(restore, x0, y, None, {"aleatoric": ("aleatoric", {"num_perturbations": 2})},
+    study = calibration_study(restore, x0, y, None, {"aleatoric": EstimatorSpec("aleatoric", M=2)},
                               num_samples=3, seed_groups=(0, 1, 2), keep_examples=2)
     for name, row in study["rows"].items():
         values = torch.tensor(study["per_group"][name]["ause"], dtype=torch.float64)
@@ -113,7 +114,7 @@ def test_the_study_keeps_per_group_values_and_the_examples_it_ranked(problem):
     a, b = study["per_group"]["aleatoric"]["ause"], study["per_group"]["random"]["ause"]
     diffs = torch.tensor([p - q for p, q in zip(a, b)], dtype=torch.float64)
     assert paired_difference(study, "aleatoric", "random") == pytest.approx((float(diffs.mean()), float(diffs.std())))
-    samples = torch.stack([restore(y, None, [j * 6 + i for i in range(6)], "none", {}).images for j in range(3)])
+    samples = torch.stack([restore(y, None, [j * 6 + i for i in range(6)], None).images for j in range(3)])
     examples = study["examples"]
     assert torch.equal(examples["output"], samples[0, :2]) and torch.equal(examples["x0"], x0[:2])
     spread = samples[:, :2].double()
