@@ -234,3 +234,19 @@ def test_scheduler_configs_of_wrong_types_or_sizes_are_refused(config, words):
 
     with pytest.raises(InputError, match=words):
         schedule_from_config(config, "scheduler_config.json")
+
+
+def test_an_image_too_large_to_decode_is_an_input_error(tmp_path):
+    """A condition image of 20000x10000 pixels (PIL's decompression-bomb limit) is refused by name."""
+    import struct
+    import zlib
+
+    from uncdiff.io.condition_images import read_conditions
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0))  # only the header: 8-bit grey
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    with pytest.raises(InputError, match="huge.png is not a readable image"):
+        read_conditions(tmp_path, 1, 8)

@@ -35,7 +35,7 @@ def _open(path: Path) -> Image.Image:
         image = Image.open(path)
         image.load()
         return image
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:  # a bomb: too many pixels
         raise InputError(f"{path} is not a readable image ({error})") from None
 
 
