@@ -155,52 +155,38 @@ def test_help_lists_every_command(capsys):
 
     uncdiff_main(["--help"])
     listed = capsys.readouterr().out
-    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export"):
+    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export", "restore", "evaluate_i2i"):
         assert f"\n  {command} " in listed
 
 
-def test_old_option_spellings_mean_today_s_options():
-    """The spellings of earlier versions parse to exactly today's options, for each command."""
-    from uncdiff.commands import calibrate, evaluate, sample
-    from uncdiff.commands.common import parse_options
+def test_every_command_takes_the_run_spec_s_keys():
+    """sample, calibrate, evaluate, restore and evaluate_i2i name the sampler, estimator and guidance
+    knobs as the run spec's dataclasses do, so one YAML configures them all."""
+    import dataclasses
 
-    common_old = ["--checkpoint", "c", "--out", "o", "--batch-size", "8", "--steps", "4", "--sampler", "ddim",
-                  "--eta", "0.5", "--no-progress", "--devices", "2", "--num-nodes", "1", "--accelerator", "cpu",
-                  "--strategy", "ddp"]
-    common_new = ["--checkpoint", "c", "--out", "o", "--batch_size", "8", "--sampler.steps", "4",
-                  "--sampler.name", "ddim", "--sampler.eta", "0.5", "--progress", "false", "--fabric.devices", "2",
-                  "--fabric.num_nodes", "1", "--fabric.accelerator", "cpu", "--fabric.strategy", "ddp"]
-    estimator_old = ["--M", "3", "--variant", "sample", "--window", "0.5", "1", "--dropout", "0.2",
-                     "--bayesdiff-draws", "4", "--bayesdiff-skip", "2", "--bayesdiff-moments", "regression",
-                     "--drop-fraction=0.25", "--guidance-lam", "2", "--guidance-quantile", "0.9",
-                     "--guidance-table", "t.pt", "--guidance-window", "0", "0.3", "--laplace-images", "16",
-                     "--data", "digits", "--data-root", "d", "--no-clip"]
-    estimator_new = ["--estimator.M", "3", "--estimator.variant", "sample", "--estimator.window", "0.5", "1",
-                     "--estimator.dropout", "0.2", "--bayesdiff.draws", "4", "--bayesdiff.skip", "2",
-                     "--bayesdiff.moments", "regression", "--filtering.drop_fraction=0.25", "--guidance.lam", "2",
-                     "--guidance.quantile", "0.9", "--guidance.table", "t.pt", "--guidance.window", "0", "0.3",
-                     "--bayesdiff.laplace_images", "16", "--data.name", "digits", "--data.root", "d",
-                     "--sampler.clip", "false"]
-    cases = [
-        (sample, [*common_old, *estimator_old, "--estimator", "mc_dropout", "--guidance", "gradient",
-                  "--guidance-sign", "-1"],
-         [*common_new, *estimator_new, "--estimator.name", "mc_dropout", "--guidance.rule", "gradient",
-          "--guidance.sign", "-1"]),
-        (calibrate, [*common_old, "--M", "3", "--variant", "sample", "--quantile", "0.9", "--clip"],
-         [*common_new, "--estimator.M", "3", "--estimator.variant", "sample", "--quantile", "0.9",
-          "--sampler.clip", "true"]),
-        (evaluate, [*common_old, *estimator_old, "--experiments", "filtering", "ause", "--filtering-estimators",
-                    "aleatoric", "--subset-seeds", "4", "--prc-real", "0", "--seed-groups", "2", "--ause-images",
-                    "5", "--ause-fractions", "9", "--save-maps", "--extractor", "inception", "--inception-weights",
-                    "w.pth", "--fid-cache", "cc", "--wandb", "--wandb-project", "p"],
-         [*common_new, *estimator_new, "--experiments", "filtering", "ause", "--filtering.estimators", "aleatoric",
-          "--filtering.subset_seeds", "4", "--filtering.prc_real", "0", "--guidance.seed_groups", "2",
-          "--ause.images", "5", "--ause.fractions", "9", "--save_maps", "true", "--fid.extractor", "inception",
-          "--fid.inception_weights", "w.pth", "--fid.cache", "cc", "--wandb.enabled", "true",
-          "--wandb.project", "p"]),
-    ]
-    for command, old, new in cases:
+    from uncdiff.commands import calibrate, evaluate, evaluate_i2i, restore, sample
+    from uncdiff.commands.options import parse_options
+    from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
+
+    fields = {name: {f.name for f in dataclasses.fields(cls)}
+              for name, cls in (("sampler", SamplerSpec), ("estimator", EstimatorSpec), ("guidance", GuidanceSpec))}
+    for command in (sample, calibrate, evaluate, restore, evaluate_i2i):
         parser = command.build_parser()
-        parsed = parse_options(parser, new)
-        assert parse_options(parser, old) == parsed
-        assert parsed != parser.get_defaults()
+        argv = ["--checkpoint", "c", "--out", "o", *(["--conditions", "d"] if command is restore else [])]
+        parsed = parse_options(parser, [*argv, "--sampler.steps", "4", "--estimator.M", "3"])
+        assert parsed.sampler.steps == 4 and parsed.estimator.M == 3, command.__name__
+        for group, names in fields.items():
+            if group in parsed:
+                assert set(vars(parsed[group])) <= names, (command.__name__, group)
+        assert "bayesdiff" not in parsed or set(vars(parsed.bayesdiff)) == {"laplace_images"}
+
+
+@pytest.mark.parametrize("old", [["--steps", "4"], ["--drop-fraction", "0.2"], ["--bayesdiff.draws", "4"],
+                                 ["--guidance.seed_groups", "2"]])
+def test_earlier_spellings_are_refused(old, capsys):
+    from uncdiff.commands import evaluate
+    from uncdiff.commands.options import parse_options
+
+    with pytest.raises(SystemExit) as error:
+        parse_options(evaluate.build_parser(), ["--checkpoint", "c", "--out", "o", *old])
+    assert error.value.code == 2 and old[0].lstrip("-").split(".")[0] in capsys.readouterr().err

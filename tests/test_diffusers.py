@@ -276,7 +276,7 @@ def test_train_py_sample_on_a_pipeline_folder(tmp_path):
 
 
 def test_a_folder_that_does_not_match_the_data_is_refused(pipeline):
-    from uncdiff.commands.common import check_data_matches, load_module
+    from uncdiff.lightning.loading import check_data_matches, load_module
     from uncdiff.lightning.data import CIFAR10DataModule
 
     module = load_module(pipeline)

@@ -23,7 +23,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from test_diffusers import CHAIN, diffusers_loop, our_loop, save_pipeline, tiny_unet  # noqa: E402
 from tiny_checkpoint import tiny_checkpoint  # noqa: E402, F401 (fixture)
-from uncdiff.commands.common import load_module  # noqa: E402
+from uncdiff.lightning.loading import load_module  # noqa: E402
 from uncdiff.core.samplers import make_sampler  # noqa: E402
 from uncdiff.io.diffusers_pipeline import ddpm_scheduler_config  # noqa: E402
 from uncdiff.io.files import InputError  # noqa: E402

@@ -250,3 +250,35 @@ def test_an_image_too_large_to_decode_is_an_input_error(tmp_path):
     (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
     with pytest.raises(InputError, match="huge.png is not a readable image"):
         read_conditions(tmp_path, 1, 8)
+
+
+def test_calibrate_checks_its_folder_before_sampling_and_writes_all_or_nothing(tiny_checkpoint, tmp_path,  # noqa: F811
+                                                                                monkeypatch, capsys):
+    """An unwritable folder is found before any sampling; a full disk while writing the table leaves
+    neither it nor its reference (a rerun is then not refused by an orphan)."""
+    import uncdiff.commands.calibrate as calibrate
+
+    monkeypatch.chdir(tmp_path)
+    args = ["calibrate", "--checkpoint", str(tiny_checkpoint), "--n", "20", "--batch_size", "20",
+            "--sampler.steps", "2", "--estimator.M", "2", "--progress", "false"]
+    sample = calibrate.calibrate_table_and_reference
+    try:
+        Path("/sys/uncdiff-test-out").mkdir()
+    except OSError:
+        monkeypatch.setattr(calibrate, "calibrate_table_and_reference", mock.Mock(side_effect=AssertionError("sampled")))
+        status, errors = run_main([*args, "--out", "/sys/uncdiff-test-out/tau.pt"], capsys)
+        assert status == 1 and len(errors) == 1 and "/sys/uncdiff-test-out" in errors[0]
+        monkeypatch.setattr(calibrate, "calibrate_table_and_reference", sample)
+
+    def disk_full(path, *_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "save_threshold_table", disk_full)
+        status, errors = run_main([*args, "--out", "tau.pt"], capsys)
+    assert status == 1 and len(errors) == 1 and "no space left" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tau.pt.lock"]
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main([*args, "--out", "tau.pt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tau.pt", "tau.pt.config.yaml", "tau.pt.lock",
+                                                          "tau.pt.reference.pt"]

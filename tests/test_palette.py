@@ -13,7 +13,6 @@ from PIL import Image
 from torch import nn
 
 from conftest import tiny_model_kwargs
-from uncdiff.commands.common import load_module
 from uncdiff.core.conditioning import ConditionedNet, with_known_pixels
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, make_sampler
 from uncdiff.core.schedule import NoiseSchedule
@@ -21,8 +20,9 @@ from uncdiff.data.degradations import Task, jpeg_roundtrip, task_rng
 from uncdiff.data.masks import box_mask, check_mask, uncrop_mask
 from uncdiff.io.files import InputError
 from uncdiff.io.images import from_uint8
+from uncdiff.lightning.loading import load_module
 from uncdiff.lightning.module import DiffusionModule
-from uncdiff.lightning.palette import ConditionalDiffusionModule, load_conditional
+from uncdiff.lightning.palette import ConditionalDiffusionModule
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
@@ -376,12 +376,12 @@ def test_checkpoints_go_to_their_own_sampler_only(tmp_path):
     module = tiny_conditional("inpaint")
     conditional = save_checkpoint(module, tmp_path / "i2i.ckpt")
     plain = save_checkpoint(DiffusionModule(**tiny_model_kwargs()), tmp_path / "plain.ckpt")
-    loaded = load_conditional(conditional)
+    loaded = load_module(conditional, image_to_image=True)
     assert loaded.task.name == "inpaint" and not loaded.training
     y = torch.randn(1, 1, 8, 8)
     assert torch.equal(loaded.sample(y, box_mask(8)[None]).images,
                        module.sample(y, box_mask(8)[None]).images)
     with pytest.raises(InputError, match="unconditional"):
-        load_conditional(plain)
+        load_module(plain, image_to_image=True)
     with pytest.raises(InputError, match="image-to-image"):
         load_module(conditional)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from uncdiff.data.masks import box_mask
-from uncdiff.lightning.palette import load_conditional
+from uncdiff.lightning.loading import load_module
 
 pytestmark = pytest.mark.slow  # train.py fit in subprocesses
 
@@ -47,7 +47,7 @@ def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(list((run_dir / "image_to_image").glob("step_*.png"))) == 1
     assert list(run_dir.glob("wandb/offline-run-*/files/media/images/val/i2i/panels_*.png"))
-    module = load_conditional(run_dir / "checkpoints" / "last.ckpt")
+    module = load_module(run_dir / "checkpoints" / "last.ckpt", image_to_image=True)
     assert module.task.name == "inpaint"
     y, mask = torch.zeros(1, 1, 16, 16), box_mask(16)[None]
     result = module.sample(y, mask, steps=2)
@@ -80,5 +80,5 @@ def test_cifar_configs_print_and_run_their_first_steps(task, tmp_path, monkeypat
           "--trainer.logger", "false", "--model.init_args.base_channels", "8",
           "--model.init_args.channel_mults", "[1,2]", "--data.init_args.data.init_args.batch_size", "2",
           "--data.init_args.data.init_args.num_workers", "0", "--data.init_args.data.init_args.download", "false"])
-    module = load_conditional(tmp_path / "runs" / task / "checkpoints" / "last.ckpt")
+    module = load_module(tmp_path / "runs" / task / "checkpoints" / "last.ckpt", image_to_image=True)
     assert module.task.name == task and module.net.conv_in.in_channels == 6

@@ -21,7 +21,7 @@ from uncdiff.data.degradations import Task
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.data import DigitsDataModule
 from uncdiff.lightning.module import DiffusionModule
-from uncdiff.lightning.palette import load_conditional
+from uncdiff.lightning.loading import load_module
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
 
 pytestmark = pytest.mark.slow  # trains image-to-image checkpoints, runs restore and evaluate_i2i
@@ -133,7 +133,7 @@ def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_p
     restore(checkpoints["super_resolve"], out, conditions, "--n", "2", "--estimator.name", "mc_dropout")
     assert sorted(p.name for p in (out / "samples").glob("*.png") if "_map" not in p.name) == \
         ["000000.png", "000001.png"]
-    module = load_conditional(checkpoints["super_resolve"])
+    module = load_module(checkpoints["super_resolve"], image_to_image=True)
     pixels = torch.stack([load_png(conditions / n)[None] for n in ("a.png", "b.png")])
     expected = module.sample(pixels / 127.5 - 1, steps=3, seeds=[0, 1], estimator="mc_dropout",
                              estimator_options={"num_passes": 2, "dropout": 0.1, "window": [0.0, 1.0]})
@@ -215,7 +215,7 @@ def test_restore_with_bayesdiff_fits_on_the_run_s_training_pairs_and_maps_only_g
     pixels = digits.train_set.tensors[0][:12]
     task = Task("inpaint", mask="box")
     condition = torch.stack([task(pixels[i], (0, 1, i))[0] for i in range(12)])
-    module = load_conditional(checkpoint)
+    module = load_module(checkpoint, image_to_image=True)
     expected = fit_last_layer_laplace(module.ema.ema_model, from_uint8(pixels), module.schedule, num_images=12,
                                       conditions=condition)
     torch.testing.assert_close(cached.var_W, expected.var_W)

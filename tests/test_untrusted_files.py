@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tiny_checkpoint import TINY_FIT, tiny_checkpoint  # noqa: F401 (fixture)
-from uncdiff.commands.common import datamodule_from_config
+from uncdiff.lightning.loading import datamodule_from_config
 from uncdiff.io.files import InputError
 from uncdiff.uncertainty.guidance import table_from_file
 

@@ -4,7 +4,6 @@ network that reads the condition concatenated to x_t, and sampling with uncertai
 `uncdiff.uncertainty.image_to_image`."""
 
 import inspect
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -15,7 +14,6 @@ from uncdiff.core.samplers import SampleNoise
 from uncdiff.core.unet import UNet
 from uncdiff.data.degradations import Task, check_task
 from uncdiff.data.masks import check_mask
-from uncdiff.io.files import InputError, load_torch
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
 from uncdiff.lightning.progress import step_bar
@@ -182,28 +180,6 @@ class ConditionalDiffusionModule(DiffusionModule):
                                  f"[N, {', '.join(map(str, shape))}]")
         self.laplace = fit_last_layer_laplace(self.ema.ema_model, images, self.schedule, num_images=num_images,
                                               conditions=conditions, **options)
-
-
-def load_conditional(path: str | Path) -> ConditionalDiffusionModule:
-    """The `ConditionalDiffusionModule` of a checkpoint written by `train.py fit`, on the CPU, in eval
-    mode; an unconditional (or foreign) checkpoint is an `InputError` saying so, before any sampling."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder (a diffusers model?): image-to-image sampling needs a checkpoint of "
-                         f"an image-to-image model trained with `train.py fit`")
-    checkpoint = load_torch(path, "checkpoint", mmap=True)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
-        raise InputError(f"{path} is not a checkpoint written by `train.py fit` (no state_dict and hyper_parameters)")
-    if "task" not in hparams:
-        raise InputError(f"{path} is an unconditional model: it generates from noise and takes no condition images "
-                         f"(sample it with `train.py sample`)")
-    try:
-        module = ConditionalDiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path} is incompatible with this uncdiff ConditionalDiffusionModule "
-                         f"({type(error).__name__}: {str(error)[:500]})") from None
-    return module.eval()
 
 
 def restorer(module: ConditionalDiffusionModule, **sample_options):

@@ -90,20 +90,3 @@ class ImageToImageDataModule(ImageDataModule):
         pixels = torch.stack([item[0] for item in items])
         y, mask = self.pairs(pixels, torch.tensor([item[-1] for item in items]), epoch_key)
         return from_uint8(pixels), y, mask
-
-
-def image_to_image_data_from_config(config: dict) -> ImageToImageDataModule:
-    """The `ImageToImageDataModule` of a `fit` run's saved config (its `data` entry: class path and init
-    args). Only uncdiff's own classes are built; a class path read from a file is never imported."""
-    from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
-
-    inner_classes = {f"{c.__module__}.{c.__name__}": c for c in (DigitsDataModule, CIFAR10DataModule)}
-    data = config.get("data") if isinstance(config, dict) else None
-    own = f"{ImageToImageDataModule.__module__}.{ImageToImageDataModule.__name__}"
-    if not isinstance(data, dict) or data.get("class_path") != own:
-        raise ValueError(f"its data is not an image-to-image data module ({own})")
-    options = dict(data.get("init_args") or {})
-    inner = options.pop("data", None)
-    if not isinstance(inner, dict) or inner.get("class_path") not in inner_classes:
-        raise ValueError(f"its data.init_args.data must be one of uncdiff's data modules ({', '.join(inner_classes)})")
-    return ImageToImageDataModule(inner_classes[inner["class_path"]](**(inner.get("init_args") or {})), **options)
