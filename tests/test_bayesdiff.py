@@ -319,8 +319,8 @@ def test_on_the_unet(schedule):
     torch.testing.assert_close(alone.images, together.images, rtol=1e-4, atol=1e-5)
 
 
-def test_regression_is_the_default_and_spec_is_the_old_name_of_paper():
+def test_regression_is_the_default_and_paper_the_other_estimator():
     assert BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01)).moments == "regression"
-    assert MOMENT_ESTIMATORS[0] == "regression"
-    with pytest.warns(DeprecationWarning, match="'paper'"):
-        assert BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01), moments="spec").moments == "paper"
+    assert MOMENT_ESTIMATORS == ("regression", "paper")
+    with pytest.raises(ValueError, match="moments must be one of"):
+        BayesDiffUncertainty(AnalyticNet(), FixedVariance(0.01), moments="spec")

@@ -3,7 +3,6 @@ network exposing `features(x, t)` (so that `net(x, t) == net.head(net.features(x
 propagation of its variance through deterministic DDIM steps as a sampler hook.
 """
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -18,17 +17,10 @@ from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import StepwiseUncertainty, check_chunk_size, check_count, evaluate_in_chunks
 
 MOMENT_ESTIMATORS = ("regression", "paper")  # docs/algorithms.md §5b; the first is the default
-OLD_MOMENT_NAMES = {"spec": "paper"}  # earlier name -> today's, accepted with a deprecation warning
 
 
 def check_moments(moments: str) -> str:
-    """Today's name of a covariance estimator (`MOMENT_ESTIMATORS`); an earlier name is accepted
-    with a DeprecationWarning, anything else is a ValueError."""
-    if moments in OLD_MOMENT_NAMES:
-        new = OLD_MOMENT_NAMES[moments]
-        warnings.warn(f"moments={moments!r} is now called {new!r} (the paper's Monte Carlo covariance); "
-                      f"the default is 'regression'", DeprecationWarning, stacklevel=3)
-        return new
+    """A covariance estimator of `MOMENT_ESTIMATORS`, or a ValueError."""
     if moments not in MOMENT_ESTIMATORS:
         raise ValueError(f"moments must be one of {MOMENT_ESTIMATORS}, got {moments!r}")
     return moments
@@ -245,7 +237,7 @@ class BayesDiffUncertainty(StepwiseUncertainty):
     step): 50 steps cost 50 + 10 * 9 = 140 passes per image with k = 5, 50 + 10 * 48 = 530 with k = 1.
 
     `moments` picks the estimator of `Cov` and `Var(eps_t)` from the draws:
-    - `'paper'` (the paper and its released code; formerly `'spec'`): `Cov = mean_j(x^(j) eps^(j)) - E[x_t] E[eps]`,
+    - `'paper'` (the paper and its released code): `Cov = mean_j(x^(j) eps^(j)) - E[x_t] E[eps]`,
       `Var(eps_t)` = the Laplace variance alone. Its Monte Carlo error, about
       `|E[eps]| sd(x_t) / sqrt(S)`, usually exceeds the covariance itself (`~ eps' Var[x_t]`), and
       the variance of the MAP eps over x_t is left out, so `Var` can turn negative.
