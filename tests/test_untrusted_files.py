@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tiny_checkpoint import TINY_FIT, tiny_checkpoint  # noqa: F401 (fixture)
-from uncdiff.lightning.loading import datamodule_from_config
 from uncdiff.io.files import InputError
-from uncdiff.uncertainty.guidance import table_from_file
+from uncdiff.io.tables import load_threshold_table
+from uncdiff.lightning.loading import datamodule_from_config
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 
@@ -86,7 +86,7 @@ def test_crafted_checkpoint_is_refused_without_running(command, evil_checkpoint,
 def test_crafted_threshold_table_is_refused(tmp_path):
     path = crafted(tmp_path / "tau.pt", {"table": torch.zeros(4, 1, 8, 8), "settings": {}}, tmp_path / "marker")
     with pytest.raises(ValueError, match="tau.pt"):
-        table_from_file(path, 4, (1, 8, 8))
+        load_threshold_table(path, 4, (1, 8, 8))
     assert not (tmp_path / "marker").exists()
 
 
