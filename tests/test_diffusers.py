@@ -233,7 +233,7 @@ def test_module_sample_matches_diffusers_from_the_same_initial_noise(pipeline):
     against diffusers' loop started from the same x_T."""
     module = DiffusionModule.from_diffusers(pipeline)
     seeds = [5, 6, 7]
-    result = module.sample(seeds=seeds, sampler="ddim", steps=10, clipped_eps="keep", batch_size=2)
+    result = module.sample(seeds=seeds, sampler={"name": "ddim", "steps": 10, "clipped_eps": "keep"}, batch_size=2)
     x_T = SampleNoise(seeds).initial((CHANNELS, SIZE, SIZE))
     unet = UNet2DModel.from_pretrained(pipeline / "unet").eval()
     theirs = diffusers_loop(unet, DDIMScheduler.from_pretrained(pipeline / "scheduler"), x_T, 10)
@@ -257,7 +257,7 @@ def test_train_py_sample_on_a_pipeline_folder(tmp_path):
     folder = save_pipeline(tmp_path / "pipeline", num_train_timesteps=100)
     out = tmp_path / "out"
     command = [sys.executable, str(repo / "train.py"), "sample", "--checkpoint", str(folder), "--n", "8",
-               "--estimator", "aleatoric", "--out", str(out), "--sampler.steps", "5", "--estimator.M", "2",
+               "--estimator.name", "aleatoric", "--out", str(out), "--sampler.steps", "5", "--estimator.M", "2",
                "--fabric.accelerator", "cpu", "--progress", "false"]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -265,7 +265,7 @@ def test_train_py_sample_on_a_pipeline_folder(tmp_path):
     with open(out / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
-    expected = DiffusionModule.from_diffusers(folder).sample(seeds=list(range(8)), steps=5).images
+    expected = DiffusionModule.from_diffusers(folder).sample(seeds=list(range(8)), sampler={"steps": 5}).images
     expected = ((expected + 1) * 127.5).round().clamp(0, 255)
     for r in rows:
         image = torch.from_numpy(np.asarray(Image.open(out / r["image"])).astype(np.float32))
