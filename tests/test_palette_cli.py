@@ -36,7 +36,8 @@ def test_print_config_names_the_image_to_image_classes(tmp_path):
 def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
     panels = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ImageToImagePanels"))
-    panels["init_args"].update(every_n_epochs=1, steps=2, num_examples=2, estimator_options={"num_perturbations": 2})
+    panels["init_args"].update(every_n_epochs=1, sampler={"name": "ddim", "steps": 2}, num_examples=2,
+                               estimator={"name": "aleatoric", "M": 2})
     small = tmp_path / "config.yaml"
     small.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
@@ -50,7 +51,7 @@ def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
     module = load_module(run_dir / "checkpoints" / "last.ckpt", image_to_image=True)
     assert module.task.name == "inpaint"
     y, mask = torch.zeros(1, 1, 16, 16), box_mask(16)[None]
-    result = module.sample(y, mask, steps=2)
+    result = module.sample(y, mask, sampler={"steps": 2})
     assert torch.equal(result.images[mask.expand_as(y) == 0], y[mask.expand_as(y) == 0])
 
 

@@ -135,8 +135,8 @@ def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_p
         ["000000.png", "000001.png"]
     module = load_module(checkpoints["super_resolve"], image_to_image=True)
     pixels = torch.stack([load_png(conditions / n)[None] for n in ("a.png", "b.png")])
-    expected = module.sample(pixels / 127.5 - 1, steps=3, seeds=[0, 1], estimator="mc_dropout",
-                             estimator_options={"num_passes": 2, "dropout": 0.1, "window": [0.0, 1.0]})
+    expected = module.sample(pixels / 127.5 - 1, seeds=[0, 1], sampler={"steps": 3},
+                             estimator={"name": "mc_dropout", "M": 2, "dropout": 0.1, "window": [0.0, 1.0]})
     got = np.stack([np.load(out / "samples" / f"{s:06d}_map.npy") for s in (0, 1)])
     assert np.allclose(got, expected.maps.numpy(), rtol=1e-5, atol=1e-7)
 
