@@ -99,6 +99,7 @@ def test_resume_without_a_last_checkpoint_is_refused_and_interrupted_writes_are_
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt"]
 
 
+@pytest.mark.slow
 def test_sample_mistakes_are_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     args = ["sample", "--checkpoint", str(tiny_checkpoint), "--n", "8", "--batch_size", "4", "--sampler.steps", "2",
@@ -135,6 +136,7 @@ def test_sample_mistakes_are_one_line(tiny_checkpoint, tmp_path, monkeypatch, ca
     assert status == 2 and len(errors) == 1 and "chunk-000001.json" in errors[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_with_nan_weights_is_refused_by_name(tiny_checkpoint, tmp_path):  # noqa: F811
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     name = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("ema.ema_model.") and v.is_floating_point())
@@ -194,6 +196,7 @@ def test_files_written_together_are_all_or_none(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tau.pt", "tau.pt.reference.pt"]
 
 
+@pytest.mark.slow
 def test_exit_status_and_debug(tmp_path):
     """Through the real entry point: one line and status 2; `--debug` or UNCDIFF_DEBUG=1 the traceback;
     an error of the program itself (a bug) keeps its traceback."""
@@ -252,6 +255,7 @@ def test_an_image_too_large_to_decode_is_an_input_error(tmp_path):
         read_conditions(tmp_path, 1, 8)
 
 
+@pytest.mark.slow
 def test_calibrate_checks_its_folder_before_sampling_and_writes_all_or_nothing(tiny_checkpoint, tmp_path,  # noqa: F811
                                                                                 monkeypatch, capsys):
     """An unwritable folder is found before any sampling; a full disk while writing the table leaves

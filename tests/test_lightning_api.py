@@ -48,6 +48,7 @@ def fit(datamodule, strategy="auto", max_steps=5, limit_train_batches=3) -> Reco
     return record
 
 
+@pytest.mark.slow
 def test_distributed_training_keeps_our_sampler():
     # The control: under a DDP strategy Lightning swaps a plain sampler for a DistributedSampler...
     plain = fit(PlainSampling(image_size=8, batch_size=8), strategy="ddp", max_steps=1)
