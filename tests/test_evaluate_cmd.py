@@ -18,8 +18,8 @@ from uncdiff.lightning.module import DiffusionModule
 
 STEPS, M, N = 4, 2, 12
 ARGS = ["--n", str(N), "--batch_size", "6", "--sampler.steps", str(STEPS), "--estimator.M", str(M),
-        "--bayesdiff.laplace_images", "32", "--bayesdiff.skip", "2", "--bayesdiff.draws", "3", "--ause.images", "8",
-        "--filtering.subset_seeds", "3", "--guidance.seed_groups", "2", "--fabric.accelerator", "cpu",
+        "--bayesdiff.laplace_images", "32", "--estimator.skip", "2", "--estimator.draws", "3", "--ause.images", "8",
+        "--filtering.subset_seeds", "3", "--seed_groups", "2", "--fabric.accelerator", "cpu",
         "--progress", "false"]
 
 
@@ -77,8 +77,8 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
 def test_recorded_config_is_the_resolved_one(evaluation, capsys):
     """<out>/config.yaml is what --print_config prints for the same command line, and parses back to
     the same options."""
-    from uncdiff.commands.common import parse_options
     from uncdiff.commands.evaluate import build_parser
+    from uncdiff.commands.options import parse_options
 
     out, argv = evaluation
     with pytest.raises(SystemExit) as done:
@@ -88,7 +88,8 @@ def test_recorded_config_is_the_resolved_one(evaluation, capsys):
     assert (out / "config.yaml").read_text() == printed
     config = yaml.safe_load(printed)
     assert config["wandb"]["enabled"] is True and config["filtering"]["subset_seeds"] == 3
-    assert config["bayesdiff"] == {"draws": 3, "skip": 2, "moments": "regression", "laplace_images": 32}
+    assert config["bayesdiff"] == {"laplace_images": 32}
+    assert (config["estimator"]["draws"], config["estimator"]["skip"], config["estimator"]["moments"]) == (3, 2, "regression")
     parser = build_parser()
     options = lambda argv: {k: v for k, v in parse_options(parser, argv).as_dict().items() if k != "config"}  # noqa: E731
     assert options(["--config", str(out / "config.yaml")]) == options([*argv, "--wandb.enabled", "true"])
@@ -139,13 +140,13 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
         assert "invalid" not in rows["aleatoric"][metric]
     report = (copy / "report.md").read_text()
     assert f"{N} of {N} BayesDiff scores (sums of the propagated Var[x0]) are negative" in report
-    assert "`--bayesdiff.moments regression` gives usable variances" in report
+    assert "`--estimator.moments regression` gives usable variances" in report
 
 
 def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval"
     main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
-          "--experiments", "filtering", "--filtering.estimators", "aleatoric", "--filtering.prc_real", "0"])
+          "--experiments", "filtering", "--estimators", "[aleatoric]", "--filtering.prc_real", "0"])
     (row,) = read_csv(out / "filtering.csv")
     assert row["fid_kept"] and "precision_kept" not in row
     assert "Precision / recall" not in (out / "report.md").read_text() and not (out / "sets" / "real").exists()
@@ -157,14 +158,14 @@ def tree(path):
 
 @pytest.mark.parametrize("change, message", [
     (["--filtering.subset_seeds", "1"], "--filtering.subset_seeds must be >= 2"),
-    (["--estimator.M", "1"], "num_perturbations must be an integer >= 2"),
+    (["--estimator.M", "1"], "--estimator.M must be an integer >= 2"),
     (["--filtering.drop_fraction", "1.0"], "--filtering.drop_fraction must lie in (0, 1)"),
     (["--filtering.prc_real", "5"], "--filtering.prc_real must be > 5"),
     (["--filtering.prc_real", "-1"], "--filtering.prc_real must be > 5"),
     (["--filtering.drop_fraction", "0.6"], "precision / recall need more than 5"),
     (["--n", "10"], "holds another run"),
     # AUSE denoises steps 2..3 of 4: a window of steps 0..1 would give it no map
-    (["--estimator.window", "0", "0.5"],
+    (["--estimator.window", "[0, 0.5]"],
      "--estimator.window 0 0.5 has no step among steps 2..3 of 4: AUSE denoises only the second half"),
     (["--fid.extractor", "inception", "--fid.inception_weights", "/nonexistent.pth"],
      "--fid.inception_weights: no file at /nonexistent.pth"),
@@ -208,7 +209,7 @@ def test_guidance_sweep_end_to_end(tiny_checkpoint, tmp_path):
           "--experiments", "sweep", "--sweep.n", "8", "--sweep.seed_groups", "2", "--sweep.lams", str(lams),
           "--sweep.grad_wrt", str(wrts), "--sweep.prior_precisions", f"[{', '.join(priors)}]",
           # guide every step, unclipped: on the first step alone, x0 clipping would cancel the guidance here
-          "--guidance.window", "0", "1", "--sampler.clip", "false"])
+          "--guidance.window", "[0, 1]", "--sampler.clip", "false"])
     rows = read_csv(out / "sweep.csv")
     assert [(r["rule"], r["grad_wrt"], r["lam"], r["prior_precision"]) for r in rows] == \
         [("gradient", w, str(lam), "") for w in wrts for lam in lams] + \
@@ -289,9 +290,10 @@ def test_study_end_to_end(evaluation):
     (["guidance", "ause"], ["aleatoric", "mc_dropout", "bayesdiff"], False),
 ])
 def test_laplace_is_fitted_exactly_when_a_bayesdiff_set_is_sampled(experiments, estimators, needed):
-    from uncdiff.commands.common import parse_options
-    from uncdiff.commands.evaluate import build_parser, needs_laplace
+    from uncdiff.commands.evaluate import build_parser
+    from uncdiff.commands.options import parse_options
+    from uncdiff.evaluation.sample_sets import needs_laplace
 
     args = parse_options(build_parser(), ["--checkpoint", "c.ckpt", "--out", "o", "--experiments", *experiments,
-                                          "--filtering.estimators", *estimators])
+                                          "--estimators", str(estimators)])
     assert needs_laplace(args) is needed
