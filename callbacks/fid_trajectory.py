@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction, check_positive,
-                                        due, gather_rows, sample_in_batches, shard, with_files)
+from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction,
+                                        check_positive, due, gather_rows, sample_in_batches, shard, with_files)
 from uncdiff.evaluation.fid import EXTRACTORS, FIDEvaluator, datamodule_images, make_extractor, stats_path
 from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import save_atomic

@@ -3,7 +3,6 @@ condition, the output, the ground truth, the pixel uncertainty and the real erro
 the metrics of the outputs as trajectories on W&B."""
 
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 import numpy as np

@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction, check_positive,
-                                        due, gather_rows, log_figure, sample_in_batches, shard, with_files)
+from uncdiff.callbacks.sampling import (Clock, check_against_model, check_every_n_epochs, check_fraction,
+                                        check_positive, due, gather_rows, log_figure, sample_in_batches, shard,
+                                        with_files)
 from uncdiff.core.filtering import keep_best
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
@@ -30,7 +31,8 @@ class UncertaintySampling(L.Callback):
     sample `num_samples` images with the EMA network from seeds `seed .. seed + num_samples - 1` with
     `sampler`, unguided and guided (`guidance`, docs/algorithms.md §4, its thresholds from the file
     `guidance_table` when given), both with the aleatoric `estimator` (M, variant, window, chunk_size:
-    the guided run records its map over the same window), and write to `<default_root_dir>/uncertainty/step_<global step>/`:
+    the guided run records its map over the same window), and write to
+    `<default_root_dir>/uncertainty/step_<global step>/`:
 
     - `grids.png`: the unguided and the guided grid side by side (same seeds, same positions);
     - `heatmaps_unguided.png`, `heatmaps_guided.png`: each sample next to its uncertainty map

@@ -42,14 +42,14 @@ def cache(tmp_path_factory):
 
 
 def fid_callback(cache: Path) -> FIDTrajectory:
-    return FIDTrajectory(num_samples=N_FID, sampler=SamplerSpec("ddim", 3), extractor="digits-classifier", cache_dir=str(cache),
-                         batch_size=5, save_images=True, progress=False)
+    return FIDTrajectory(num_samples=N_FID, sampler=SamplerSpec("ddim", 3), extractor="digits-classifier",
+                         cache_dir=str(cache), batch_size=5, save_images=True, progress=False)
 
 
 def fit(root: Path, cache: Path, devices: int) -> L.Trainer:
     """Two epochs of two steps, validating after each: FID both times, figures at epoch 2 only."""
-    figures = UncertaintySampling(num_samples=6, every_n_epochs=2, sampler=SamplerSpec("ddim", 3), batch_size=4, num_extremes=2,
-                                  progress=False)
+    figures = UncertaintySampling(num_samples=6, every_n_epochs=2, sampler=SamplerSpec("ddim", 3), batch_size=4,
+                                  num_extremes=2, progress=False)
     best = ModelCheckpoint(dirpath=root / "best", monitor="val/fid/filtered", save_top_k=1, save_last=True)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=4,

@@ -268,8 +268,9 @@ class GuidanceSpec:
                                  f"got {self.prior_precision!r}") from None
         _set(self, "quantile", _number("guidance.quantile", self.quantile, 0.0, 1.0, True, True))
         if self.table is not None and (not isinstance(self.table, torch.Tensor) or self.table.dim() != 4):
+            got = getattr(self.table, "shape", self.table)
             raise ValueError(f"guidance.table must be a threshold table tensor [steps, C, H, W] (load the file with "
-                             f"uncdiff.io.tables.load_threshold_table), got {getattr(self.table, 'shape', self.table)!r}")
+                             f"uncdiff.io.tables.load_threshold_table), got {got!r}")
         _set(self, "window", _window("guidance.window", self.window))
 
     @property
