@@ -88,6 +88,7 @@ def net_output(net, seed=0):
 
 # ------------------------------------------------------------------------------------------- fit
 
+@pytest.mark.slow
 def test_fit_trains_and_resumes_a_yaml_unet2dmodel(trained):
     step4 = torch.load(trained / "step4.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=True)  # plain types only
@@ -104,6 +105,7 @@ def test_fit_trains_and_resumes_a_yaml_unet2dmodel(trained):
     assert (run / "uncertainty").is_dir()
 
 
+@pytest.mark.slow
 def test_checkpoint_reloads_as_the_same_network(trained):
     module = load_module(trained / "last.ckpt")
     state = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
@@ -115,6 +117,7 @@ def test_checkpoint_reloads_as_the_same_network(trained):
     assert module.schedule.num_timesteps == T and module.sampler_defaults == {}
 
 
+@pytest.mark.slow
 def test_sample_command_on_the_checkpoint(trained, tmp_path):
     from uncdiff.commands.sample import main
 
@@ -126,6 +129,7 @@ def test_sample_command_on_the_checkpoint(trained, tmp_path):
     assert len(rows) == 4 and all((out / r["map"]).is_file() for r in rows)
 
 
+@pytest.mark.slow
 def test_a_mismatched_data_size_is_refused_at_the_first_step(tmp_path):
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(FIT))
     with pytest.raises(ValueError, match=r"the data's images are \(1, 16, 16\).*model's are \(1, 8, 8\)"):
@@ -150,6 +154,7 @@ def test_one_network_at_a_time(tmp_path):
 
 # ------------------------------------------------------------------------------------- fine-tune
 
+@pytest.mark.slow
 def test_fine_tuning_a_pipeline_folder_keeps_its_schedule_and_starts_from_its_weights(tmp_path):
     scheduler = {"num_train_timesteps": 60, "beta_schedule": "scaled_linear", "clip_sample_range": 0.8,
                  "variance_type": "fixed_large"}
@@ -192,6 +197,7 @@ def exported(trained, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_export_writes_a_pipeline_diffusers_loads_with_the_ema_weights(trained, exported):
     assert (exported / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = DDPMPipeline.from_pretrained(exported)
@@ -206,6 +212,7 @@ def test_export_writes_a_pipeline_diffusers_loads_with_the_ema_weights(trained, 
     assert images.shape == (2, SIZE, SIZE, CHANNELS) and ((images >= 0) & (images <= 1)).all()
 
 
+@pytest.mark.slow
 def test_exported_pipeline_samples_as_our_ddpm_with_the_same_noise(trained, exported):
     pipe = DDPMPipeline.from_pretrained(exported)
     module = load_module(trained / "last.ckpt")
@@ -218,6 +225,7 @@ def test_exported_pipeline_samples_as_our_ddpm_with_the_same_noise(trained, expo
     torch.testing.assert_close(our_loop(module.ema.ema_model, sampler, x_T, noise), theirs, **CHAIN)
 
 
+@pytest.mark.slow
 def test_export_refuses_an_existing_folder_and_our_own_unet(exported, tiny_checkpoint, tmp_path):
     from uncdiff.commands.export import main
 
@@ -260,6 +268,7 @@ def pipeline(tmp_path_factory):
     return save_pipeline(tmp_path_factory.mktemp("pipeline") / "p", num_train_timesteps=T)
 
 
+@pytest.mark.slow
 def test_calibrate_on_a_pipeline_folder(pipeline, tmp_path):
     from uncdiff.commands.calibrate import main
 
@@ -270,6 +279,7 @@ def test_calibrate_on_a_pipeline_folder(pipeline, tmp_path):
     assert tau.shape == (3, CHANNELS, SIZE, SIZE) and bool((tau >= 0).all())
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_pipeline_folder(pipeline, tmp_path):
     from uncdiff.commands.evaluate import main
 
@@ -291,6 +301,7 @@ def test_bundled_diffusers_digits_config_builds_a_16x16_unet2dmodel():
         assert module(torch.zeros(2, 1, 16, 16), torch.tensor([0, 999])).shape == (2, 1, 16, 16)
 
 
+@pytest.mark.slow
 def test_ddp_trains_a_unet2dmodel_with_identical_weights_on_both_ranks(tmp_path):
     import lightning as L
 
