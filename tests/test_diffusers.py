@@ -242,6 +242,7 @@ def test_module_sample_matches_diffusers_from_the_same_initial_noise(pipeline):
 
 # ------------------------------------------------------------------------------------- commands
 
+@pytest.mark.slow
 def test_train_py_sample_on_a_pipeline_folder(tmp_path):
     """The issue's command on a pipeline folder: 8 samples with maps and scores, images equal to the
     module's own sampling of the same seeds with the config's defaults."""
