@@ -37,6 +37,7 @@ def evaluation(tiny_checkpoint, tmp_path_factory):
     return root / "eval", argv
 
 
+@pytest.mark.slow
 def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     out, _ = evaluation
     report = (out / "report.md").read_text()
@@ -74,6 +75,7 @@ def test_report_has_every_experiment(evaluation, tiny_checkpoint):
     assert tiny_checkpoint.with_name("last.ckpt.laplace-32.pt").is_file()  # fitted once, next to the checkpoint
 
 
+@pytest.mark.slow
 def test_recorded_config_is_the_resolved_one(evaluation, capsys):
     """<out>/config.yaml is what --print_config prints for the same command line, and parses back to
     the same options."""
@@ -95,6 +97,7 @@ def test_recorded_config_is_the_resolved_one(evaluation, capsys):
     assert options(["--config", str(out / "config.yaml")]) == options([*argv, "--wandb.enabled", "true"])
 
 
+@pytest.mark.slow
 def test_cost_follows_the_spec(evaluation):
     out, _ = evaluation
     nfe = {r["method"]: float(r["nfe_per_image"]) for r in read_csv(out / "cost.csv")}
@@ -106,6 +109,7 @@ def test_cost_follows_the_spec(evaluation):
     assert nfe["bayesdiff"] == STEPS + 3
 
 
+@pytest.mark.slow
 def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
     out, argv = evaluation
     calls = []
@@ -119,6 +123,7 @@ def test_rerun_generates_nothing(evaluation, monkeypatch, capsys):
     assert json.loads((out / "run.json").read_text()) == before
 
 
+@pytest.mark.slow
 def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_path, monkeypatch):
     """Negative sums of Var[x0] (what the paper's Monte Carlo moment estimator gives at S draws) are no
     variances: the report says so and marks BayesDiff's filtering verdicts, not a clean result."""
@@ -143,6 +148,7 @@ def test_negative_bayesdiff_variances_are_flagged_in_the_report(evaluation, tmp_
     assert "`--estimator.moments regression` gives usable variances" in report
 
 
+@pytest.mark.slow
 def test_prc_real_zero_skips_precision_recall(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval"
     main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
@@ -156,6 +162,7 @@ def tree(path):
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*"))} if path.exists() else {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (["--filtering.subset_seeds", "1"], "--filtering.subset_seeds must be >= 2"),
     (["--estimator.M", "1"], "--estimator.M must be an integer >= 2"),
@@ -179,6 +186,7 @@ def test_bad_input_fails_before_writing(evaluation, change, message):
     assert tree(out.parent) == before
 
 
+@pytest.mark.slow
 def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_path, monkeypatch):
     """Offline without --inception-weights: the download fails, and says which option to give,
     before <out> exists."""
@@ -200,6 +208,7 @@ def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_pat
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_guidance_sweep_end_to_end(tiny_checkpoint, tmp_path):
     """`--experiments sweep`: every setting is a row of sweep.csv, paired with the unguided set (sampled
     once for all settings) on the same seeds: lam = 0 gives exactly the unguided images."""
@@ -235,6 +244,7 @@ def test_guidance_sweep_end_to_end(tiny_checkpoint, tmp_path):
     assert sets["sweep-gradient-x_t-lam100"]["seeds"] == sets["plain"]["seeds"] | {"count": 8}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (["--sweep.n", "13"], "--sweep.n must lie in [1, --n]"),
     (["--sweep.seed_groups", "7"], "--sweep.seed_groups must lie in [2, sweep n / 2]"),
@@ -249,6 +259,7 @@ def test_bad_sweep_input_fails_before_writing(tiny_checkpoint, tmp_path, change,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_study_end_to_end(evaluation):
     """The per-sample study (docs/algorithms.md §6b) on the filtering sets: every estimator x score
     variant x window, each correlation inside its bootstrap interval; the |x_T|^2 correlation of the
