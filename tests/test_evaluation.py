@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import uncdiff.evaluation.fid as fid
-from uncdiff.evaluation.experiments import (FeatureFID, FeaturePrecisionRecall, check_variance_scores, compare, denoise_from,
-                                filtering_row, guidance_row, sign_outcome, sparsification_inputs)
-from uncdiff.evaluation.fid import compute_real_stats
+from uncdiff.evaluation.experiments import (FeaturePrecisionRecall, check_variance_scores, compare, denoise_from,
+                                            filtering_row, guidance_row, sign_outcome, sparsification_inputs)
+from uncdiff.evaluation.fid import FIDEvaluator, compute_real_stats
 from uncdiff.core.samplers import make_sampler
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.estimators import StepwiseUncertainty
@@ -43,7 +43,7 @@ def digits():
 @pytest.fixture(scope="module")
 def feature_fid(digits):
     train_x, _ = digits
-    return FeatureFID(compute_real_stats(Pixels(), [train_x]))
+    return FIDEvaluator.from_features(compute_real_stats(Pixels(), [train_x])).score
 
 
 def degraded(val_x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -117,7 +117,9 @@ def test_compare_needs_more_than_twice_the_spread():
 def test_feature_fid_is_torchmetrics_fid(digits):
     train_x, val_x = digits
     expected = fid.fid_between(train_x, val_x, Pixels())
-    assert FeatureFID(compute_real_stats(Pixels(), [train_x]))(val_x.flatten(1).double()) == pytest.approx(expected)
+    fid_of = FIDEvaluator.from_features(compute_real_stats(Pixels(), [train_x])).score
+    assert fid_of(val_x.flatten(1).double()) == pytest.approx(expected)
+    assert fid_of(val_x.flatten(1).double()) == pytest.approx(expected)  # each call a fresh set
 
 
 @pytest.mark.parametrize("steps", [10, 20])
