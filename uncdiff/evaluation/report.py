@@ -159,88 +159,126 @@ def plot_cost(rows: list[dict], path: Path) -> None:
 # -------------------------------------------------------------------------------------- markdown
 
 def markdown(report: Report) -> str:
+    """report.md: the header, then each experiment's section, the notes and the figures."""
     out = ["# uncdiff evaluation report", "", table([["", ""]] + [[k, fmt(v)] for k, v in report.header.items()]), ""]
-    if report.filtering:
-        r0 = report.filtering[0]
-        out += ["## (a) Filtering (paper Table 1)", "",
-                f"Each estimator scores its own {r0['samples']} samples; the {r0['samples'] - r0['kept']} with the "
-                f"highest score are dropped and the FID of the {r0['kept']} kept is compared with random subsets of "
-                f"the same size (mean ± std over {report.header.get('random subsets (seeds)', '?')} seeds). "
-                f"z = (kept - random mean) / random std.", "",
-                table([["estimator", "FID all", "FID kept", "FID random subsets", "z", "verdict"]]
-                      + [[r["estimator"], fmt(r["fid_all"]), fmt(r["fid_kept"]),
-                          f"{fmt(r['fid_random_mean'])} ± {fmt(r['fid_random_std'])}", fmt(r["z"], 2), r["verdict"]]
-                         for r in report.filtering]), ""]
-        if "precision_kept" in r0:
-            out += ["**Precision / recall** (Kynkäänniemi et al. 2019) of the same sets against real training "
-                    "images: precision is the share of samples inside some real image's k-nearest-neighbour ball "
-                    "(fidelity), recall the share of real images inside some sample's ball (coverage). Higher is "
-                    "better; recall grows with the number of samples, so compare kept with random, not with all. "
-                    f"Real images and k: {report.header.get('precision / recall', '?')}.", "",
-                    table([["estimator", "metric", "all", "kept", "random subsets", "verdict"]]
-                          + [[r["estimator"], metric, fmt(r[f"{metric}_all"]), fmt(r[f"{metric}_kept"]),
-                              f"{fmt(r[f'{metric}_random_mean'])} ± {fmt(r[f'{metric}_random_std'])}",
-                              r[f"{metric}_verdict"]]
-                             for r in report.filtering for metric in ("precision", "recall")]), ""]
-        out += ["![filtering](filtering.png)", ""]
-    if report.guidance:
-        g = report.guidance[0]
-        out += ["## (b) Guided versus unguided sampling", "",
-                f"Every set uses the same seeds, hence the same starting noise, as the unguided set. The per-group "
-                f"columns split the {g['samples']} seeds into {g['groups']} groups and pair each group's guided and "
-                f"unguided FID: difference = guided - unguided (negative is better), mean ± standard deviation over the groups.", "",
-                table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict",
-                        "samples identical to unguided"]]
-                      + [[r["set"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
-                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
-                          fmt(r.get("identical_to_unguided"))] for r in report.guidance]), ""]
-        if report.sign:
-            s = report.sign
-            out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
-                    f"**{s['better_sign']} measured better** (per-group difference +1 minus -1: "
-                    f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_std'])}; verdict: {s['verdict']}). "
-                    f"docs/algorithms.md §4 asks for the better-measured sign as the default; the default is "
-                    f"{report.header.get('default gradient sign', '+1')}.", ""]
-        out += ["![guidance](guidance.png)", ""]
-    if report.sweep:
-        r0 = report.sweep[0]
-        out += ["## Guidance sweep (strength)", "",
-                f"Each setting guides {r0['samples']} samples from the seeds of the unguided set (the same starting "
-                f"noise; the unguided samples are generated once for all settings). Difference = guided - unguided "
-                f"FID (negative is better), per seed group over {r0['groups']} groups: mean ± standard deviation. "
-                f"A verdict is given only beyond 2 standard deviations of the group-to-group spread.", "",
-                table([["setting", "FID", "unguided FID", "difference", "per-group difference (mean ± std)",
-                        "verdict", "samples identical to unguided"]]
-                      + [[r["point"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
-                          f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
-                          fmt(r.get("identical_to_unguided"))] for r in report.sweep]), ""]
-        if report.sweep_outcome:
-            out += [f"**{report.sweep_outcome}**", ""]
-        out += ["![sweep](sweep.png)", ""]
-    if report.sparsification:
-        out += ["## (c) Pixel-wise uncertainty versus error: AUSE / AURG (paper Table 2)", "",
-                "Real held-out images noised to the middle of the sampler's schedule and denoised, the uncertainty "
-                "summed over the remaining steps; error = squared difference to the original. Lower AUSE and higher "
-                "AURG are better; `random` is a uniformly random uncertainty for scale.", "",
-                table([["estimator", "pixels", "RMSE (all)", "AUSE", "AURG"]]
-                      + [[r["estimator"], fmt(r["pixels"]), fmt(r["rmse_all"], 4), fmt(r["ause"], 4),
-                          fmt(r["aurg"], 4)] for r in report.sparsification]), "",
-                "![sparsification](sparsification.png)", ""]
-    if report.cost:
-        out += ["## (d) Cost", "",
-                "Network evaluations (image rows through the network, forward passes; the gradient rule's "
-                "backward pass shows only in the time) and device-seconds per image, summed over all processes "
-                "and interruptions; ratios to plain sampling.", "",
-                table([["method", "evaluations / image", "× plain", "seconds / image", "× plain"]]
-                      + [[r["method"], fmt(r["nfe_per_image"], 1), fmt(r.get("nfe_ratio"), 2),
-                          fmt(r["seconds_per_image"], 4), fmt(r.get("time_ratio"), 2)] for r in report.cost]), "",
-                "![cost](cost.png)", ""]
-    out += study_markdown(report)
+    for section in (filtering_markdown, guidance_markdown, sweep_markdown, sparsification_markdown, cost_markdown,
+                    study_markdown):
+        out += section(report)
     if report.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     for caption, name in report.images:
         out += [f"**{caption}**", "", f"![{caption}]({name})", ""]
     return "\n".join(out)
+
+
+def filtering_markdown(report: Report) -> list[str]:
+    """Section (a), filtering; empty without its rows."""
+    if not report.filtering:
+        return []
+    out = []
+    r0 = report.filtering[0]
+    out += ["## (a) Filtering (paper Table 1)", "",
+            f"Each estimator scores its own {r0['samples']} samples; the {r0['samples'] - r0['kept']} with the "
+            f"highest score are dropped and the FID of the {r0['kept']} kept is compared with random subsets of "
+            f"the same size (mean ± std over {report.header.get('random subsets (seeds)', '?')} seeds). "
+            f"z = (kept - random mean) / random std.", "",
+            table([["estimator", "FID all", "FID kept", "FID random subsets", "z", "verdict"]]
+                  + [[r["estimator"], fmt(r["fid_all"]), fmt(r["fid_kept"]),
+                      f"{fmt(r['fid_random_mean'])} ± {fmt(r['fid_random_std'])}", fmt(r["z"], 2), r["verdict"]]
+                     for r in report.filtering]), ""]
+    if "precision_kept" in r0:
+        out += ["**Precision / recall** (Kynkäänniemi et al. 2019) of the same sets against real training "
+                "images: precision is the share of samples inside some real image's k-nearest-neighbour ball "
+                "(fidelity), recall the share of real images inside some sample's ball (coverage). Higher is "
+                "better; recall grows with the number of samples, so compare kept with random, not with all. "
+                f"Real images and k: {report.header.get('precision / recall', '?')}.", "",
+                table([["estimator", "metric", "all", "kept", "random subsets", "verdict"]]
+                      + [[r["estimator"], metric, fmt(r[f"{metric}_all"]), fmt(r[f"{metric}_kept"]),
+                          f"{fmt(r[f'{metric}_random_mean'])} ± {fmt(r[f'{metric}_random_std'])}",
+                          r[f"{metric}_verdict"]]
+                         for r in report.filtering for metric in ("precision", "recall")]), ""]
+    out += ["![filtering](filtering.png)", ""]
+    return out
+
+
+def guidance_markdown(report: Report) -> list[str]:
+    """Section (b), guided versus unguided sampling; empty without its rows."""
+    if not report.guidance:
+        return []
+    out = []
+    g = report.guidance[0]
+    out += ["## (b) Guided versus unguided sampling", "",
+            f"Every set uses the same seeds, hence the same starting noise, as the unguided set. The per-group "
+            f"columns split the {g['samples']} seeds into {g['groups']} groups and pair each group's guided and "
+            f"unguided FID: difference = guided - unguided (negative is better), mean ± standard deviation over the groups.", "",
+            table([["set", "FID", "unguided FID", "difference", "per-group difference", "verdict",
+                    "samples identical to unguided"]]
+                  + [[r["set"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
+                      f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
+                      fmt(r.get("identical_to_unguided"))] for r in report.guidance]), ""]
+    if report.sign:
+        s = report.sign
+        out += [f"**Gradient sign.** +1: FID {fmt(s['fid_plus'])}, -1: FID {fmt(s['fid_minus'])}; "
+                f"**{s['better_sign']} measured better** (per-group difference +1 minus -1: "
+                f"{fmt(s['group_difference_mean'])} ± {fmt(s['group_difference_std'])}; verdict: {s['verdict']}). "
+                f"docs/algorithms.md §4 asks for the better-measured sign as the default; the default is "
+                f"{report.header.get('default gradient sign', '+1')}.", ""]
+    out += ["![guidance](guidance.png)", ""]
+    return out
+
+
+def sweep_markdown(report: Report) -> list[str]:
+    """Section the guidance sweep; empty without its rows."""
+    if not report.sweep:
+        return []
+    out = []
+    r0 = report.sweep[0]
+    out += ["## Guidance sweep (strength)", "",
+            f"Each setting guides {r0['samples']} samples from the seeds of the unguided set (the same starting "
+            f"noise; the unguided samples are generated once for all settings). Difference = guided - unguided "
+            f"FID (negative is better), per seed group over {r0['groups']} groups: mean ± standard deviation. "
+            f"A verdict is given only beyond 2 standard deviations of the group-to-group spread.", "",
+            table([["setting", "FID", "unguided FID", "difference", "per-group difference (mean ± std)",
+                    "verdict", "samples identical to unguided"]]
+                  + [[r["point"], fmt(r["fid"]), fmt(r["fid_unguided"]), fmt(r["difference"]),
+                      f"{fmt(r['group_difference_mean'])} ± {fmt(r['group_difference_std'])}", r["verdict"],
+                      fmt(r.get("identical_to_unguided"))] for r in report.sweep]), ""]
+    if report.sweep_outcome:
+        out += [f"**{report.sweep_outcome}**", ""]
+    out += ["![sweep](sweep.png)", ""]
+    return out
+
+
+def sparsification_markdown(report: Report) -> list[str]:
+    """Section (c), AUSE / AURG; empty without its rows."""
+    if not report.sparsification:
+        return []
+    out = []
+    out += ["## (c) Pixel-wise uncertainty versus error: AUSE / AURG (paper Table 2)", "",
+            "Real held-out images noised to the middle of the sampler's schedule and denoised, the uncertainty "
+            "summed over the remaining steps; error = squared difference to the original. Lower AUSE and higher "
+            "AURG are better; `random` is a uniformly random uncertainty for scale.", "",
+            table([["estimator", "pixels", "RMSE (all)", "AUSE", "AURG"]]
+                  + [[r["estimator"], fmt(r["pixels"]), fmt(r["rmse_all"], 4), fmt(r["ause"], 4),
+                      fmt(r["aurg"], 4)] for r in report.sparsification]), "",
+            "![sparsification](sparsification.png)", ""]
+    return out
+
+
+def cost_markdown(report: Report) -> list[str]:
+    """Section (d), cost; empty without its rows."""
+    if not report.cost:
+        return []
+    out = []
+    out += ["## (d) Cost", "",
+            "Network evaluations (image rows through the network, forward passes; the gradient rule's "
+            "backward pass shows only in the time) and device-seconds per image, summed over all processes "
+            "and interruptions; ratios to plain sampling.", "",
+            table([["method", "evaluations / image", "× plain", "seconds / image", "× plain"]]
+                  + [[r["method"], fmt(r["nfe_per_image"], 1), fmt(r.get("nfe_ratio"), 2),
+                      fmt(r["seconds_per_image"], 4), fmt(r.get("time_ratio"), 2)] for r in report.cost]), "",
+            "![cost](cost.png)", ""]
+    return out
 
 
 # ---------------------------------------------------------------------------- per-sample study
