@@ -133,3 +133,13 @@ def test_fit_into_a_run_directory_in_use_is_refused(tmp_path, monkeypatch, capsy
     assert status == 1 and len(errors) == 1, errors
     assert "--trainer.default_root_dir run is in use" in errors[0] and f"pid {holder.pid}" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_command_that_never_overwrites_locks_then_checks_the_folder_is_empty(tmp_path):
+    from uncdiff.io.lock import holds_files, lock_new_folder
+
+    assert lock_new_folder(tmp_path / "new") is not None and not holds_files(tmp_path / "new")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "report.md").write_text("an earlier report")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        lock_new_folder(tmp_path / "full")

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from uncdiff.core.filtering import keep_best
-from uncdiff.io.files import InputError, write_atomic
+from uncdiff.io.files import InputError, remove_temporary_files, write_atomic
 from uncdiff.io.lock import LOCK_NAME, lock_folder
 from uncdiff.io.images import from_uint8, to_uint8
 
@@ -146,9 +146,14 @@ class SampleStore:
 
     def check(self, lock: bool = True) -> str:
         """Lock the directory for this run (`lock_folder`; not for a set inside a locked folder), then
-        `check_output_dir`. The lock is held as long as the store (the run) lives."""
+        `check_output_dir`; a resumed run's temporary files of writes a kill interrupted are removed.
+        The lock is held as long as the store (the run) lives."""
         self.lock = lock_folder(self.root) if lock else None
-        return check_output_dir(self.root, self.settings)
+        state = check_output_dir(self.root, self.settings)
+        if state == "resume":
+            for folder in (self.root, self.root / "samples", self.root / "records"):
+                remove_temporary_files(folder)
+        return state
 
     def create(self, info: dict) -> None:
         """Make the directories and write run.json (kept as it is when resuming)."""
