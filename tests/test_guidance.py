@@ -172,6 +172,10 @@ def test_table_threshold(schedule, tmp_path):
     assert torch.equal(loaded, table) and settings == {"quantile": 0.8, "steps": 5, "M": 3}
     with pytest.raises(ValueError, match="shape"):
         load_threshold_table(tmp_path / "tau.pt", steps=4)
+    # a table of the first format (no kind, settings with the old names) is refused by name, not mis-read
+    torch.save({"table": table, "settings": {"num_perturbations": 3}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier uncdiff .*format 1.*calibrate it again"):
+        load_threshold_table(tmp_path / "old.pt")
 
     plain = sample(smooth_eps, sampler, shape, [0, 1])
     never = guided_hook(table=torch.full((5, 1, 4, 4), math.inf), window=(0, 1))
