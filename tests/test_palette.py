@@ -233,6 +233,7 @@ class GaussianInpaintingEps(nn.Module):
         return eps.float().view(-1, 1, 2, 2)
 
 
+@pytest.mark.slow
 def test_inpainting_samples_the_gaussian_conditional_law_and_keeps_the_known_pixels():
     schedule = NoiseSchedule()
     mu = torch.tensor([0.1, -0.2, 0.3, 0.0])

@@ -146,6 +146,7 @@ def figures_once(root):
 
 # ------------------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_one_process_fit_writes_figures_fids_and_wandb_run(one_process, cache):
     root, trainer = one_process
     history, config = figures_once(root)
@@ -180,6 +181,7 @@ def test_one_process_fit_writes_figures_fids_and_wandb_run(one_process, cache):
     assert saved["scores"][~saved["kept"]].min() >= saved["scores"][saved["kept"]].max()  # the highest dropped
 
 
+@pytest.mark.slow
 def test_two_processes_log_once_and_see_what_one_process_sees(two_processes, cache, tmp_path):
     root, trainer = two_processes
     history, _ = figures_once(root)  # rank 1 wrote nothing a logger or a figure would show twice
