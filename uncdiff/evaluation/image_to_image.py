@@ -133,11 +133,7 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         maps["K-sample variance"] = sample_variance(samples)
         add("K-sample variance", error_calibration(maps["K-sample variance"], output, x0, mask, num_fractions))
         if examples is None and keep_examples > 0:
-            e = slice(0, keep_examples)
-            region = torch.ones_like(error) if mask is None else mask.to(error).expand_as(error)
-            examples = {"x0": x0[e], "condition": condition[e], "mask": None if mask is None else mask[e],
-                        "output": output[e], "maps": {name: m[e] * region[e].to(m) for name, m in maps.items()},
-                        "error": (error * region)[e]}
+            examples = first_examples(keep_examples, x0, condition, mask, output, maps, error)
         noise = torch.rand(error.shape, generator=torch.Generator().manual_seed(int(g)), dtype=torch.float64)
         add("random", error_calibration(noise, output, x0, mask, num_fractions))
         add("oracle", error_calibration(error, output, x0, mask, num_fractions))
@@ -153,6 +149,15 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     if examples is not None:
         study["examples"] = examples
     return study
+
+
+def first_examples(count: int, x0, condition, mask, output, maps: dict, error) -> dict:
+    """The first `count` inputs of a group for the panels: images, and the maps and squared error
+    zeroed at the known pixels."""
+    e = slice(0, count)
+    region = torch.ones_like(error) if mask is None else mask.to(error).expand_as(error)
+    return {"x0": x0[e], "condition": condition[e], "mask": None if mask is None else mask[e], "output": output[e],
+            "maps": {name: m[e] * region[e].to(m) for name, m in maps.items()}, "error": (error * region)[e]}
 
 
 QUALITY_METRICS = {"l1": "lower", "psnr": "higher", "fid": "lower"}  # which way is better
