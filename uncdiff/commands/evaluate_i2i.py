@@ -174,7 +174,8 @@ def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict]
                    if record["fid_extractor"] == "digits-classifier" else {"weights_path": args.fid.inception_weights})
         extractor = make_extractor(record["fid_extractor"], **options).to(fabric.device)
         fid = lambda a, b: fid_between(a.to(fabric.device), b.to(fabric.device), extractor)
-    restore = restorer(module, sampler=SamplerSpec(**record["sampler"]), batch_size=args.batch_size,
+    # the options as given, not the record's resolved sampler: BayesDiff's row resolves them without clipping
+    restore = restorer(module, sampler=spec(SamplerSpec, args.sampler), batch_size=args.batch_size,
                        progress=args.progress)
     progress = lambda message: print(f"evaluate_i2i: {message}", flush=True)
     inputs = (restore, plan["x0"], plan["condition"], plan["mask"])

@@ -100,7 +100,8 @@ def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None
     """The estimator (`EstimatorSpec`: --estimator.name, M, variant, window, score, dropout, draws, skip,
     moments, chunk_size), its score reference file, BayesDiff's Laplace fit and filtering; without
     `choose` no --estimator.name (evaluate runs them all)."""
-    parser.add_class_arguments(EstimatorSpec, "estimator", skip={"reference", "keep_maps"} | (set() if choose else {"name"}),
+    skip = {"reference", "keep_maps"} | (set() if choose else {"name"})
+    parser.add_class_arguments(EstimatorSpec, "estimator", skip=skip,
                                help="uncertainty estimator (docs/algorithms.md §3, §5)")
     if choose:
         parser.set_defaults({"estimator.name": "aleatoric"})
