@@ -41,7 +41,7 @@ from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, O
                                            needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
-from uncdiff.io.lock import lock_folder
+from uncdiff.io.lock import lock_and_check
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import DigitsDataModule, dataset_key
 from uncdiff.uncertainty.spec import EstimatorSpec
@@ -82,7 +82,7 @@ def build_parser() -> ArgumentParser:
                    help="FID features (auto: digits-classifier for digits, inception otherwise)")
     g.add_argument("--fid.inception_weights", type=Optional[str], default=None,
                    help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
-    g.add_argument("--fid.cache", type=str, default="cache", help="cache of real statistics and classifiers")
+    g.add_argument("--fid.cache", type=str, default="cache", help="cache of real statistics")
     g = parser.add_argument_group("logging")
     g.add_argument("--wandb.enabled", type=bool, default=False, help="also log the report's tables and plots to W&B")
     g.add_argument("--wandb.project", type=str, default="uncdiff-evaluate", help="W&B project")
@@ -199,8 +199,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "fid": {"extractor": extractor, "dataset": dataset}}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
-    lock = lock_folder(root)  # before looking inside: from now on no other run writes there
-    check_output_dir(root, settings)
+    lock, _ = lock_and_check(root, lambda: check_output_dir(root, settings))  # no other run writes there now
     for store in stores.values():
         store.check(lock=False)  # inside the locked <out>
     return Plan(root, settings, stores, extractor, dataset, notes, ause, hooks, sampler, lock)
@@ -216,15 +215,14 @@ def make_fid_extractor(args: Namespace, plan: Plan, module, device):
             raise InputError(f"{error} For `uncdiff evaluate`, pass the file as --fid.inception_weights PATH.") \
                 from None
     else:
-        extractor = make_extractor("digits-classifier", image_size=module.hparams.image_size,
-                                   cache_dir=args.fid.cache)
+        extractor = make_extractor("digits-classifier", image_size=module.hparams.image_size)  # shipped weights
     return extractor.to(device)
 
 
 def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, config: str) -> None:
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
-    # only to torch hub's cache, the digits classifier only to --fid.cache)
+    # only to torch hub's cache; the digits classifier's weights ship with the package)
     extractor = make_fid_extractor(args, plan, module, fabric.device)
     if fabric.is_global_zero:
         create_output_dir(plan.root, plan.settings, info)
