@@ -41,7 +41,7 @@ from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, O
                                            needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
-from uncdiff.io.lock import lock_and_check
+from uncdiff.io.lock import lock_folder
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import DigitsDataModule, dataset_key
 from uncdiff.uncertainty.spec import EstimatorSpec
@@ -199,7 +199,8 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "fid": {"extractor": extractor, "dataset": dataset}}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
-    lock, _ = lock_and_check(root, lambda: check_output_dir(root, settings))  # no other run writes there now
+    lock = lock_folder(root)  # before looking inside: from now on no other run writes there
+    check_output_dir(root, settings)
     for store in stores.values():
         store.check(lock=False)  # inside the locked <out>
     return Plan(root, settings, stores, extractor, dataset, notes, ause, hooks, sampler, lock)
