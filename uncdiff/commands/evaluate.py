@@ -4,15 +4,17 @@ written as a report.
     uncdiff evaluate --checkpoint runs/quickstart/checkpoints/last.ckpt --out eval/quick --n 1000
 
 (a) filtering: FID, and improved precision / recall (k = 5, against --filtering.prc_real training
-images), of the set kept by the aleatoric, MC-Dropout and BayesDiff scores versus random subsets
-(mean ± std over --filtering.subset_seeds; --estimators names the scores); (b) guided versus unguided FID from the same seeds, for
-the gradient rule with both signs and the posterior rule, over --seed_groups; (c) AUSE /
-AURG of the aleatoric and MC-Dropout maps; (d) network evaluations and seconds per image of each
-method; (e) the per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling
-again: Spearman correlations of each score variant and window with |x_T|^2, realism and classifier
-confidence, and kept-set FID curves over drop fractions. Not run by default, as it is expensive:
-`sweep`, guided versus unguided FID over a grid of guidance strengths (--sweep.lams for each --sweep.grad_wrt, --sweep.prior_precisions), paired with the
-first --sweep.n samples of the unguided set, mean ± std over --sweep.seed_groups.
+images), of the set kept by each of --estimators' scores versus random subsets (mean ± std over
+--filtering.subset_seeds); (b) guided versus unguided FID from the same seeds, for the gradient
+rule with both signs and the posterior rule, over --seed_groups; (c) AUSE / AURG of the aleatoric
+and MC-Dropout maps; (d) network evaluations and seconds per image of each method; (e) the
+per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling again: Spearman
+correlations of each score variant and window with |x_T|^2, realism and classifier confidence, and
+kept-set FID curves over drop fractions. Not run by default, as it is expensive: `sweep`, guided
+versus unguided FID over a grid of guidance strengths (--sweep.lams for each --sweep.grad_wrt,
+--sweep.prior_precisions), paired with the first --sweep.n samples of the unguided set, mean ± std
+over --sweep.seed_groups. The sets and sections are `uncdiff.evaluation.sample_sets` and
+`uncdiff.evaluation.sections`.
 
 Each sample set is an `uncdiff sample` run in <out>/sets/<name> (so all processes generate it,
 and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it) and
@@ -41,7 +43,7 @@ from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, O
                                            needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
-from uncdiff.io.lock import lock_folder
+from uncdiff.io.lock import lock_and_check
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
 from uncdiff.lightning.data import DigitsDataModule, dataset_key
 from uncdiff.uncertainty.spec import EstimatorSpec
@@ -199,8 +201,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "fid": {"extractor": extractor, "dataset": dataset}}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
-    lock = lock_folder(root)  # before looking inside: from now on no other run writes there
-    check_output_dir(root, settings)
+    lock, _ = lock_and_check(root, lambda: check_output_dir(root, settings))  # no other run writes there now
     for store in stores.values():
         store.check(lock=False)  # inside the locked <out>
     return Plan(root, settings, stores, extractor, dataset, notes, ause, hooks, sampler, lock)
