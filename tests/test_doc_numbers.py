@@ -15,7 +15,8 @@ The rule, precisely:
   Version strings such as 2.14.1 are not figures.
 - Every figure of a passage that links to at least one results file must appear in one of the
   passage's linked results files, with the same digits (a Unicode minus reads as "-", a leading "+"
-  is dropped, the spaces around "±" are ignored) and not as part of a longer number.
+  is dropped, the spaces around "±" are ignored) and not as part of a longer number. A link to a
+  results file that does not exist fails too.
 
 So a figure is quoted with its source beside it, or not at all: quote it from the report as
 written (14.10, not 14.1), and fix the README when a regenerated report changes it.
@@ -102,7 +103,7 @@ def results_files(document: Path, target: str) -> list[Path]:
                 return [p for p in sorted(report.rglob("*")) if p.is_file() and p.name != "README.md"
                         and p.suffix in (".md", ".csv", ".json", ".txt")]
             return [path] if path.name != "README.md" else []
-    if (ROOT / "benchmarks" / "results").resolve() in path.parents and path.is_file():
+    if (ROOT / "benchmarks" / "results").resolve() in path.parents:
         return [path]
     return []
 
@@ -144,7 +145,9 @@ def test_quoted_figures_are_found_in_the_linked_results(document):
     for doc, line, prose, sources in quoted_figures():
         if doc != document:
             continue
-        texts = [normalise(p.read_text()) for p in sources]
+        missing += [f"line {line}: links to {p.relative_to(ROOT).as_posix()}, which does not exist"
+                    for p in sources if not p.is_file()]
+        texts = [normalise(p.read_text()) for p in sources if p.is_file()]
         for figure in figures(prose):
             if not any(found_in(figure, text) for text in texts):
                 missing.append(f"line {line}: {figure!r} is in none of "
