@@ -24,7 +24,7 @@ TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 FIT_CONFIG = """
 trainer: {accelerator: cpu, devices: 1, max_steps: 2, logger: false, enable_progress_bar: false,
           enable_model_summary: false, limit_val_batches: 0}
-model: {image_size: 8, in_channels: 1, base_channels: 8, channel_mults: [1, 2], num_res_blocks: 1,
+model: {base_channels: 8, channel_mults: [1, 2], num_res_blocks: 1,
         attn_resolutions: [], dropout: 0.0, lr: 1.0e-3, warmup_steps: 1, sample_steps: 4}
 data:
   class_path: uncdiff.lightning.data.DigitsDataModule

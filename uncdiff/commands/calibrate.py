@@ -151,11 +151,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         inputs = prepare_model(args, needs_laplace=False)
         settings = calibration_settings(args, inputs)
-        lock = lock_outputs(args.out)  # held until main returns; its file is the first write: an unwritable folder fails now
         fabric = make_fabric(args.fabric)
         if fabric.world_size > 1:
             raise InputError(f"--fabric.devices/--fabric.num_nodes: calibrate runs in one process, not "
                              f"{fabric.world_size}")
+        lock = lock_outputs(args.out)  # held until main returns; its file is the first write: an unwritable folder fails now
     except InputError as error:
         sys.exit(f"error: {error}")
     fabric.launch(_run, args, inputs, settings, run_info(["calibrate", *argv], inputs.checkpoint), config_yaml(parser, args))

@@ -19,7 +19,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 try:
     import fcntl
@@ -30,6 +30,7 @@ LOCK_NAME = ".lock"
 # launcher variables that number a process of a multi-process run; the first process has 0 (or none)
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
+T = TypeVar("T")
 _held: "weakref.WeakValueDictionary[str, FolderLock]" = weakref.WeakValueDictionary()
 
 
@@ -41,13 +42,28 @@ class FolderLock:
     """An open, `flock`ed lock file; released when closed or garbage-collected. A lock handed to the
     other processes of a launch is not copied: it unpickles as None (a spawned rank holds nothing)."""
 
-    def __init__(self, path: Path, fd: int):
-        self.path, self.fd = path, fd
+    def __init__(self, path: Path, fd: int, created: bool):
+        self.path, self.fd, self.created = path, fd, created
+
+    def sign(self) -> None:
+        """Write who holds the lock (pid, command line, start time) into the lock file."""
+        owner = {"pid": os.getpid(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(owner).encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+    def abandon(self) -> None:
+        """Release, and remove the lock file if this lock created it: a run refused by the checks
+        that follow the lock leaves the folder as it found it. (Safe: a process that opened the file
+        before it was removed finds it gone once it holds the lock, and tries again.)"""
+        if self.fd is not None and self.created:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
     def __del__(self):
         self.release()
@@ -65,17 +81,20 @@ def holder(path: Path) -> str:
     """Who holds the lock file `path`, as written by `lock_folder`, in words."""
     try:
         owner = json.loads(path.read_text())
+        os.kill(owner["pid"], 0)  # the file may still name an earlier holder, gone since
+        return f"pid {owner['pid']}, started {owner['started']}: {' '.join(owner['command'])}"
+    except PermissionError:  # alive, another user's
         return f"pid {owner['pid']}, started {owner['started']}: {' '.join(owner['command'])}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not yet written its name"
 
 
-def lock_folder(folder: str | Path, option: str = "--out") -> Optional[FolderLock]:
+def lock_folder(folder: str | Path, option: str = "--out", sign: bool = True) -> Optional[FolderLock]:
     """Create `folder` if needed and lock it for this run (`<folder>/.lock`), or raise `OutputInUse`
     naming the process that holds it. Creating the lock file is also the first write to the folder: a
     folder that can't be written is reported here (OSError naming the file), before any work. Returns
     None in a process that is not the first of a launch (see the module docstring)."""
-    return lock_file(Path(folder) / LOCK_NAME, f"{option} {folder}", option)
+    return lock_file(Path(folder) / LOCK_NAME, f"{option} {folder}", option, sign)
 
 
 def lock_outputs(path: str | Path, option: str = "--out") -> Optional[FolderLock]:
@@ -85,8 +104,9 @@ def lock_outputs(path: str | Path, option: str = "--out") -> Optional[FolderLock
     return lock_file(path.with_name(path.name + ".lock"), f"{option} {path}", option)
 
 
-def lock_file(path: Path, what: str, option: str) -> Optional[FolderLock]:
-    """Lock `path` (created with its folder if needed), for `lock_folder` and `lock_outputs`."""
+def lock_file(path: Path, what: str, option: str, sign: bool = True) -> Optional[FolderLock]:
+    """Lock `path` (created with its folder if needed), for `lock_folder` and `lock_outputs`; `sign`
+    writes this process's name into it at once."""
     if not is_first_process():
         return None
     if fcntl is None:
@@ -97,18 +117,21 @@ def lock_file(path: Path, what: str, option: str) -> Optional[FolderLock]:
     if held is not None and held.fd is not None:
         return held
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputInUse(f"{what} is in use by another run ({holder(path)}); wait for it to end, or choose "
-                          f"another {option}") from None
-    owner = {"pid": os.getpid(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner).encode(), 0)
-    lock = FolderLock(path, fd)
+    while True:
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputInUse(f"{what} is in use by another run ({holder(path)}); wait for it to end, or choose "
+                              f"another {option}") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the file was removed (`abandon`) between our open and our lock: lock the new one
+    lock = FolderLock(path, fd, created)
+    if sign:
+        lock.sign()
     _held[key] = lock
     return lock
 
@@ -123,7 +146,26 @@ def lock_new_folder(folder: str | Path, option: str = "--out") -> Optional[Folde
     (InputError) when `folder` holds any, checked once the lock is held."""
     from uncdiff.io.files import InputError
 
-    lock = lock_folder(folder, option)
-    if holds_files(folder):
-        raise InputError(f"{option} {folder} is not an empty folder; nothing is overwritten (choose another {option})")
-    return lock
+    def check() -> None:
+        if holds_files(folder):
+            raise InputError(f"{option} {folder} is not an empty folder; nothing is overwritten (choose another "
+                             f"{option})")
+
+    return lock_and_check(folder, check, option)[0]
+
+
+def lock_and_check(folder: str | Path, check: Callable[[], T], option: str = "--out") -> tuple[Optional[FolderLock], T]:
+    """`(lock_folder(folder), check())`: the folder's contents checked once no other run can change
+    them. The lock is signed once `check` passes; when it raises, the folder is left as it was: the
+    lock file is removed again if it was made here (`abandon`), and an earlier run's is not rewritten."""
+    was_held = _held.get(str((Path(folder) / LOCK_NAME).resolve())) is not None  # by this process, re-entered
+    lock = lock_folder(folder, option, sign=False)
+    try:
+        result = check()
+    except BaseException:
+        if lock is not None and not was_held:
+            lock.abandon()
+        raise
+    if lock is not None and not was_held:
+        lock.sign()
+    return lock, result

@@ -32,7 +32,7 @@ from PIL import Image
 
 from uncdiff.core.filtering import keep_best
 from uncdiff.io.files import InputError, remove_temporary_files, write_atomic
-from uncdiff.io.lock import LOCK_NAME, lock_folder
+from uncdiff.io.lock import LOCK_NAME, lock_and_check
 from uncdiff.io.images import from_uint8, to_uint8
 
 GRID_SAMPLES = 64
@@ -148,8 +148,10 @@ class SampleStore:
         """Lock the directory for this run (`lock_folder`; not for a set inside a locked folder), then
         `check_output_dir`; a resumed run's temporary files of writes a kill interrupted are removed.
         The lock is held as long as the store (the run) lives."""
-        self.lock = lock_folder(self.root) if lock else None
-        state = check_output_dir(self.root, self.settings)
+        if lock:
+            self.lock, state = lock_and_check(self.root, lambda: check_output_dir(self.root, self.settings))
+        else:
+            self.lock, state = None, check_output_dir(self.root, self.settings)
         if state == "resume":
             for folder in (self.root, self.root / "samples", self.root / "records"):
                 remove_temporary_files(folder)
