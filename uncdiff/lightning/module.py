@@ -149,26 +149,38 @@ class DiffusionModule(L.LightningModule):
         eps = torch.randn_like(x0)
         return (net(self.schedule.q_sample(x0, t, eps), t) - eps).pow(2).mean()
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch) -> torch.Tensor:
+        """The training objective on `batch` (docs/algorithms.md §1), drawn from the global RNG, which the
+        caller seeds: in training mode the online network on images flipped by `random_flips`; in eval
+        mode (validation) the EMA network on the images as they are. The one hook a subclass with other
+        batches or another objective overrides (`ConditionalDiffusionModule`)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if tuple(x0.shape[1:]) != self.image_shape:  # a convolutional network would train on them regardless
             raise ValueError(f"the data's images are {tuple(x0.shape[1:])} (C, H, W) but the model's are "
                              f"{self.image_shape}: set the data's image size or the model's to match")
+        (x0,) = self.random_flips(x0)
+        return self.diffusion_loss(self.net if self.training else self.ema.ema_model, x0)
+
+    def random_flips(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`images` (`[B, ...]` each) flipped horizontally together, sample by sample with probability 1/2,
+        in training mode with `random_flip`; else as they are."""
+        if not (self.training and self.hparams.random_flip):
+            return images
+        flip = (torch.rand(images[0].shape[0], device=images[0].device) < 0.5)[:, None, None, None]
+        return tuple(torch.where(flip, v.flip(-1), v) for v in images)
+
+    def training_step(self, batch, batch_idx):
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank))
-        if self.hparams.random_flip:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = self.diffusion_loss(self.net, x0)
+        loss = self.loss(batch)
         check_finite_loss(self.trainer.strategy, loss, self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        with torch.random.fork_rng(devices=[x0.device] if x0.is_cuda else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)  # the same (t, eps) every validation: comparable losses
-            loss = self.diffusion_loss(self.ema.ema_model, x0)
+            loss = self.loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

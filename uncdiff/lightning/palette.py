@@ -15,7 +15,7 @@ from uncdiff.core.unet import UNet
 from uncdiff.data.degradations import Task, check_task
 from uncdiff.data.masks import check_mask
 from uncdiff.io.images import from_uint8
-from uncdiff.lightning.module import DiffusionModule, check_finite_loss, step_seed
+from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.progress import step_bar
 from uncdiff.uncertainty.bayesdiff import fit_last_layer_laplace
 from uncdiff.uncertainty.image_to_image import generate_conditional
@@ -84,24 +84,11 @@ class ConditionalDiffusionModule(DiffusionModule):
             raise ValueError(f"the model is for task {self.task.name!r} but the data builds {data_task.name!r} pairs: "
                              f"set model.task and data.init_args.task alike")
 
-    def training_step(self, batch, batch_idx):
-        x0, y, mask = self.unpack(batch)
-        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank))
-        if self.hparams.random_flip:  # the image, its condition and its mask together
-            flip = (torch.rand(x0.shape[0], device=x0.device) < 0.5)[:, None, None, None]
-            x0, y, mask = (torch.where(flip, v.flip(-1), v) for v in (x0, y, mask))
-        loss = self.conditional_loss(self.net, x0, y, mask)
-        check_finite_loss(self.trainer.strategy, loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x0, y, mask = self.unpack(batch)
-        with torch.random.fork_rng(devices=[x0.device] if x0.is_cuda else []):
-            torch.manual_seed(batch_idx)  # the same (t, eps) every validation: comparable losses
-            loss = self.conditional_loss(self.ema.ema_model, x0, y, mask)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+    def loss(self, batch) -> torch.Tensor:
+        """`conditional_loss` of an `(image, condition, mask)` batch, with `DiffusionModule.loss`'s network
+        and flips (the image, its condition and its mask flipped together)."""
+        x0, y, mask = self.random_flips(*self.unpack(batch))
+        return self.conditional_loss(self.net if self.training else self.ema.ema_model, x0, y, mask)
 
     def check_inputs(self, condition, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The condition `[N, C, H, W]` and mask (`[N or 1, 1, H, W]`, masked tasks only) checked against
