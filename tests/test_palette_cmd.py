@@ -5,6 +5,7 @@ tiny conditional model saved the way `fit` saves it."""
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,14 @@ def restore(checkpoint, out, conditions, *extra, masks=None):
     uncdiff_main(args + (["--masks", str(masks)] if masks is not None else []))
 
 
+def refused(call, match: str, capsys) -> None:
+    """`call()` ends as uncdiff ends on a user's error: exit status 2 and one line on stderr matching `match`."""
+    with pytest.raises(SystemExit) as error:
+        call()
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and re.search(match, err), err
+
+
 def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path)).astype(np.float32))
 
@@ -116,15 +125,15 @@ def test_restore_outputs_depend_on_seeds_only_and_resume(checkpoints, folders, t
     assert (one / "samples" / "000000.png").stat().st_mtime_ns == untouched
 
 
-def test_restore_refuses_another_run_s_folder_and_changed_inputs(checkpoints, folders, tmp_path):
+def test_restore_refuses_another_run_s_folder_and_changed_inputs(checkpoints, folders, tmp_path, capsys):
     conditions, masks = folders
     out = tmp_path / "out"
     restore(checkpoints["inpaint"], out, conditions, masks=masks)
-    with pytest.raises(SystemExit, match="holds another run"):
-        restore(checkpoints["inpaint"], out, conditions, "--seed", "5", masks=masks)
+    refused(lambda: restore(checkpoints["inpaint"], out, conditions, "--seed", "5", masks=masks),
+            "holds another run", capsys)
     write_png(conditions / "b.png", np.zeros((SIZE, SIZE), np.uint8))
-    with pytest.raises(SystemExit, match="conditions.pixels_sha256"):
-        restore(checkpoints["inpaint"], out, conditions, masks=masks)
+    refused(lambda: restore(checkpoints["inpaint"], out, conditions, masks=masks), "conditions.pixels_sha256",
+            capsys)
 
 
 def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_path):
@@ -150,13 +159,12 @@ def test_restore_without_a_mask_for_super_resolution(checkpoints, folders, tmp_p
     ("mask size", "is 4x4; the condition images are 8x8"),
     ("mask for super_resolve", "takes no mask"),
     ("unconditional", "is an unconditional model"),
-    ("bayesdiff clip", "--sampler.clip false"),
-    ("bayesdiff M", "--bayesdiff.draws, not --estimator.M"),
+    ("bayesdiff clip", "sampler.clip false"),
     ("bayesdiff images", "--bayesdiff.laplace_images must be >= 1"),
     ("bayesdiff no config", "fits its Laplace posterior on the run's training pairs: no training config"),
     ("n", "--n must lie in \\[1, 3\\]"),
 ])
-def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoints, folders, tmp_path):
+def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoints, folders, tmp_path, capsys):
     conditions, masks = folders
     checkpoint, extra, give_masks = checkpoints["inpaint"], [], masks
     if case == "size":
@@ -176,7 +184,7 @@ def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoin
     elif case == "unconditional":
         checkpoint = checkpoints["plain"]
     elif case.startswith("bayesdiff"):
-        extra = ["--estimator.name", "bayesdiff", "--estimator.M", "2" if case == "bayesdiff M" else "null"]
+        extra = ["--estimator.name", "bayesdiff"]
         if case == "bayesdiff clip":
             extra += ["--sampler.clip", "true"]
         elif case == "bayesdiff images":
@@ -187,8 +195,7 @@ def test_bad_input_is_an_error_before_anything_is_written(case, match, checkpoin
             checkpoint.write_bytes(checkpoints["inpaint"].read_bytes())
     elif case == "n":
         extra = ["--n", "4"]
-    with pytest.raises(SystemExit, match=match):
-        restore(checkpoint, tmp_path / "out", conditions, *extra, masks=give_masks)
+    refused(lambda: restore(checkpoint, tmp_path / "out", conditions, *extra, masks=give_masks), match, capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -202,11 +209,11 @@ def test_restore_with_bayesdiff_fits_on_the_run_s_training_pairs_and_maps_only_g
     config = checkpoints["inpaint"].parent.parent / "config-20250101-000000.yaml"
     (run / config.name).write_bytes(config.read_bytes())
     out = tmp_path / "out"
-    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff", "--estimator.M", "null",
-            "--bayesdiff.laplace_images", "12", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1", masks=masks)
+    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff",
+            "--bayesdiff.laplace_images", "12", "--estimator.draws", "2", "--estimator.skip", "1", masks=masks)
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["laplace"] == {"source": "fit", "num_images": 12}
-    assert settings["sampler"]["clip"] is False and settings["estimator"] == "bayesdiff"
+    assert settings["sampler"]["clip"] is False and settings["estimator"]["name"] == "bayesdiff"
     # the cached posterior is the fit on the first 12 training pairs the run's first epoch builds: the digits
     # training split's first images, each with the box mask and the noise of its key (seed 0, epoch 0 + 1, index)
     cached = LastLayerLaplace.from_state_dict(torch.load(checkpoint.with_name("last.ckpt.laplace-12.pt"))["laplace"])
@@ -227,22 +234,23 @@ def test_restore_with_bayesdiff_fits_on_the_run_s_training_pairs_and_maps_only_g
         output, given = load_png(out / "samples" / f"{seed:06d}.png"), load_png(conditions / f"{'abc'[seed]}.png")
         assert torch.equal(output[~torch.from_numpy(box)], given[~torch.from_numpy(box)])
     # the same command again reads the cached posterior and finds the run complete
-    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff", "--estimator.M", "null",
-            "--bayesdiff.laplace_images", "12", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1", masks=masks)
+    restore(checkpoint, out, conditions, "--estimator.name", "bayesdiff",
+            "--bayesdiff.laplace_images", "12", "--estimator.draws", "2", "--estimator.skip", "1", masks=masks)
 
 
-def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkpoints, tmp_path):
-    with pytest.raises(SystemExit, match="train.py restore"):
-        uncdiff_main(["sample", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(tmp_path / "out")])
+def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(lambda: uncdiff_main(["sample", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)]),
+            "use `restore`", capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path):
+def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
     uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "2",
                   "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu",
-                  "--bayesdiff.laplace_images", "16", "--bayesdiff.draws", "2", "--bayesdiff.skip", "1"])
+                  "--bayesdiff.laplace_images", "16", "--estimator.draws", "2", "--estimator.skip", "1"])
     report = (out / "report.md").read_text()
     for row in ("aleatoric", "MC-Dropout", "BayesDiff", "K-sample variance", "random", "oracle", "diversity_ssim",
                 "psnr"):
@@ -258,8 +266,8 @@ def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path):
     bayesdiff = [float(r["mean"]) for r in rows if r["name"] == "BayesDiff"]
     assert len(bayesdiff) == 2 and all(math.isfinite(v) for v in bayesdiff)
     assert (out / "panels.png").is_file() and (out / "config.yaml").is_file()
-    with pytest.raises(SystemExit, match="not an empty folder"):  # never overwritten
-        uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)])
+    refused(lambda: uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)]),
+            "not an empty folder", capsys)  # never overwritten
 
 
 def test_evaluate_i2i_compares_guided_with_unguided_outputs_of_the_same_seeds(checkpoints, tmp_path):
@@ -293,7 +301,7 @@ def test_evaluate_i2i_compares_guided_with_unguided_outputs_of_the_same_seeds(ch
     ("n", "the validation split holds"),
     ("config", "not an image-to-image data module"),
 ])
-def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, match, checkpoints, tmp_path):
+def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, match, checkpoints, tmp_path, capsys):
     checkpoint, extra = checkpoints["inpaint"], []
     if case == "unconditional":
         checkpoint = checkpoints["plain"]
@@ -304,7 +312,7 @@ def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, matc
     elif case == "bayesdiff images":
         extra = ["--bayesdiff.laplace_images", "0"]
     elif case == "guidance table":
-        extra = ["--guidance.rule", "gradient", "--guidance.table", str(tmp_path / "table.pt")]
+        extra = ["--guidance.rule", "gradient", "--guidance_table", str(tmp_path / "table.pt")]
     elif case == "guidance lam":
         extra = ["--guidance.rule", "gradient", "--guidance.lam", "-1"]
     elif case == "n":
@@ -313,6 +321,6 @@ def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, matc
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({"data": {"class_path": "uncdiff.lightning.data.DigitsDataModule"}}))
         extra = ["--data.run_config", str(config)]
-    with pytest.raises(SystemExit, match=match):
-        uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), *extra])
+    refused(lambda: uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
+                                  *extra]), match, capsys)
     assert not (tmp_path / "eval").exists()
