@@ -30,7 +30,8 @@ def test_print_config_names_the_image_to_image_classes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     config = yaml.safe_load(out.stdout)
     assert config["model"]["class_path"] == "uncdiff.lightning.palette.ConditionalDiffusionModule"
-    assert config["model"]["init_args"]["task"] == config["data"]["init_args"]["task"] == "inpaint"
+    assert config["data"]["init_args"]["task"] == "inpaint"
+    assert not {"task", "image_size", "in_channels"} & set(config["model"]["init_args"])  # the data's, linked
 
 
 def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
@@ -55,11 +56,13 @@ def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(result.images[mask.expand_as(y) == 0], y[mask.expand_as(y) == 0])
 
 
-def test_model_and_data_of_different_tasks_are_an_error(tmp_path):
+@pytest.mark.parametrize("option, value, fix", [("task", "super_resolve", "data.init_args.task"),
+                                                 ("image_size", "8", "data.init_args.image_size")])
+def test_a_model_option_the_data_sets_is_refused_by_name(option, value, fix, tmp_path):
     out = run(["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(tmp_path / "run"),
-               "--trainer.max_steps", "1", "--trainer.logger", "false", "--model.init_args.task", "super_resolve",
-               "--model.init_args.base_channels", "8", "--model.init_args.channel_mults", "[1,2]"], tmp_path)
-    assert out.returncode != 0 and "set model.task and data.init_args.task alike" in out.stderr
+               "--trainer.max_steps", "1", "--trainer.logger", "false", f"--model.init_args.{option}", value], tmp_path)
+    assert out.returncode != 0 and f"model option {option}" in out.stderr and fix in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("task", ["inpaint", "colorize", "uncrop"])
@@ -74,7 +77,7 @@ def test_cifar_configs_print_and_run_their_first_steps(task, tmp_path, monkeypat
         main(["fit", "--config", f"{task}.yaml", "--print_config"])
     assert printed.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["init_args"]["task"] == config["data"]["init_args"]["task"] == task
+    assert config["data"]["init_args"]["task"] == task and "task" not in config["model"]["init_args"]
     write_cifar_fixture(tmp_path / "data", n_per_batch=4)
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     main(["fit", "--config", f"{task}.yaml", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",

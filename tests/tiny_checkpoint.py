@@ -10,7 +10,7 @@ import pytest
 
 from uncdiff.lightning.cli import main as cli_main
 
-TINY_FIT = ["--model.image_size", "8", "--model.base_channels", "8", "--model.channel_mults", "[1,2]",
+TINY_FIT = ["--model.base_channels", "8", "--model.channel_mults", "[1,2]",
             "--model.attn_resolutions", "[4]", "--model.dropout", "0.1", "--model.sample_steps", "4",
             "--data.init_args.image_size", "8", "--data.init_args.batch_size", "16",
             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",

@@ -6,7 +6,8 @@ W&B files in `wandb/`, sample grids in `samples/`, and each invocation's full co
 (resume with `--ckpt_path last` or pick another directory), so nothing is overwritten. `fit` locks
 the run directory for its whole run (`uncdiff.io.lock`): a second `fit` into it is refused. Resuming
 with `--ckpt_path last` needs a `last.ckpt` (never a silent restart from step 0), and clears the
-temporary files of checkpoint writes a kill interrupted.
+temporary files of checkpoint writes a kill interrupted. The model's image size, channels and task
+are the data's (`LINKED`).
 """
 
 import re
@@ -16,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Optional, Sequence
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -25,6 +27,14 @@ from uncdiff.io.lock import lock_folder
 CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
 # --ckpt_path values Lightning resolves itself rather than as a file path
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+# The model options that are the data's, linked when the classes are built (`add_arguments_to_parser`):
+# name -> (the data module's attribute, its value for the model, where it comes from)
+LINKED = {
+    "image_size": ("image_shape", lambda shape: shape[-1], "data.init_args.image_size (image-to-image data: "
+                                                          "data.init_args.data.init_args.image_size)"),
+    "in_channels": ("image_shape", lambda shape: shape[0], "the data module's images"),
+    "task": ("task", lambda task: task.name, "data.init_args.task"),
+}
 
 
 def resolve_config_args(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -59,6 +69,24 @@ class UncdiffCLI(LightningCLI):
             "plugins": {"class_path": "uncdiff.lightning.checkpoint_io.SafeCheckpointIO"}})
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        """The model's image size, channels and task are the data's (`LINKED`): each is stated once."""
+        for name, (attribute, value, _) in LINKED.items():
+            parser.link_arguments(f"data.{attribute}", f"model.init_args.{name}", compute_fn=value,
+                                  apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        """jsonargparse would accept a linked model option and build the model with the data's value; refuse
+        it instead, naming it (a second parse, without defaults, shows what the config and command gave)."""
+        super().parse_arguments(parser, args)
+        given = (parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace))
+                 else parser.parse_args(args, defaults=False))
+        model = given.get(f"{given.subcommand}.model") if given.get("subcommand") else None
+        for name, (_, _, where) in LINKED.items():
+            if model is not None and model.get(f"init_args.{name}") is not None:
+                raise InputError(f"model option {name}: the model's {name} is the data's, linked by the CLI: remove "
+                                 f"it from the model's options; it comes from {where}")
+
     def _parse_ckpt_path(self) -> None:
         """`--ckpt_path FILE`'s hyperparameters over the config's, for the model class the config names.
 
@@ -70,7 +98,7 @@ class UncdiffCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        hparams = ckpt_hparams(ckpt_path)
+        hparams = {k: v for k, v in ckpt_hparams(ckpt_path).items() if k not in LINKED}  # the data's
         if not hparams:
             return
         model = self.config[subcommand].model

@@ -70,6 +70,7 @@ class ImageDataModule(L.LightningDataModule):
 
     train_set: Dataset
     val_set: Dataset
+    image_shape: tuple[int, int, int]  # (C, H, W), known before setup: the CLI gives it to the model
 
     def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -134,6 +135,7 @@ class DigitsDataModule(ImageDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size, self.val_fraction = image_size, val_fraction
+        self.image_shape = (1, image_size, image_size)
 
     def setup(self, stage: Optional[str] = None) -> None:
         (train_x, train_y), (val_x, val_y) = digits(self.image_size, self.val_fraction, min_val=self.batch_size)
@@ -153,6 +155,7 @@ class ShapesDataModule(ImageDataModule):
             if value < batch_size:
                 raise ValueError(f"{name} must be >= batch_size ({batch_size}), got {value}")
         self.image_size, self.train_size, self.val_size, self.data_seed = 16, train_size, val_size, data_seed
+        self.image_shape = (1, 16, 16)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.train_set = TensorDataset(*make_shapes(self.train_size, self.data_seed))
@@ -168,6 +171,8 @@ CIFAR_HELP = (
 
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 through torchvision (downloaded to `root` on first use); test split for validation."""
+
+    image_shape = (3, 32, 32)
 
     def __init__(self, root: str = "data", batch_size: int = 128, num_workers: int = 4, seed: int = 0,
                  download: bool = True):

@@ -36,10 +36,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 class ConditionalDiffusionModule(DiffusionModule):
     """Trains `eps_theta(concat(y, x_t), t)` with the L2 loss on eps, restricted to the generated
     pixels for `inpaint` and `uncrop` (docs/algorithms.md §7). `task` is one of
-    `uncdiff.data.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`), and decides
-    whether sampling takes a mask. `in_channels` are the image's; the U-Net reads `in_channels`
-    more (the condition) and predicts `in_channels`. Every other option is `DiffusionModule`'s
-    (uncdiff's U-Net only: no diffusers network).
+    `uncdiff.data.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`; `train.py fit`
+    takes it, with the image size and channels, from the data), and decides whether sampling takes a
+    mask. `in_channels` are the image's; the U-Net reads `in_channels` more (the condition) and
+    predicts `in_channels`. Every other option is `DiffusionModule`'s (uncdiff's U-Net only: no
+    diffusers network).
     """
 
     def __init__(self, task: str = "inpaint", **kwargs):
@@ -77,12 +78,6 @@ class ConditionalDiffusionModule(DiffusionModule):
             raise ValueError(f"the data's images {tuple(x0.shape[1:])} and conditions {tuple(y.shape[1:])} (C, H, W) "
                              f"don't match the model's {self.image_shape}: set the data's image size or the model's")
         return x0, y, mask
-
-    def on_fit_start(self) -> None:
-        data_task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
-        if isinstance(data_task, Task) and data_task.name != self.task.name:
-            raise ValueError(f"the model is for task {self.task.name!r} but the data builds {data_task.name!r} pairs: "
-                             f"set model.task and data.init_args.task alike")
 
     def loss(self, batch) -> torch.Tensor:
         """`conditional_loss` of an `(image, condition, mask)` batch, with `DiffusionModule.loss`'s network

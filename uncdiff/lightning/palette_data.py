@@ -41,7 +41,7 @@ class ImageToImageDataModule(ImageDataModule):
         if not isinstance(data, ImageDataModule):
             raise ValueError(f"data must be one of uncdiff's image data modules (ImageDataModule), got {type(data).__name__}")
         super().__init__(data.batch_size, data.num_workers, data.seed)
-        self.data, self.seed_of_pairs = data, int(seed)
+        self.data, self.seed_of_pairs, self.image_shape = data, int(seed), data.image_shape
         self.task = Task(task, mask, sides, tuple(quality), factor)
 
     def prepare_data(self) -> None:
