@@ -78,3 +78,34 @@ def test_posterior_draws_follow_the_posterior_variance():
     assert abs(weights.var().item() - 4.0) < 0.2 and abs(biases.var().item() - 0.25) < 0.02
     with pytest.raises(ValueError, match="M must be an integer >= 2"):
         posterior_heads(laplace, 1)
+
+
+def test_through_the_module_sample_it_runs_after_the_plain_chain():
+    from conftest import tiny_model_kwargs
+    from uncdiff.core.samplers import make_sampler
+    from uncdiff.lightning.module import DiffusionModule
+    from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
+
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_model_kwargs())
+    with torch.no_grad():  # give the zero-initialised layers weights so samples depend on the net
+        for p in module.ema.ema_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spec, n, steps, m = SamplerSpec("ddim", 4), 3, 4, 2
+    with pytest.raises(ValueError, match="estimator.name generative needs a fitted Laplace posterior"):
+        module.sample(n, sampler=spec, estimator=EstimatorSpec("generative", M=m))
+    module.fit_laplace(torch.rand(6, 1, 8, 8) * 2 - 1, num_images=6)
+    plain = module.sample(n, seed=2, sampler=spec)
+    result = module.sample(n, seed=2, sampler=spec, estimator=EstimatorSpec("generative", M=m), batch_size=2)
+    assert result.nfe == plain.nfe + m * steps * n
+    torch.testing.assert_close(result.images, plain.images)  # the plain chain is the sample
+    # the estimator run by hand on the same seeds (pixel features, the default posterior draws)
+    net = module.ema.ema_model.eval()
+    maps, scores = GenerativeUncertainty(net, module.laplace, M=m)(make_sampler(module.schedule, "ddim", steps=steps),
+                                                                    module.image_shape, [2, 3, 4])
+    torch.testing.assert_close(result.scores, scores)
+    torch.testing.assert_close(result.maps, maps)
+    assert (result.scores > 0).all()
+    with pytest.raises(ValueError, match="guidance.rule posterior estimates with the aleatoric estimator; "
+                                         "estimator.name is generative"):
+        module.sample(n, sampler=spec, estimator=EstimatorSpec("generative"), guidance=GuidanceSpec("posterior"))

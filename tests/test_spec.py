@@ -23,7 +23,12 @@ from uncdiff.uncertainty.spec import (EstimatorSpec, GuidanceSpec, SamplerSpec, 
     (SamplerSpec, {"name": "ddpm", "eta": 0.0}, "sampler.eta applies to sampler.name ddim, not ddpm"),
     (SamplerSpec, {"name": "ddpm", "eta": 0.0, "spacing": "uniform"}, "sampler.eta, sampler.spacing apply to"),
     (SamplerSpec, {"name": "ddim", "variance": "beta"}, "sampler.variance applies to sampler.name ddpm"),
-    (EstimatorSpec, {"name": "ensemble"}, "estimator.name must be one of none, aleatoric, mc_dropout, bayesdiff"),
+    (EstimatorSpec, {"name": "ensemble"}, "estimator.name must be one of none, aleatoric, mc_dropout, bayesdiff, "
+                                            "x0_trajectory, generative, got 'ensemble'"),
+    (EstimatorSpec, {"name": "generative", "M": 1}, "estimator.M must be an integer >= 2, got 1"),
+    (EstimatorSpec, {"name": "x0_trajectory", "window": (0.9, 0.8)}, "estimator.window must satisfy"),
+    (EstimatorSpec, {"name": "x0_trajectory", "score": "standardized"}, "estimator.score standardized applies to "
+                                                                          "the aleatoric estimator"),
     (EstimatorSpec, {"M": 0}, "estimator.M must be an integer >= 2, got 0"),
     (EstimatorSpec, {"M": 1}, "estimator.M must be an integer >= 2, got 1"),
     (EstimatorSpec, {"variant": "biased"}, "estimator.variant must be one of centered, sample"),
@@ -68,7 +73,13 @@ def test_defaults_are_the_documented_ones():
     # docs/algorithms.md §3, §5: M 5 (perturbations or dropout passes), the whole window, sum score,
     # the model's own dropout rate, BayesDiff's S = 10 draws every 5th step with the regression moments
     assert (estimator.name, estimator.M, estimator.variant, estimator.window, estimator.score) == \
-        ("none", 5, "centered", (0.0, 1.0), "sum")
+        ("none", 5, "centered", None, "sum")
+    # window null: the estimator's own (docs/algorithms.md §3: every step; §6c: the last fifth for x0_trajectory)
+    assert EstimatorSpec("aleatoric").estimation_window == EstimatorSpec("mc_dropout").estimation_window == (0.0, 1.0)
+    assert EstimatorSpec("x0_trajectory").estimation_window == (0.8, 1.0)
+    assert EstimatorSpec("x0_trajectory", window=(0.5, 1)).estimation_window == (0.5, 1.0)
+    assert [EstimatorSpec(n).needs_laplace for n in ("aleatoric", "bayesdiff", "x0_trajectory", "generative")] == \
+        [False, True, False, True]
     assert (estimator.dropout, estimator.draws, estimator.skip, estimator.moments) == (None, 10, 5, "regression")
     # docs/algorithms.md §4: off; the first 15% of the steps, quantile 0.95, lam 1, sign +1, prior precision 1
     assert not guidance.enabled
@@ -94,6 +105,8 @@ def test_settings_record_only_what_applies():
     assert EstimatorSpec("bayesdiff", M=9).settings() == {"name": "bayesdiff", "draws": 10, "skip": 5,
                                                           "moments": "regression"}
     assert EstimatorSpec("aleatoric", score="standardized").settings()["score"] == "standardized"
+    assert EstimatorSpec("x0_trajectory", M=3).settings() == {"name": "x0_trajectory", "window": [0.8, 1.0]}
+    assert EstimatorSpec("generative", M=3, window=(0, 1)).settings() == {"name": "generative", "M": 3}
     assert GuidanceSpec().settings() is None
     assert GuidanceSpec("posterior", lam=3.0).settings() == {"rule": "posterior", "window": [0.0, 0.15],
                                                              "prior_precision": 1.0, "quantile": 0.95}
@@ -124,8 +137,10 @@ def test_options_that_do_not_go_together_are_named():
     with pytest.raises(ValueError, match="bayesdiff .*needs sampler.eta 0$"):
         check_run(SamplerSpec("ddim", eta=0.5, clip=False), bayesdiff, GuidanceSpec())
     check_run(SamplerSpec(), bayesdiff, GuidanceSpec())  # unset: resolved later to ddim, eta 0, unclipped
-    with pytest.raises(ValueError, match="guidance.rule gradient estimates with the aleatoric estimator"):
-        check_run(SamplerSpec(), EstimatorSpec("mc_dropout"), GuidanceSpec("gradient"))
+    for name in ("mc_dropout", "x0_trajectory", "generative"):
+        with pytest.raises(ValueError, match=f"guidance.rule gradient estimates with the aleatoric estimator; "
+                                             f"estimator.name is {name}"):
+            check_run(SamplerSpec(), EstimatorSpec(name), GuidanceSpec("gradient"))
     with pytest.raises(ValueError, match="estimator.score standardized applies to unguided runs"):
         check_run(SamplerSpec(), EstimatorSpec("aleatoric", score="standardized"), GuidanceSpec("posterior"))
 

@@ -4,6 +4,7 @@ trajectory: the textbook x0 formula and variance written out here, on the same s
 import pytest
 import torch
 
+from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, sample
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.uncertainty.sampling import generate
@@ -71,3 +72,61 @@ def test_a_window_of_fewer_than_two_steps_is_refused(sampler):
         generate(eps_model, sampler, SHAPE, SEEDS, estimator=X0TrajectoryUncertainty(window=(0.9, 1.0)))
     with pytest.raises(ValueError, match="window"):
         X0TrajectoryUncertainty(window=(0.5, 0.2))
+
+
+def tiny_module():
+    from conftest import tiny_model_kwargs
+    from uncdiff.lightning.module import DiffusionModule
+
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_model_kwargs())
+    with torch.no_grad():  # give the zero-initialised layers weights so samples depend on the net
+        for p in module.ema.ema_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module
+
+
+def test_through_the_module_sample_it_is_the_hook_on_the_plain_run():
+    from uncdiff.core.samplers import make_sampler
+    from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
+
+    module, spec = tiny_module(), SamplerSpec("ddim", 10)
+    plain = module.sample(3, seed=4, sampler=spec)
+    detected = module.sample(3, seed=4, sampler=spec, estimator=EstimatorSpec("x0_trajectory"), batch_size=2)
+    assert detected.nfe == plain.nfe == 3 * 10
+    torch.testing.assert_close(detected.images, plain.images)
+    # window null: the last fifth of the steps (docs/algorithms.md §6c), as the hook on the plain loop
+    hook = X0TrajectoryUncertainty(window=(0.8, 1.0))
+    sample(module.ema.ema_model.eval(), make_sampler(module.schedule, "ddim", steps=10), module.image_shape,
+           [4, 5, 6], hook=hook)
+    assert hook.step_indices == [8, 9]
+    torch.testing.assert_close(detected.scores, hook.scores)
+    with pytest.raises(ValueError, match=r"estimator.window \[0.8, 1.0\] holds 0 of the 4 sampler steps"):
+        module.sample(2, sampler=SamplerSpec("ddim", 4), estimator=EstimatorSpec("x0_trajectory"))
+
+
+@pytest.mark.slow  # trains the tiny checkpoint (once per session), then runs train.py sample
+def test_the_sample_command_scores_with_it(tiny_checkpoint, tmp_path):
+    import csv
+    import json
+
+    import numpy as np
+
+    from uncdiff.commands.sample import main
+    from uncdiff.lightning.module import DiffusionModule
+
+    out = tmp_path / "run"
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--n", "4", "--batch_size", "2",
+          "--sampler.steps", "10", "--estimator.name", "x0_trajectory", "--fabric.accelerator", "cpu",
+          "--progress", "false"])
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    module = DiffusionModule.load_from_checkpoint(tiny_checkpoint, map_location="cpu")
+    expected = module.sample(seeds=[0, 1, 2, 3], sampler={"steps": 10}, estimator={"name": "x0_trajectory"})
+    for r in rows:
+        u = np.load(out / r["map"])
+        torch.testing.assert_close(torch.from_numpy(u), expected.maps[int(r["seed"])], rtol=1e-4, atol=1e-7)
+        assert float(r["score"]) == pytest.approx(float(expected.scores[int(r["seed"])]), rel=1e-4)
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["estimator"] == {"name": "x0_trajectory", "window": [0.8, 1.0]}
+    assert json.loads((out / "summary.json").read_text())["nfe_per_image"] == 10  # plain sampling's

@@ -38,6 +38,7 @@ from uncdiff.io.condition_images import read_conditions, read_masks
 from uncdiff.io.files import InputError, write_atomic
 from uncdiff.io.sample_store import SampleStore
 from uncdiff.lightning.palette import ConditionalDiffusionModule
+from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
 
 def build_parser() -> ArgumentParser:
@@ -155,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = build_parser()
     args = parse_options(parser, argv)
     try:
-        inputs = prepare_model(args, needs_laplace=args.estimator.name == "bayesdiff", image_to_image=True)
+        inputs = prepare_model(args, needs_laplace=args.estimator.name in LAPLACE_ESTIMATORS, image_to_image=True)
         files, pixels, masks = read_inputs(args, inputs.module)
         settings = restore_settings(args, inputs, files, pixels, masks)
         store = SampleStore(args.out, settings)

@@ -25,6 +25,7 @@ from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run,
 from uncdiff.commands.settings import build_settings
 from uncdiff.io.files import InputError
 from uncdiff.io.sample_store import SampleStore
+from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
 
 def build_parser() -> ArgumentParser:
@@ -52,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = build_parser()
     args = parse_options(parser, argv)
     try:
-        inputs = prepare_model(args, needs_laplace=args.estimator.name == "bayesdiff")
+        inputs = prepare_model(args, needs_laplace=args.estimator.name in LAPLACE_ESTIMATORS)
         settings = build_settings(args, inputs.module, inputs.sha256, inputs.laplace)
         store = SampleStore(args.out, settings)
         store.check()

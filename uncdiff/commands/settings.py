@@ -93,9 +93,9 @@ def check_made_with(option: str, path: str, made: dict, run: dict) -> None:
 
 def estimator_hook(module, estimator: EstimatorSpec, guidance: Optional[GuidanceSpec] = None, steps=None) -> Any:
     """The sampler hook `sample` builds for these specs (built here to check them before sampling,
-    and for the AUSE experiment, which denoises outside `sample`); BayesDiff's is checked only by its
-    spec until its posterior is there."""
-    if estimator.name == "bayesdiff" and module.laplace is None:
+    and for the AUSE experiment, which denoises outside `sample`); BayesDiff's and the generative
+    estimator's are checked only by their spec until the posterior is there."""
+    if estimator.needs_laplace and module.laplace is None:
         return None
     return build_hook(estimator, guidance, net=module.ema.ema_model, laplace=module.laplace, steps=steps,
                       image_shape=module.image_shape)

@@ -212,7 +212,9 @@ class DiffusionModule(L.LightningModule):
           whatever the batch size or process count;
         - `sampler`, `estimator`, `guidance`: the run's specs (`uncdiff.uncertainty.spec`, or plain dicts
           of their fields); the sampler's unset options are the model's (`resolve_sampler`); guided
-          sampling estimates with the aleatoric estimator of `estimator`'s M, variant and window.
+          sampling estimates with the aleatoric estimator of `estimator`'s M, variant and window;
+        - `bayesdiff` and `generative` need the Laplace posterior (`fit_laplace`); `generative` samples
+          each batch plainly, then its M posterior chains (`nfe` counts both).
 
         Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
         """

@@ -50,6 +50,10 @@ class GenerativeUncertainty:
                              "first (as BayesDiff does)")
         self.net, self.laplace, self.features = net, laplace, features
         self.heads = posterior_heads(laplace, M, seed)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting network evaluations afresh (`nfe`: image rows through the M chains)."""
         self.nfe = 0
 
     def chain_model(self, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

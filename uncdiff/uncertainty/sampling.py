@@ -9,9 +9,11 @@ import torch
 
 from uncdiff.core.samplers import EpsModel, Progress, SampleNoise, Sampler, StepContext, sample
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
-from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
+from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty, window_steps
+from uncdiff.uncertainty.generative import GenerativeUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run
+from uncdiff.uncertainty.trajectory import X0TrajectoryUncertainty
 
 
 @dataclass
@@ -62,7 +64,9 @@ def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds:
              estimator: Optional[Any] = None, device: torch.device | str = "cpu", batch_size: int = 256,
              progress: Optional[Progress] = None) -> SampleResult:
     """One image per seed (`uncdiff.core.samplers.sample`, in batches of `batch_size`) with `estimator`
-    (e.g. from `build_hook`) as the sampler hook, collecting its maps and scores.
+    (e.g. from `build_hook`) as the sampler hook, collecting its maps and scores. A
+    `GenerativeUncertainty` is no step hook: each batch is sampled plainly, then its M posterior chains
+    run from the same seeds.
 
     The sampler's own predictions are counted by a wrapper; the estimator counts what it spends
     itself (`estimator.nfe`, it sees the unwrapped `eps_model`), so nothing is counted twice.
@@ -73,18 +77,24 @@ def generate(eps_model: EpsModel, sampler: Sampler, shape: Sequence[int], seeds:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = list(seeds)
     counted = CountingEps(eps_model)
+    chains = isinstance(estimator, GenerativeUncertainty)
     hook = None
     if estimator is not None:
         estimator.reset()
-
+    if estimator is not None and not chains:
         def hook(ctx: StepContext) -> torch.Tensor:
             return estimator(dataclasses.replace(ctx, eps_model=eps_model))
 
     images, maps, scores, step_maps, totals, norms = [], [], [], [], [], []
     for i in range(0, len(seeds), batch_size):
-        images.append(sample(counted, sampler, shape, seeds[i:i + batch_size], hook, device, progress).cpu())
-        norms.append(noise_norms(seeds[i:i + batch_size], shape))
-        if estimator is not None:
+        batch = seeds[i:i + batch_size]
+        images.append(sample(counted, sampler, shape, batch, hook, device, progress).cpu())
+        norms.append(noise_norms(batch, shape))
+        if chains:
+            batch_maps, batch_scores = estimator(sampler, shape, batch, device)
+            maps.append(batch_maps.cpu())
+            scores.append(batch_scores.cpu())
+        elif estimator is not None:
             maps.append(None if estimator.maps is None else estimator.maps.cpu())
             scores.append(None if estimator.scores is None else estimator.scores.cpu())
             step_maps.append(None if estimator.step_maps is None else estimator.step_maps.cpu())
@@ -118,6 +128,10 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
     - `aleatoric` (§3), `mc_dropout` (§5a: dropout passes of `net`), `bayesdiff` (§5b: `net` with the
       fitted last-layer Laplace posterior `laplace`, moved to `device`; sample with the hook's
       `eps_model`). A score `reference` is checked to cover `steps` where given.
+    - `x0_trajectory` (§6c): `X0TrajectoryUncertainty` over the estimation window, checked to hold two
+      of `steps` where given.
+    - `generative` (§6c): `GenerativeUncertainty` of `net` and `laplace` with `M` chains, scored in pixel
+      space; not a step hook, `generate` runs it after the plain chain.
     A setting that doesn't fit is a ValueError naming the option, before anything is sampled.
     """
     estimator = EstimatorSpec() if estimator is None else estimator
@@ -133,7 +147,7 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
                 raise ValueError(f"guidance.table has shape {tuple(table.shape)}; this run needs {tuple(need)} "
                                  f"(steps, C, H, W): calibrate it with this model and step count")
             table = table if device is None else table.to(device)
-        aleatoric = AleatoricUncertainty(e.M, e.variant, e.chunk_size, e.window, e.keep_maps)
+        aleatoric = AleatoricUncertainty(e.M, e.variant, e.chunk_size, e.estimation_window, e.keep_maps)
         return UncertaintyGuidance(aleatoric, guidance.rule, guidance.sign, guidance.lam, guidance.quantile, table,
                                    guidance.window, guidance.grad_wrt, guidance.reduce, guidance.prior_precision)
     if e.needs_reference:
@@ -142,19 +156,28 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
     if e.reference is not None and steps is not None and len(e.reference["mean"]) != steps:
         raise ValueError(f"estimator.reference covers {len(e.reference['mean'])} sampler steps; this run has {steps}: "
                          f"calibrate it with this run's sampler and step count")
+    window = e.estimation_window
     if e.name == "none":
         return None
     if e.name == "aleatoric":
-        return AleatoricUncertainty(e.M, e.variant, e.chunk_size, e.window, e.keep_maps, e.score, e.reference)
+        return AleatoricUncertainty(e.M, e.variant, e.chunk_size, window, e.keep_maps, e.score, e.reference)
+    if e.name == "x0_trajectory":
+        if steps is not None and len(window_steps(window, steps)) < 2:
+            raise ValueError(f"estimator.window {list(window)} holds {len(window_steps(window, steps))} of the "
+                             f"{steps} sampler steps; the x0 trajectory's variance needs at least 2: widen it or "
+                             f"sample more steps")
+        return X0TrajectoryUncertainty(window)
     if net is None:
         raise ValueError(f"estimator.name {e.name} needs the network (net)")
     if e.name == "mc_dropout":
         try:
-            return MCDropoutUncertainty(net, e.M, e.dropout, e.window, e.keep_maps, e.chunk_size)
+            return MCDropoutUncertainty(net, e.M, e.dropout, window, e.keep_maps, e.chunk_size)
         except ValueError as error:
             raise ValueError(f"estimator.dropout: {error}") from None
     if laplace is None:
-        raise ValueError("estimator.name bayesdiff needs a fitted Laplace posterior: call fit_laplace() or load a "
-                         "checkpoint that holds one")
+        raise ValueError(f"estimator.name {e.name} needs a fitted Laplace posterior: call fit_laplace() or load a "
+                         f"checkpoint that holds one")
+    if e.name == "generative":
+        return GenerativeUncertainty(net, laplace if device is None else laplace.to(device), e.M)
     return BayesDiffUncertainty(net, laplace if device is None else laplace.to(device), e.draws, e.skip, e.moments,
                                 e.keep_maps, e.chunk_size)

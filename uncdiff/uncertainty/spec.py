@@ -34,9 +34,11 @@ from uncdiff.core.samplers import CLIPPED_EPS, DDPM_VARIANCES, SPACINGS
 from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS
 from uncdiff.uncertainty.estimators import SCORES, VARIANTS, check_score, check_window
 from uncdiff.uncertainty.guidance import ABAR_INVERSE, GRAD_WRT, REDUCTIONS, RULES
+from uncdiff.uncertainty.trajectory import DEFAULT_WINDOW as TRAJECTORY_WINDOW
 
 SAMPLER_NAMES = ("ddim", "ddpm")
-ESTIMATOR_NAMES = ("none", "aleatoric", "mc_dropout", "bayesdiff")
+ESTIMATOR_NAMES = ("none", "aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative")
+LAPLACE_ESTIMATORS = ("bayesdiff", "generative")  # the estimators that need the last-layer Laplace posterior
 GUIDANCE_RULES = ("none", *RULES)
 
 
@@ -158,16 +160,23 @@ class EstimatorSpec:
       rest, `needs_reference`, but must be there when sampling);
     - `mc_dropout`: `M` dropout passes per step at rate `dropout` (null: the model's own), over `window`;
     - `bayesdiff`: last-layer Laplace propagated through DDIM, `draws` per UQ step, UQ every `skip`-th
-      step, covariance estimator `moments` (regression | paper).
+      step, covariance estimator `moments` (regression | paper);
+    - `x0_trajectory` (§6c, Aithal et al.): the variance of the sampler's x0 estimate over the steps of
+      `window`; no network evaluations beyond sampling;
+    - `generative` (§6c, Jazbec et al.): `M` more chains from the same x_T under last-layer weights drawn
+      from BayesDiff's Laplace posterior, scored by the disagreement of their final samples' pixels.
+    `window` null means the estimator's own default (`default_window`): every step, `(0, 1)`, for
+    `aleatoric` and `mc_dropout`; the last fifth, `(0.8, 1)`, for `x0_trajectory`; `estimation_window`
+    is the one the run uses.
     `chunk_size` caps the rows of one network call (null: all at once); `keep_maps` keeps every step's
     map (`SampleResult.step_maps`). Guided runs use the aleatoric estimator with `M`, `variant` and
     `window` (the estimation window; guidance's own is `GuidanceSpec.window`).
     """
 
-    name: Literal["none", "aleatoric", "mc_dropout", "bayesdiff"] = "none"
+    name: Literal["none", "aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative"] = "none"
     M: int = 5
     variant: Literal["centered", "sample"] = "centered"
-    window: tuple[float, float] = (0.0, 1.0)
+    window: Optional[tuple[float, float]] = None
     score: Literal["sum", "step_normalized", "standardized"] = "sum"
     reference: Optional[dict] = None
     dropout: Optional[float] = None
@@ -181,7 +190,8 @@ class EstimatorSpec:
         _one_of("estimator.name", self.name, ESTIMATOR_NAMES)
         _set(self, "M", _integer("estimator.M", self.M, 2))
         _one_of("estimator.variant", self.variant, VARIANTS)
-        _set(self, "window", _window("estimator.window", self.window))
+        if self.window is not None:
+            _set(self, "window", _window("estimator.window", self.window))
         _one_of("estimator.score", self.score, SCORES)
         if self.reference is not None:  # a normalised score's statistics may come later (`needs_reference`)
             try:
@@ -207,6 +217,21 @@ class EstimatorSpec:
         return self.name != "none"
 
     @property
+    def default_window(self) -> tuple[float, float]:
+        """The window of this estimator when `window` is null (docs/algorithms.md §3, §6c)."""
+        return TRAJECTORY_WINDOW if self.name == "x0_trajectory" else (0.0, 1.0)
+
+    @property
+    def estimation_window(self) -> tuple[float, float]:
+        """The window this run estimates over: `window`, or the estimator's default."""
+        return self.default_window if self.window is None else self.window
+
+    @property
+    def needs_laplace(self) -> bool:
+        """Whether the estimator draws on the last-layer Laplace posterior (fit or load it first)."""
+        return self.name in LAPLACE_ESTIMATORS
+
+    @property
     def needs_reference(self) -> bool:
         """Whether the score variant divides by reference statistics not given yet: load calibrate's file
         (`uncdiff.io.tables.load_score_reference`) into `reference` before sampling."""
@@ -217,10 +242,11 @@ class EstimatorSpec:
         applies to it; the score variant only when it is not `sum` (its statistics are recorded by
         the file's hash, not here)."""
         own = {"none": (), "aleatoric": ("M", "variant", "window"), "mc_dropout": ("M", "dropout", "window"),
-               "bayesdiff": ("draws", "skip", "moments")}[self.name]
+               "bayesdiff": ("draws", "skip", "moments"), "x0_trajectory": ("window",),
+               "generative": ("M",)}[self.name]
         record = {"name": self.name, **{k: getattr(self, k) for k in own}}
         if "window" in record:
-            record["window"] = list(record["window"])
+            record["window"] = list(self.estimation_window)
         if self.score != "sum":
             record["score"] = self.score
         return record
