@@ -1,0 +1,104 @@
+"""Detection metrics (uncdiff/evaluation/detection.py, docs/algorithms.md §6c) against independent truths:
+scikit-learn's AUROC and average precision, scipy's exact binomial test, cases counted by hand, and the
+power formula checked by simulating the test it describes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from uncdiff.evaluation.detection import (auprc, auroc, bootstrap_interval, detectable_difference, detection_row,
+                                          mcnemar, random_scores, retention)
+
+
+def labelled(n=300, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    invalid = rng.random(n) < 0.3
+    scores = rng.normal(size=n) + 0.8 * invalid
+    return (np.round(scores, 1) if ties else scores), invalid
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_and_auprc_equal_scikit_learns(ties):
+    scores, invalid = labelled(ties=ties)
+    assert auroc(scores, invalid) == pytest.approx(roc_auc_score(invalid, scores), abs=1e-12)
+    assert auprc(scores, invalid) == pytest.approx(average_precision_score(invalid, scores), abs=1e-12)
+    assert auroc(torch.tensor(scores), torch.tensor(invalid)) == pytest.approx(roc_auc_score(invalid, scores))
+
+
+def test_hand_built_cases():
+    invalid = [False, False, True, True]
+    assert auroc([0.1, 0.2, 0.8, 0.9], invalid) == 1.0 and auprc([0.1, 0.2, 0.8, 0.9], invalid) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], invalid) == 0.0
+    assert auroc([1, 1, 1, 1], invalid) == 0.5  # all tied: one half
+    # ranked invalid, valid, invalid, valid from the top: precision 1 at recall 1/2, 2/3 at recall 1
+    assert auprc([4, 3, 2, 1], [True, False, True, False]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert math.isnan(auroc([1, 2], [True, True])) and math.isnan(auprc([1, 2], [False, False]))
+    with pytest.raises(ValueError, match="one length"):
+        auroc([1, 2, 3], [True, False])
+
+
+def test_retention_keeps_the_lowest_scores():
+    # ten samples, scores 0..9; the invalid ones are 7, 8, 9 and 2
+    scores = np.arange(10.0)
+    invalid = np.isin(np.arange(10), [2, 7, 8, 9])
+    assert retention(scores, invalid, 0.9) == (0.25, 1.0)  # drops 9: one of four invalid, every valid kept
+    assert retention(scores, invalid, 0.7) == (0.75, 1.0)  # drops 7, 8, 9
+    assert retention(scores, invalid, 0.5) == (0.75, 4 / 6)  # drops 5..9: valid 5 and 6 go too
+
+
+def test_the_bootstrap_interval_covers_the_estimate_and_is_seeded():
+    scores, invalid = labelled(n=400)
+    low, high = bootstrap_interval(auroc, scores, invalid, seed=3)
+    assert low < auroc(scores, invalid) < high and high - low < 0.2
+    assert bootstrap_interval(auroc, scores, invalid, seed=3) == (low, high)
+    assert bootstrap_interval(auroc, scores, invalid, seed=4) != (low, high)
+    # the textbook standard error of AUROC (Hanley & McNeil 1982) gives about the same width
+    a, n1, n0 = auroc(scores, invalid), invalid.sum(), (~invalid).sum()
+    q1, q2 = a / (2 - a), 2 * a**2 / (1 + a)
+    se = math.sqrt((a * (1 - a) + (n1 - 1) * (q1 - a**2) + (n0 - 1) * (q2 - a**2)) / (n1 * n0))
+    assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.25)
+    with pytest.raises(ValueError, match="resamples must be >= 1000"):
+        bootstrap_interval(auroc, scores, invalid, resamples=100)
+
+
+def test_a_random_score_detects_nothing():
+    invalid = np.random.default_rng(1).random(4000) < 0.25
+    row = detection_row(random_scores(4000, seed=2), invalid)
+    assert row["n"] == 4000 and row["invalid"] == invalid.sum()
+    assert row["auroc_low"] < 0.5 < row["auroc_high"]
+    assert row["auprc_low"] < invalid.mean() < row["auprc_high"]
+    assert row["removed_at_90"] == pytest.approx(0.1, abs=0.03) and row["kept_at_95"] == pytest.approx(0.95, abs=0.02)
+    assert torch.equal(random_scores(5, seed=2), random_scores(5, seed=2))
+
+
+@pytest.mark.parametrize("b, c, same", [(0, 0, 10), (3, 9, 40), (12, 2, 0), (30, 52, 918), (5, 5, 1)])
+def test_mcnemar_is_scipys_exact_binomial_test_on_the_discordant_pairs(b, c, same):
+    first = [True] * b + [False] * c + [True] * (same // 2) + [False] * (same - same // 2)
+    second = [False] * b + [True] * c + [True] * (same // 2) + [False] * (same - same // 2)
+    result = mcnemar(first, second)
+    assert (result.n, result.only_first, result.only_second) == (b + c + same, b, c)
+    assert result.rate_first - result.rate_second == pytest.approx((b - c) / (b + c + same))
+    expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+    assert result.p_value == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_detectable_difference_has_the_stated_power():
+    """Simulate the exact test at the difference the formula gives: it rejects about 80% of the time."""
+    n, psi = 2000, 0.1
+    delta = detectable_difference(n, psi)
+    assert 0 < delta < psi
+    # the closed form without the delta^2 term bounds it from above
+    assert delta < (1.959964 + 0.841621) * math.sqrt(psi / n)
+    rng = np.random.default_rng(0)
+    p10, p01 = (psi + delta) / 2, (psi - delta) / 2
+    rejected = 0
+    for _ in range(400):
+        kind = rng.choice(3, size=n, p=[p10, p01, 1 - psi])
+        b, c = int((kind == 0).sum()), int((kind == 1).sum())
+        rejected += binomtest(b, b + c, 0.5).pvalue < 0.05
+    assert rejected / 400 == pytest.approx(0.8, abs=0.07)
+    assert math.isnan(detectable_difference(n, 0.0))
