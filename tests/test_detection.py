@@ -11,7 +11,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from uncdiff.evaluation.detection import (auprc, auroc, bootstrap_interval, detectable_difference, detection_row,
-                                          mcnemar, random_scores, retention)
+                                          detection_rows, mcnemar, random_scores, retention)
 
 
 def labelled(n=300, seed=0, ties=False):
@@ -102,3 +102,61 @@ def test_the_detectable_difference_has_the_stated_power():
         rejected += binomtest(b, b + c, 0.5).pvalue < 0.05
     assert rejected / 400 == pytest.approx(0.8, abs=0.07)
     assert math.isnan(detectable_difference(n, 0.0))
+
+
+def test_the_table_has_a_row_per_estimator_then_random():
+    invalid = np.random.default_rng(3).random(300) < 0.4
+    perfect = invalid.astype(float)
+    rows = detection_rows({"perfect": (perfect, invalid)}, {"perfect": {"nfe_per_image": 20, "seconds_per_image": 0.5}})
+    assert [r["estimator"] for r in rows] == ["perfect", "random"]
+    assert rows[0]["auroc"] == rows[0]["auroc_low"] == 1.0 and rows[0]["nfe_per_image"] == 20
+    assert rows[0]["removed_at_90"] == pytest.approx(30 / invalid.sum())  # the 30 dropped are all invalid
+    assert rows[1]["invalid"] == invalid.sum() and rows[1]["nfe_per_image"] is None
+
+
+# ------------------------------------------------------------------------ evaluate --experiments detection
+
+TINY_SHAPES_FIT = ["--model.base_channels", "8", "--model.channel_mults", "[1,2]", "--model.attn_resolutions", "[]",
+                   "--model.sample_steps", "10", "--data.init_args.train_size", "64", "--data.init_args.val_size",
+                   "16", "--data.init_args.batch_size", "16", "--trainer.max_steps", "3", "--trainer.limit_val_batches",
+                   "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.slow  # trains a 3-step shapes model, then samples five sets
+def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path):
+    import csv
+    import sys
+    from unittest import mock
+
+    from uncdiff.commands.evaluate import main as evaluate
+    from uncdiff.data.shapes import invalid_mask
+    from uncdiff.lightning.cli import main as cli_main
+    from PIL import Image
+
+    run = tmp_path / "runs" / "shapes"
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli_main(["fit", "--config", "shapes.yaml", "--trainer.default_root_dir", str(run), *TINY_SHAPES_FIT])
+    out = tmp_path / "eval"
+    evaluate(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--experiments", "detection",
+              "--n", "8", "--batch_size", "8", "--sampler.steps", "10", "--estimator.M", "2", "--estimator.draws", "2",
+              "--bayesdiff.laplace_images", "16", "--fabric.accelerator", "cpu", "--progress", "false"])
+    with open(out / "detection.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = ["aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative", "random"]
+    assert [r["estimator"] for r in rows] == names
+    # the labels are the checker's verdicts on each set's images; the AUROC is scikit-learn's on the set's scores
+    for r in rows[:-1]:
+        with open(out / "sets" / r["estimator"] / "manifest.csv", newline="") as f:
+            manifest = list(csv.DictReader(f))
+        images = torch.stack([torch.from_numpy(np.array(Image.open(out / "sets" / r["estimator"] / m["image"])))
+                              for m in manifest])
+        invalid = invalid_mask(images)
+        assert int(r["invalid"]) == int(invalid.sum()) and int(r["n"]) == 8
+        scores = [float(m["score"]) for m in manifest]
+        if 0 < invalid.sum() < 8:
+            assert float(r["auroc"]) == pytest.approx(roc_auc_score(invalid.numpy(), scores), abs=1e-9)
+    nfe = {r["estimator"]: float(r["nfe_per_image"]) for r in rows[:-1]}
+    assert nfe["x0_trajectory"] == 10 and nfe["generative"] == 10 * (1 + 2) and nfe["aleatoric"] == 10 * (1 + 2)
+    report = (out / "report.md").read_text()
+    assert "(f) Detecting invalid samples" in report and "FIDs of a few hundred" not in report

@@ -13,8 +13,12 @@ correlations of each score variant and window with |x_T|^2, realism and classifi
 kept-set FID curves over drop fractions. Not run by default, as it is expensive: `sweep`, guided
 versus unguided FID over a grid of guidance strengths (--sweep.lams for each --sweep.grad_wrt,
 --sweep.prior_precisions), paired with the first --sweep.n samples of the unguided set, mean ± std
-over --sweep.seed_groups. The sets and sections are `uncdiff.evaluation.sample_sets` and
-`uncdiff.evaluation.sections`.
+over --sweep.seed_groups. Not run by default, for a model trained on the shapes testbed only:
+`detection` (docs/algorithms.md §6c), each estimator's samples (aleatoric, MC-Dropout, BayesDiff,
+x0_trajectory, generative) labelled by the shapes checker, with AUROC / AUPRC of its score at
+finding the invalid ones, the fractions removed and kept at 90 % and 95 % retention, and its cost,
+beside a random score; alone it computes no FID. The sets and sections are
+`uncdiff.evaluation.sample_sets` and `uncdiff.evaluation.sections`.
 
 Each sample set is an `uncdiff sample` run in <out>/sets/<name> (so all processes generate it,
 and a re-run resumes it); then rank 0 extracts FID features once per set (cached next to it) and
@@ -40,13 +44,13 @@ from uncdiff.evaluation.experiments import PRC_NEIGHBOURS, denoised_steps
 from uncdiff.evaluation.fid import datamodule_images, make_extractor, real_feature_stats
 from uncdiff.evaluation.report import Report, log_report, write_report
 from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, OPTIONAL_EXPERIMENTS, Plan,
-                                           needs_laplace, set_names, set_overrides)
+                                           needs_fid, needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
 from uncdiff.io.lock import lock_and_check
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
-from uncdiff.lightning.data import DigitsDataModule, dataset_key
-from uncdiff.uncertainty.spec import EstimatorSpec
+from uncdiff.lightning.data import DigitsDataModule, ShapesDataModule, dataset_key
+from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS, EstimatorSpec
 
 
 def build_parser() -> ArgumentParser:
@@ -63,7 +67,8 @@ def build_parser() -> ArgumentParser:
                    help="real training images (a random subset) that filtering's precision / recall compare with "
                         "(null: min(n, 10000); 0 skips precision / recall)")
     g.add_argument("--study.resamples", type=int, default=1000,
-                   help="bootstrap resamples of each Spearman interval of the per-sample study (>= 1000)")
+                   help="bootstrap resamples of each Spearman interval of the per-sample study and of each "
+                        "detection interval (>= 1000)")
     g.add_argument("--seed_groups", type=int, default=3, help="seed groups the guided/unguided FIDs are repeated over")
     g = parser.add_argument_group("guidance sweep (--experiments sweep; docs/algorithms.md §4, strength)")
     g.add_argument("--sweep.n", type=Optional[int], default=None,
@@ -136,7 +141,7 @@ def check_options(args: Namespace) -> int:
         raise InputError("--estimators: name at least one of " + ", ".join(FILTERING_ESTIMATORS))
     if "sweep" in args.experiments:
         check_sweep(args)
-    if "study" in args.experiments and args.study.resamples < 1000:
+    if {"study", "detection"} & set(args.experiments) and args.study.resamples < 1000:
         raise InputError(f"--study.resamples must be >= 1000 (the bootstrap intervals' percentiles), got "
                          f"{args.study.resamples}")
     prc_real = min(args.n, 10000) if filtering.prc_real is None else filtering.prc_real
@@ -170,6 +175,9 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     extractor = args.fid.extractor if args.fid.extractor != "auto" else ("digits-classifier" if digits else "inception")
     if extractor == "digits-classifier" and not digits:
         raise InputError("--fid.extractor digits-classifier is for models of the digits data")
+    if "detection" in args.experiments and not isinstance(inputs.datamodule, ShapesDataModule):
+        raise InputError(f"--experiments detection labels samples with the shapes checker: it needs a model trained on "
+                         f"the shapes data (configs/shapes.yaml), not {type(inputs.datamodule).__name__}")
     notes, dropout = [], args.estimator.dropout
     if dropout is None:
         dropout = inputs.module.hparams.dropout or 0.1
@@ -179,7 +187,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     root = Path(args.out)
     stores = {name: SampleStore(root / "sets" / name, build_settings(
         set_arguments(args, name, dropout), inputs.module, inputs.sha256,
-        inputs.laplace if name == "bayesdiff" else None, save_maps=args.save_maps)) for name in set_names(args)}
+        inputs.laplace if name in LAPLACE_ESTIMATORS else None, save_maps=args.save_maps)) for name in set_names(args)}
     ause = {}
     if "ause" in args.experiments:
         for name in ("aleatoric", "mc_dropout"):
@@ -225,15 +233,16 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, c
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
     # only to torch hub's cache; the digits classifier's weights ship with the package)
-    extractor = make_fid_extractor(args, plan, module, fabric.device)
+    extractor = make_fid_extractor(args, plan, module, fabric.device) if needs_fid(args) else None
     if fabric.is_global_zero:
         create_output_dir(plan.root, plan.settings, info)
         record_config(plan.root, config)
     fabric.barrier()
-    if "bayesdiff" in plan.stores:
+    if any(name in plan.stores for name in LAPLACE_ESTIMATORS):
         attach_laplace(fabric, inputs)
     # the real statistics first: rank 0 makes them, the others wait and read them
-    real_stats, _ = real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid.cache)
+    real_stats = None if extractor is None else \
+        real_feature_stats(extractor, plan.dataset, datamodule_images(inputs.datamodule), args.fid.cache)[0]
     summaries = {}
     for name, store in plan.stores.items():
         summaries[name] = generate_run(fabric, module, store, info, progress=args.progress, desc=name, warm_up=True)

@@ -9,7 +9,7 @@ class) are NaN.
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -169,3 +169,22 @@ def detectable_difference(n: int, discordant: float, alpha: float = 0.05, power:
         mid = (low + high) / 2
         low, high = (mid, high) if gap(mid) < 0 else (low, mid)
     return high
+
+
+# ---------------------------------------------------------------------------------------- table
+
+def detection_rows(sets: dict, costs: Optional[dict] = None, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """The detection table: a `detection_row` per estimator of `sets` (`name -> (scores [N], invalid
+    [N])`) with its network evaluations and seconds per image from `costs[name]` (a sample run's
+    summary) where given, then the `random` baseline's (`random_scores(N, seed)`) on the first set's
+    labels (no cost of its own: None)."""
+    rows = []
+    for name, (scores, invalid) in sets.items():
+        cost = (costs or {}).get(name, {})
+        rows.append({"estimator": name, **detection_row(scores, invalid, resamples, seed),
+                     "nfe_per_image": cost.get("nfe_per_image"), "seconds_per_image": cost.get("seconds_per_image")})
+    if sets:
+        _, invalid = next(iter(sets.values()))
+        rows.append({"estimator": "random", **detection_row(random_scores(len(invalid), seed), invalid, resamples, seed),
+                     "nfe_per_image": None, "seconds_per_image": None})
+    return rows

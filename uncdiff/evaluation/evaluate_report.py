@@ -12,7 +12,7 @@ from uncdiff.evaluation import sections
 from uncdiff.evaluation.experiments import FeaturePrecisionRecall, cost_rows
 from uncdiff.evaluation.fid import FIDEvaluator
 from uncdiff.evaluation.report import Report
-from uncdiff.evaluation.sample_sets import Plan, moments_sets, sweep_sets
+from uncdiff.evaluation.sample_sets import DETECTION_ESTIMATORS, Plan, moments_sets, sweep_sets
 from uncdiff.io.files import load_torch
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
 
@@ -35,7 +35,7 @@ def report_header(args, plan: Plan, inputs, extractor, fabric, command: list[str
     return {
         "checkpoint": f"{inputs.checkpoint} (step {checkpoint.get('global_step', '?')}, sha256 {inputs.sha256[:12]})",
         "data": plan.dataset,
-        "FID features": f"{extractor.name}{classifier}",
+        "FID features": f"{extractor.name}{classifier}" if extractor is not None else "none (no FID experiment)",
         "sampler": ", ".join(f"{k}={v}" for k, v in any_set["sampler"].items() if k != "clip")
         + " (x0 clipped, except BayesDiff's)",
         "samples per set": f"{args.n} (seeds {args.seed}..{args.seed + args.n - 1}), batch {args.batch_size}",
@@ -53,8 +53,9 @@ def build_report(args, plan: Plan, inputs, summaries: dict, extractor, real_stat
     """Each experiment's section of the report, from the finished sample sets (on rank 0). `args` are
     the command's options, `inputs` its checked model inputs (module, checkpoint, sha256, data)."""
     report = Report(header=report_header(args, plan, inputs, extractor, fabric, command), notes=list(plan.notes))
-    fid = FIDEvaluator.from_features(real_stats, fabric.device).score
-    features = {name: sections.set_features(store, extractor) for name, store in plan.stores.items()}
+    fid = None if extractor is None else FIDEvaluator.from_features(real_stats, fabric.device).score
+    features = {} if extractor is None else {name: sections.set_features(store, extractor)
+                                             for name, store in plan.stores.items()}
     prc = plan.settings["precision_recall"]
     real = None
     if prc is not None and "filtering" in args.experiments or "study" in args.experiments:
@@ -81,6 +82,8 @@ def build_report(args, plan: Plan, inputs, summaries: dict, extractor, real_stat
         images = sections.held_out_images(inputs.datamodule, args.ause.images).to(module.device)
         sections.ause_section(report, module.ema.ema_model.eval(), plan.ause_sampler, plan.ause_hooks, images,
                               plan.ause["aleatoric"], args.ause.fractions, args.batch_size)
+    if "detection" in args.experiments:
+        sections.detection_section(report, plan.stores, summaries, DETECTION_ESTIMATORS, args.study.resamples)
     if "cost" in args.experiments:
         report.cost = cost_rows({name: s for name, s in summaries.items() if name not in sweep_sets(args)})
     sections.closing_notes(report, plan.stores, features)

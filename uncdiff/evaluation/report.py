@@ -31,6 +31,7 @@ class Report:
     study: list[dict] = field(default_factory=list)  # study.correlation_rows
     study_curves: list[dict] = field(default_factory=list)  # study.drop_curve_rows
     study_points: dict = field(default_factory=dict)  # estimator -> {"score", "noise", "realism"} [N] for scatters
+    detection: list[dict] = field(default_factory=list)  # detection.detection_rows
     notes: list[str] = field(default_factory=list)
     images: list[tuple[str, str]] = field(default_factory=list)  # (caption, file) shown at the end
 
@@ -162,7 +163,7 @@ def markdown(report: Report) -> str:
     """report.md: the header, then each experiment's section, the notes and the figures."""
     out = ["# uncdiff evaluation report", "", table([["", ""]] + [[k, fmt(v)] for k, v in report.header.items()]), ""]
     for section in (filtering_markdown, guidance_markdown, sweep_markdown, sparsification_markdown, cost_markdown,
-                    study_markdown):
+                    study_markdown, detection_markdown):
         out += section(report)
     if report.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
@@ -281,6 +282,27 @@ def cost_markdown(report: Report) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------- detection
+
+def detection_markdown(report: Report) -> list[str]:
+    """Section (f): finding the invalid samples of the shapes testbed (docs/algorithms.md §6c)."""
+    if not report.detection:
+        return []
+    interval = lambda r, k: f"{fmt(r[k])} [{fmt(r[f'{k}_low'])}, {fmt(r[f'{k}_high'])}]"  # noqa: E731
+    return ["## (f) Detecting invalid samples (shapes checker)", "",
+            "Each estimator's samples are labelled by the shapes checker; its score (higher = more likely "
+            "invalid) is judged at finding the invalid ones: AUROC and AUPRC [stratified bootstrap 95 % interval], "
+            "and, keeping the 90 % / 95 % with the lowest scores, the fraction of invalid samples removed and of "
+            "valid samples kept. `random` is a uniform random score on the first set's labels (its AUPRC "
+            "expectation is the invalid rate).", "",
+            table([["estimator", "samples", "invalid", "AUROC", "AUPRC", "removed / kept at 90 %",
+                    "removed / kept at 95 %", "evaluations / image", "seconds / image"]]
+                  + [[r["estimator"], str(r["n"]), str(r["invalid"]), interval(r, "auroc"), interval(r, "auprc"),
+                      f"{fmt(r['removed_at_90'])} / {fmt(r['kept_at_90'])}",
+                      f"{fmt(r['removed_at_95'])} / {fmt(r['kept_at_95'])}", fmt(r["nfe_per_image"], 1),
+                      fmt(r["seconds_per_image"], 4)] for r in report.detection]), ""]
+
+
 # ---------------------------------------------------------------------------- per-sample study
 
 def study_markdown(report: Report) -> list[str]:
@@ -377,7 +399,8 @@ def write_report(out: Path, report: Report) -> list[Path]:
         plot_sparsification(report.curves, out / "sparsification.png")
     if report.cost:
         plot_cost(report.cost, out / "cost.png")
-    for name, rows in (("study", report.study), ("study_curves", report.study_curves)):
+    for name, rows in (("study", report.study), ("study_curves", report.study_curves),
+                       ("detection", report.detection)):
         if rows:
             write_csv(out / f"{name}.csv", rows)
             written.append(out / f"{name}.csv")
@@ -395,7 +418,7 @@ def log_report(logger, out: Path, report: Report) -> None:
     `evaluate` command makes: `uncdiff.lightning.wandb_logger.WandbLogger`)."""
     for name, rows in (("filtering", report.filtering), ("guidance", report.guidance), ("sweep", report.sweep),
                        ("sparsification", report.sparsification), ("cost", report.cost), ("study", report.study),
-                       ("study_curves", report.study_curves)):
+                       ("study_curves", report.study_curves), ("detection", report.detection)):
         if rows:
             columns = list(rows[0])
             logger.log_table(key=f"evaluate/{name}", columns=columns,

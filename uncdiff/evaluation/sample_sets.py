@@ -11,8 +11,10 @@ from uncdiff.io.sample_store import SampleStore
 from uncdiff.uncertainty.bayesdiff import MOMENT_ESTIMATORS
 
 EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")  # the default ones
-OPTIONAL_EXPERIMENTS = ("sweep",)  # run only when named: expensive
+OPTIONAL_EXPERIMENTS = ("sweep", "detection")  # run only when named: expensive, or for shapes models only
+FID_EXPERIMENTS = ("filtering", "study", "guidance", "sweep")  # the ones that compute FID features
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
+DETECTION_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative")
 GUIDED = ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]  # the guidance experiment's sets
 # sample set -> how its options differ from the command's (see `set_overrides`)
 SETS = {
@@ -20,6 +22,8 @@ SETS = {
     "aleatoric": {"estimator.name": "aleatoric"},
     "mc_dropout": {"estimator.name": "mc_dropout"},
     "bayesdiff": {"estimator.name": "bayesdiff", "sampler.clip": False},
+    "x0_trajectory": {"estimator.name": "x0_trajectory", "estimator.window": None},  # its own last fifth
+    "generative": {"estimator.name": "generative"},
     GUIDED[0]: {"guidance.rule": "gradient", "guidance.sign": 1},
     GUIDED[1]: {"guidance.rule": "gradient", "guidance.sign": -1},
     GUIDED[2]: {"guidance.rule": "posterior"},
@@ -72,6 +76,8 @@ def set_names(options) -> list[str]:
     names = []
     if "filtering" in options.experiments or "study" in options.experiments:  # the study scores the same sets
         names += list(options.estimators)
+    if "detection" in options.experiments:
+        names += list(DETECTION_ESTIMATORS)
     if "guidance" in options.experiments:
         names += ["plain", *GUIDED]
     if "cost" in options.experiments:
@@ -82,8 +88,14 @@ def set_names(options) -> list[str]:
 
 
 def needs_laplace(options) -> bool:
-    """Whether any set to sample is a BayesDiff set (the cost experiment alone samples one too)."""
-    return any(name.startswith("bayesdiff") for name in set_names(options))
+    """Whether any set to sample is a BayesDiff or generative set (the cost experiment alone samples
+    them too)."""
+    return any(name.startswith("bayesdiff") or name == "generative" for name in set_names(options))
+
+
+def needs_fid(options) -> bool:
+    """Whether an experiment to run computes FID features (the detection, AUSE and cost ones don't)."""
+    return any(name in FID_EXPERIMENTS for name in options.experiments)
 
 
 def set_overrides(options, name: str, dropout: float) -> dict:

@@ -13,6 +13,8 @@ from torch import Tensor
 from uncdiff.evaluation.experiments import (check_variance_scores, denoised_steps, extract_features, filtering_row,
                                             guidance_row, sign_outcome, sparsification_inputs, sparsification_row,
                                             sweep_outcome, sweep_rows)
+from uncdiff.data.shapes import invalid_mask
+from uncdiff.evaluation.detection import detection_rows
 from uncdiff.evaluation.fid import datamodule_images
 from uncdiff.evaluation.report import Report
 from uncdiff.evaluation.sample_sets import GUIDED
@@ -224,6 +226,25 @@ def ause_section(report: Report, model, sampler, hooks: dict, images: Tensor, se
                                    f"{n}; maps summed over steps {steps[0]}..{steps[-1]} (the --estimator.window's part)"
 
 
+# -------------------------------------------------------------------------------------- detection
+
+def detection_section(report: Report, stores: dict[str, SampleStore], summaries: dict, names: Sequence[str],
+                      resamples: int) -> None:
+    """docs/algorithms.md §6c: each estimator's set (of `names`) labelled by the shapes checker, how well its
+    score finds the invalid samples, its cost (`summaries`), and a random score's row. A score that is not
+    a finite number counts as the highest (as filtering drops it), with a note."""
+    sets = {}
+    for name in names:
+        scores = stores[name].load_scores()
+        bad = ~torch.isfinite(scores)
+        if bad.any():
+            scores = torch.where(bad, scores[~bad].max() + 1 if (~bad).any() else 0.0, scores)
+            report.notes.append(f"detection: {int(bad.sum())} {name} scores are not finite numbers; they count as "
+                                f"the highest.")
+        sets[name] = (scores, invalid_mask(stores[name].load_images()))
+    report.detection = detection_rows(sets, summaries, resamples)
+
+
 # ----------------------------------------------------------------------------------------- closing
 
 def closing_notes(report: Report, stores: dict[str, SampleStore], features: dict) -> None:
@@ -233,6 +254,8 @@ def closing_notes(report: Report, stores: dict[str, SampleStore], features: dict
             identical = torch.equal(stores[name].load_images(), stores["plain"].load_images())
             report.notes.append(f"The {name} set's images are {'identical to' if identical else 'NOT identical to'} "
                                 f"the plain set's (estimation alone never changes a sample).")
+    if not features:  # no FID experiment ran
+        return
     report.notes.append("FIDs of a few hundred or thousand samples are biased upwards: compare numbers within "
                         "one table, not with published 50k-sample FIDs.")
     report.notes.append("Verdicts: a difference counts when it exceeds 2 standard deviations. Filtering: the kept "

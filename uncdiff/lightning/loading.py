@@ -15,15 +15,16 @@ from typing import Optional
 import yaml
 
 from uncdiff.io.files import InputError, load_torch, save_atomic
-from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule
+from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule, ShapesDataModule
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.palette import ConditionalDiffusionModule
 from uncdiff.lightning.palette_data import ImageToImageDataModule
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
 
-DATASETS = ("digits", "cifar10")  # --data.name: the training data, when no run config says it
+DATASETS = ("digits", "cifar10", "shapes")  # --data.name: the training data, when no run config says it
 # the only classes a saved config may name (image-to-image: the outer one, wrapping one of the others)
-IMAGE_DATA_MODULES = {f"{c.__module__}.{c.__name__}": c for c in (DigitsDataModule, CIFAR10DataModule)}
+IMAGE_DATA_MODULES = {f"{c.__module__}.{c.__name__}": c for c in (DigitsDataModule, CIFAR10DataModule,
+                                                                       ShapesDataModule)}
 DATA_MODULES = {**IMAGE_DATA_MODULES,
                 f"{ImageToImageDataModule.__module__}.{ImageToImageDataModule.__name__}": ImageToImageDataModule}
 
@@ -126,7 +127,7 @@ def training_data(module: DiffusionModule, checkpoint: Path, name: Optional[str]
         if name not in DATASETS:
             raise InputError(f"--data.name must be one of {DATASETS}, got {name!r}")
         data = DigitsDataModule(image_size=module.hparams.image_size) if name == "digits" else \
-            CIFAR10DataModule(root=root, download=False, num_workers=0)
+            ShapesDataModule() if name == "shapes" else CIFAR10DataModule(root=root, download=False, num_workers=0)
     else:
         config = _run_config(checkpoint, run_config, hint)
         try:
@@ -140,7 +141,7 @@ def training_data(module: DiffusionModule, checkpoint: Path, name: Optional[str]
 def check_data_matches(data, module: DiffusionModule) -> None:
     """Refuse data whose images aren't the model's (channels, size)."""
     channels, size = module.hparams.in_channels, module.hparams.image_size
-    if isinstance(data, DigitsDataModule):
+    if isinstance(data, (DigitsDataModule, ShapesDataModule)):
         shape = (1, data.image_size)
     elif isinstance(data, CIFAR10DataModule):
         shape = (3, 32)
