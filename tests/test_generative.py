@@ -109,3 +109,25 @@ def test_through_the_module_sample_it_runs_after_the_plain_chain():
     with pytest.raises(ValueError, match="guidance.rule posterior estimates with the aleatoric estimator; "
                                          "estimator.name is generative"):
         module.sample(n, sampler=spec, estimator=EstimatorSpec("generative"), guidance=GuidanceSpec("posterior"))
+
+
+def test_an_image_to_image_model_scores_only_the_generated_pixels():
+    from conftest import tiny_model_kwargs
+    from uncdiff.data.masks import box_mask
+    from uncdiff.lightning.palette import ConditionalDiffusionModule
+    from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
+
+    torch.manual_seed(0)
+    module = ConditionalDiffusionModule(task="inpaint", **tiny_model_kwargs()).eval()
+    with torch.no_grad():
+        for p in module.ema.ema_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    condition, mask = torch.rand(3, 1, 8, 8) * 2 - 1, box_mask(8)[None].repeat(3, 1, 1, 1)
+    module.fit_laplace(condition, num_images=3, conditions=condition)
+    spec = SamplerSpec("ddim", 4)
+    plain = module.sample(condition, mask, sampler=spec)
+    result = module.sample(condition, mask, sampler=spec, estimator=EstimatorSpec("generative", M=2))
+    assert result.nfe == plain.nfe + 2 * 4 * 3 and torch.equal(result.images, plain.images)
+    assert torch.equal(result.maps * (1 - mask), torch.zeros_like(result.maps))  # the known pixels never vary
+    torch.testing.assert_close(result.scores, result.maps.flatten(1).sum(1))
+    assert (result.scores > 0).all()

@@ -206,7 +206,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "subset_seeds": args.filtering.subset_seeds, "seed_groups": args.seed_groups,
                 "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
                 "ause": {"images": args.ause.images, "fractions": args.ause.fractions},
-                "fid": {"extractor": extractor, "dataset": dataset}}
+                "fid": {"extractor": extractor, "dataset": dataset} if needs_fid(args) else None}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
     lock, _ = lock_and_check(root, lambda: check_output_dir(root, settings))  # no other run writes there now
