@@ -160,3 +160,19 @@ def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path):
     assert nfe["x0_trajectory"] == 10 and nfe["generative"] == 10 * (1 + 2) and nfe["aleatoric"] == 10 * (1 + 2)
     report = (out / "report.md").read_text()
     assert "(f) Detecting invalid samples" in report and "FIDs of a few hundred" not in report
+    # guided against plain on the same seeds: the counts of the checker's labels, scipy's exact test
+    with open(out / "detection_guidance.csv", newline="") as f:
+        paired = list(csv.DictReader(f))
+    assert [r["set"] for r in paired] == ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]
+
+    def labels(name):
+        with open(out / "sets" / name / "manifest.csv", newline="") as f:
+            return invalid_mask(torch.stack([torch.from_numpy(np.array(Image.open(out / "sets" / name / m["image"])))
+                                             for m in csv.DictReader(f)]))
+
+    plain = labels("plain")
+    for r in paired:
+        guided = labels(r["set"])
+        b, c = int((plain & ~guided).sum()), int((~plain & guided).sum())
+        assert (int(r["only_first"]), int(r["only_second"]), int(r["n"])) == (b, c, 8)
+        assert float(r["p_value"]) == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0)

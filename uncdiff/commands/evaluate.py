@@ -17,7 +17,8 @@ over --sweep.seed_groups. Not run by default, for a model trained on the shapes 
 `detection` (docs/algorithms.md §6c), each estimator's samples (aleatoric, MC-Dropout, BayesDiff,
 x0_trajectory, generative) labelled by the shapes checker, with AUROC / AUPRC of its score at
 finding the invalid ones, the fractions removed and kept at 90 % and 95 % retention, and its cost,
-beside a random score; alone it computes no FID. The sets and sections are
+beside a random score; and the invalid rates of the plain and guided sets (and of the sweep's, with
+`sweep`) on the same seeds, by the exact McNemar test; alone it computes no FID. The sets and sections are
 `uncdiff.evaluation.sample_sets` and `uncdiff.evaluation.sections`.
 
 Each sample set is an `uncdiff sample` run in <out>/sets/<name> (so all processes generate it,

@@ -12,7 +12,7 @@ from uncdiff.evaluation import sections
 from uncdiff.evaluation.experiments import FeaturePrecisionRecall, cost_rows
 from uncdiff.evaluation.fid import FIDEvaluator
 from uncdiff.evaluation.report import Report
-from uncdiff.evaluation.sample_sets import DETECTION_ESTIMATORS, Plan, moments_sets, sweep_sets
+from uncdiff.evaluation.sample_sets import DETECTION_ESTIMATORS, GUIDED, Plan, moments_sets, sweep_sets
 from uncdiff.io.files import load_torch
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
 
@@ -83,7 +83,8 @@ def build_report(args, plan: Plan, inputs, summaries: dict, extractor, real_stat
         sections.ause_section(report, module.ema.ema_model.eval(), plan.ause_sampler, plan.ause_hooks, images,
                               plan.ause["aleatoric"], args.ause.fractions, args.batch_size)
     if "detection" in args.experiments:
-        sections.detection_section(report, plan.stores, summaries, DETECTION_ESTIMATORS, args.study.resamples)
+        sections.detection_section(report, plan.stores, summaries, DETECTION_ESTIMATORS, args.study.resamples,
+                                   [*GUIDED, *sweep_sets(args)])
     if "cost" in args.experiments:
         report.cost = cost_rows({name: s for name, s in summaries.items() if name not in sweep_sets(args)})
     sections.closing_notes(report, plan.stores, features)

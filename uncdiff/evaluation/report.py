@@ -32,6 +32,7 @@ class Report:
     study_curves: list[dict] = field(default_factory=list)  # study.drop_curve_rows
     study_points: dict = field(default_factory=dict)  # estimator -> {"score", "noise", "realism"} [N] for scatters
     detection: list[dict] = field(default_factory=list)  # detection.detection_rows
+    detection_guidance: list[dict] = field(default_factory=list)  # guided vs plain: detection.McNemar's fields
     notes: list[str] = field(default_factory=list)
     images: list[tuple[str, str]] = field(default_factory=list)  # (caption, file) shown at the end
 
@@ -300,7 +301,23 @@ def detection_markdown(report: Report) -> list[str]:
                   + [[r["estimator"], str(r["n"]), str(r["invalid"]), interval(r, "auroc"), interval(r, "auprc"),
                       f"{fmt(r['removed_at_90'])} / {fmt(r['kept_at_90'])}",
                       f"{fmt(r['removed_at_95'])} / {fmt(r['kept_at_95'])}", fmt(r["nfe_per_image"], 1),
-                      fmt(r["seconds_per_image"], 4)] for r in report.detection]), ""]
+                      fmt(r["seconds_per_image"], 4)] for r in report.detection]), ""] + detection_guidance_markdown(report)
+
+
+def detection_guidance_markdown(report: Report) -> list[str]:
+    """Guided against plain invalid rates on the same seeds, with the exact McNemar test."""
+    if not report.detection_guidance:
+        return []
+    verdict = lambda r: "differs (p < 0.05)" if r["p_value"] < 0.05 else "not detectable at this precision"  # noqa: E731
+    return ["**Guidance and the invalid rate.** Each guided set against the plain set on the same seeds: "
+            "`only plain` / `only guided` count the seeds invalid in one of the two; p: the exact two-sided "
+            "McNemar test; detectable: the smallest difference in invalid rate this many pairs find at alpha "
+            "0.05 with 80 % power (docs/algorithms.md §6c).", "",
+            table([["set", "pairs", "invalid plain", "invalid guided", "only plain", "only guided", "p", "detectable",
+                    "verdict"]]
+                  + [[r["set"], str(r["n"]), fmt(r["rate_first"]), fmt(r["rate_second"]), str(r["only_first"]),
+                      str(r["only_second"]), fmt(r["p_value"]), fmt(r["detectable"]), verdict(r)]
+                     for r in report.detection_guidance]), ""]
 
 
 # ---------------------------------------------------------------------------- per-sample study
@@ -400,7 +417,7 @@ def write_report(out: Path, report: Report) -> list[Path]:
     if report.cost:
         plot_cost(report.cost, out / "cost.png")
     for name, rows in (("study", report.study), ("study_curves", report.study_curves),
-                       ("detection", report.detection)):
+                       ("detection", report.detection), ("detection_guidance", report.detection_guidance)):
         if rows:
             write_csv(out / f"{name}.csv", rows)
             written.append(out / f"{name}.csv")
@@ -418,7 +435,8 @@ def log_report(logger, out: Path, report: Report) -> None:
     `evaluate` command makes: `uncdiff.lightning.wandb_logger.WandbLogger`)."""
     for name, rows in (("filtering", report.filtering), ("guidance", report.guidance), ("sweep", report.sweep),
                        ("sparsification", report.sparsification), ("cost", report.cost), ("study", report.study),
-                       ("study_curves", report.study_curves), ("detection", report.detection)):
+                       ("study_curves", report.study_curves), ("detection", report.detection),
+                       ("detection_guidance", report.detection_guidance)):
         if rows:
             columns = list(rows[0])
             logger.log_table(key=f"evaluate/{name}", columns=columns,

@@ -76,8 +76,8 @@ def set_names(options) -> list[str]:
     names = []
     if "filtering" in options.experiments or "study" in options.experiments:  # the study scores the same sets
         names += list(options.estimators)
-    if "detection" in options.experiments:
-        names += list(DETECTION_ESTIMATORS)
+    if "detection" in options.experiments:  # and the invalid rates of guided and plain samples
+        names += [*DETECTION_ESTIMATORS, "plain", *GUIDED]
     if "guidance" in options.experiments:
         names += ["plain", *GUIDED]
     if "cost" in options.experiments:

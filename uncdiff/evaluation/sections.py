@@ -3,6 +3,7 @@ reads the finished sample sets (`SampleStore`s) and their FID features, computes
 `uncdiff.evaluation.experiments` / `study` and fills its part of a `Report` (rows, header lines, notes).
 Features are extracted once per set and cached beside it."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -14,7 +15,7 @@ from uncdiff.evaluation.experiments import (check_variance_scores, denoised_step
                                             guidance_row, sign_outcome, sparsification_inputs, sparsification_row,
                                             sweep_outcome, sweep_rows)
 from uncdiff.data.shapes import invalid_mask
-from uncdiff.evaluation.detection import detection_rows
+from uncdiff.evaluation.detection import detection_rows, mcnemar
 from uncdiff.evaluation.fid import datamodule_images
 from uncdiff.evaluation.report import Report
 from uncdiff.evaluation.sample_sets import GUIDED
@@ -229,10 +230,12 @@ def ause_section(report: Report, model, sampler, hooks: dict, images: Tensor, se
 # -------------------------------------------------------------------------------------- detection
 
 def detection_section(report: Report, stores: dict[str, SampleStore], summaries: dict, names: Sequence[str],
-                      resamples: int) -> None:
+                      resamples: int, guided: Sequence[str] = ()) -> None:
     """docs/algorithms.md §6c: each estimator's set (of `names`) labelled by the shapes checker, how well its
     score finds the invalid samples, its cost (`summaries`), and a random score's row. A score that is not
-    a finite number counts as the highest (as filtering drops it), with a note."""
+    a finite number counts as the highest (as filtering drops it), with a note. Each guided set of
+    `guided` that ran: its invalid labels against the plain set's on the same seeds (its first ones), by
+    the exact McNemar test."""
     sets = {}
     for name in names:
         scores = stores[name].load_scores()
@@ -243,6 +246,11 @@ def detection_section(report: Report, stores: dict[str, SampleStore], summaries:
                                 f"the highest.")
         sets[name] = (scores, invalid_mask(stores[name].load_images()))
     report.detection = detection_rows(sets, summaries, resamples)
+    if "plain" in stores:
+        plain = invalid_mask(stores["plain"].load_images())
+        for name in (n for n in guided if n in stores):
+            labels = invalid_mask(stores[name].load_images())
+            report.detection_guidance.append({"set": name, **dataclasses.asdict(mcnemar(plain[:len(labels)], labels))})
 
 
 # ----------------------------------------------------------------------------------------- closing
