@@ -203,7 +203,7 @@ def test_failed_inception_download_fails_before_writing(tiny_checkpoint, tmp_pat
     out = tmp_path / "eval"
     with pytest.raises(SystemExit) as error:
         main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"), *ARGS,
-              "--experiments", "cost", "--fid.extractor", "inception"])
+              "--experiments", "guidance", "--fid.extractor", "inception"])  # an experiment that needs FID
     assert "could not be downloaded" in str(error.value.code) and "--fid.inception_weights PATH" in str(error.value.code)
     assert not out.exists() and not (tmp_path / "cache").exists()
 

@@ -14,7 +14,8 @@ EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")  # the default 
 OPTIONAL_EXPERIMENTS = ("sweep", "detection")  # run only when named: expensive, or for shapes models only
 FID_EXPERIMENTS = ("filtering", "study", "guidance", "sweep")  # the ones that compute FID features
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
-DETECTION_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative")
+PEER_ESTIMATORS = ("x0_trajectory", "generative")  # sampled for the detection experiment only
+DETECTION_ESTIMATORS = (*FILTERING_ESTIMATORS, *PEER_ESTIMATORS)
 GUIDED = ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]  # the guidance experiment's sets
 # sample set -> how its options differ from the command's (see `set_overrides`)
 SETS = {
@@ -81,7 +82,7 @@ def set_names(options) -> list[str]:
     if "guidance" in options.experiments:
         names += ["plain", *GUIDED]
     if "cost" in options.experiments:
-        names = ["plain", *names] if names else list(SETS)
+        names = ["plain", *names] if names else [n for n in SETS if n not in PEER_ESTIMATORS]
     if "sweep" in options.experiments:
         names.append("plain")
     return [n for n in SETS if n in names] + list(moments_sets(options)) + list(sweep_sets(options))
