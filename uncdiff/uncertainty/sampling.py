@@ -21,9 +21,10 @@ class SampleResult:
     """What `generate` returns; tensors on the CPU, one row per seed.
 
     `maps [N, C, H, W]`: the estimator's per-pixel uncertainty (summed over its window's steps;
-    `Var[x_0]` for BayesDiff); `scores [N]`: the per-sample score used for filtering; `nfe`: network
-    evaluations in total (image rows through a network: the sampler's predictions plus the
-    estimator's); `step_maps [N, S, C, H, W]` at the sampler steps `step_indices` when the estimator
+    `Var[x_0]` for BayesDiff; the variance of x0_hat over the window's steps for the x0 trajectory, of
+    the M chains' final samples for the generative estimator); `scores [N]`: the per-sample score used
+    for filtering; `nfe`: network evaluations in total (image rows through a network: the sampler's
+    predictions plus the estimator's); `step_maps [N, S, C, H, W]` at the sampler steps `step_indices` when the estimator
     keeps them. `step_totals [N, S]` (float64): per image, the sum over c, h, w of `U_t` at each step
     `total_steps` where the estimator computed a map (every score variant and window is a function
     of them, docs/algorithms.md §3); `noise_norms [N]` (float64): `|x_T|^2` of each sample's
