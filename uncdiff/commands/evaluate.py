@@ -234,7 +234,12 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, c
     module = inputs.module.to(fabric.device)
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
     # only to torch hub's cache; the digits classifier's weights ship with the package)
-    extractor = make_fid_extractor(args, plan, module, fabric.device) if needs_fid(args) else None
+    try:
+        extractor = make_fid_extractor(args, plan, module, fabric.device) if needs_fid(args) else None
+    except InputError:
+        if plan.lock is not None:
+            plan.lock.abandon()  # nothing is written yet: leave no <out> behind
+        raise
     if fabric.is_global_zero:
         create_output_dir(plan.root, plan.settings, info)
         record_config(plan.root, config)

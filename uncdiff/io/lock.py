@@ -42,8 +42,8 @@ class FolderLock:
     """An open, `flock`ed lock file; released when closed or garbage-collected. A lock handed to the
     other processes of a launch is not copied: it unpickles as None (a spawned rank holds nothing)."""
 
-    def __init__(self, path: Path, fd: int, created: bool):
-        self.path, self.fd, self.created = path, fd, created
+    def __init__(self, path: Path, fd: int, created: bool, made_folder: bool = False):
+        self.path, self.fd, self.created, self.made_folder = path, fd, created, made_folder
 
     def sign(self) -> None:
         """Write who holds the lock (pid, command line, start time) into the lock file."""
@@ -58,11 +58,17 @@ class FolderLock:
             self.fd = None
 
     def abandon(self) -> None:
-        """Release, and remove the lock file if this lock created it: a run refused by the checks
-        that follow the lock leaves the folder as it found it. (Safe: a process that opened the file
-        before it was removed finds it gone once it holds the lock, and tries again.)"""
+        """Release, and remove the lock file if this lock created it (and the folder, if taking the lock
+        made it and it is still empty): a run refused by the checks that follow the lock leaves the folder
+        as it found it. (Safe: a process that opened the file before it was removed finds it gone once it
+        holds the lock, and tries again.)"""
         if self.fd is not None and self.created:
             self.path.unlink(missing_ok=True)
+            if self.made_folder:
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass
         self.release()
 
     def __del__(self):
@@ -116,6 +122,7 @@ def lock_file(path: Path, what: str, option: str, sign: bool = True) -> Optional
     held = _held.get(key)
     if held is not None and held.fd is not None:
         return held
+    made_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         created = not path.exists()
@@ -129,7 +136,7 @@ def lock_file(path: Path, what: str, option: str, sign: bool = True) -> Optional
         if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)  # the file was removed (`abandon`) between our open and our lock: lock the new one
-    lock = FolderLock(path, fd, created)
+    lock = FolderLock(path, fd, created, made_folder)
     if sign:
         lock.sign()
     _held[key] = lock
