@@ -32,8 +32,8 @@ def test_same_data_and_fid_features_as_the_quickstart_and_trained_with_dropout()
     digits, quickstart = load("digits"), load("quickstart")
     assert digits["data"] == quickstart["data"]  # one dataset key: the real FID statistics are shared
     (fid,), (quick_fid,) = callbacks(digits, "FIDTrajectory"), callbacks(quickstart, "FIDTrajectory")
-    for key in ("extractor", "steps", "cache_dir"):
+    for key in ("extractor", "sampler", "cache_dir"):
         assert fid[key] == quick_fid[key]
-    assert fid.get("sampler", "ddim") == "ddim" and fid["steps"] == 20
+    assert fid["sampler"] == {"name": "ddim", "steps": 20}
     assert digits["model"]["dropout"] > 0
     assert digits["model"]["base_channels"] > quickstart["model"]["base_channels"]

@@ -45,9 +45,10 @@ class ResumableSampler(DistributedSampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
+        # the whole shard, also in a resumed epoch that yields fewer: Lightning reads the length once per
+        # dataloader and keeps it for every later epoch, and it restores the resumed epoch's batch count
         rank, world = rank_and_world()
-        skip = self.resume_skip if self.epoch == self.resume_epoch else 0
-        return max(self.size // world - skip, 0)
+        return self.size // world
 
     def __iter__(self) -> Iterator[int]:
         rank, world = rank_and_world()
