@@ -44,9 +44,9 @@ FIT = {
                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                      "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2}},
                     {"class_path": "uncdiff.callbacks.SampleGrid",
-                     "init_args": {"num_samples": 4, "sampler": "ddpm", "steps": 3}},
+                     "init_args": {"num_samples": 4, "sampler": {"name": "ddpm", "steps": 3}}},
                     {"class_path": "uncdiff.callbacks.UncertaintySampling",
-                     "init_args": {"num_samples": 2, "steps": 3, "progress": False}}]},
+                     "init_args": {"num_samples": 2, "sampler": {"name": "ddim", "steps": 3}, "progress": False}}]},
     "model": {"diffusers_unet": UNET, "num_timesteps": T, "lr": 1.0e-3, "warmup_steps": 2, "ema_decay": 0.9,
               "sample_steps": 4},
     "data": {"class_path": "uncdiff.lightning.data.DigitsDataModule",
@@ -285,7 +285,7 @@ def test_evaluate_on_a_pipeline_folder(pipeline, tmp_path):
 
     out = tmp_path / "eval"
     main(["--checkpoint", str(pipeline), "--out", str(out), "--data.name", "digits", "--experiments", "filtering",
-          "--filtering.estimators", "aleatoric", "--filtering.prc_real", "0", "--filtering.subset_seeds", "2",
+          "--estimators", "[aleatoric]", "--filtering.prc_real", "0", "--filtering.subset_seeds", "2",
           "--fid.cache", str(tmp_path / "cache"), "--n", "12", "--batch_size", "6", "--sampler.steps", "3",
           "--estimator.M", "2", "--fabric.accelerator", "cpu", "--progress", "false"])
     with open(out / "filtering.csv", newline="") as f:
