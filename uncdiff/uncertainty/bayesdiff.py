@@ -47,13 +47,14 @@ class LastLayerLaplace:
     num_images: int = 0
     seed: int = 0
 
-    def _conv(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def head_conv(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The head conv with this posterior's geometry and the given `weight`, `bias` (a MAP or a draw)."""
         return F.conv2d(h, weight.to(h), bias.to(h), self.stride, self.padding, self.dilation)
 
     def predictive_variance(self, h: torch.Tensor) -> torch.Tensor:
         """Per-pixel variance of `head(h)` for features `h [B, C, H, W]`, in closed form:
         `conv(h^2, var_W) + var_b` (exact for independent weights, docs/algorithms.md §5b)."""
-        return self._conv(h.pow(2), self.var_W, self.var_b)
+        return self.head_conv(h.pow(2), self.var_W, self.var_b)
 
     def sampled_variance(self, h: torch.Tensor, num_heads: int = 100, generator: Optional[torch.Generator] = None,
                          heads_per_chunk: int = 256) -> torch.Tensor:
@@ -66,7 +67,7 @@ class LastLayerLaplace:
             z_w = torch.randn((k, *self.weight.shape), generator=generator).to(self.weight)
             z_b = torch.randn((k, *self.bias.shape), generator=generator).to(self.bias)
             w, b = self.weight + self.var_W.sqrt() * z_w, self.bias + self.var_b.sqrt() * z_b
-            out = self._conv(h, w.flatten(0, 1), b.flatten()).double()  # heads stacked as output channels
+            out = self.head_conv(h, w.flatten(0, 1), b.flatten()).double()  # heads stacked as output channels
             out = out.view(h.shape[0], k, self.weight.shape[0], *out.shape[2:])
             total = total + out.sum(1)
             total_sq = total_sq + out.pow(2).sum(1)

@@ -61,7 +61,7 @@ class GenerativeUncertainty:
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             self.nfe += x.shape[0]
-            return self.laplace._conv(self.net.features(x, t), weight, bias)
+            return self.laplace.head_conv(self.net.features(x, t), weight, bias)
 
         return eps
 
