@@ -2,7 +2,7 @@
 
 from uncdiff.callbacks.fid_trajectory import FIDTrajectory
 from uncdiff.callbacks.invalid_rate import InvalidRate
-from uncdiff.callbacks.palette import ImageToImagePanels
+from uncdiff.callbacks.image_to_image import ImageToImagePanels
 from uncdiff.callbacks.sample_grid import SampleGrid
 from uncdiff.callbacks.uncertainty_sampling import UncertaintySampling
 

@@ -155,22 +155,22 @@ def test_help_lists_every_command(capsys):
 
     uncdiff_main(["--help"])
     listed = capsys.readouterr().out
-    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export", "restore", "evaluate_i2i"):
+    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export", "restore", "evaluate_image_to_image"):
         assert f"\n  {command} " in listed
 
 
 def test_every_command_takes_the_run_spec_s_keys():
-    """sample, calibrate, evaluate, restore and evaluate_i2i name the sampler, estimator and guidance
+    """sample, calibrate, evaluate, restore and evaluate_image_to_image name the sampler, estimator and guidance
     knobs as the run spec's dataclasses do, so one YAML configures them all."""
     import dataclasses
 
-    from uncdiff.commands import calibrate, evaluate, evaluate_i2i, restore, sample
+    from uncdiff.commands import calibrate, evaluate, evaluate_image_to_image, restore, sample
     from uncdiff.commands.options import parse_options
     from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
     fields = {name: {f.name for f in dataclasses.fields(cls)}
               for name, cls in (("sampler", SamplerSpec), ("estimator", EstimatorSpec), ("guidance", GuidanceSpec))}
-    for command in (sample, calibrate, evaluate, restore, evaluate_i2i):
+    for command in (sample, calibrate, evaluate, restore, evaluate_image_to_image):
         parser = command.build_parser()
         argv = ["--checkpoint", "c", "--out", "o", *(["--conditions", "d"] if command is restore else [])]
         parsed = parse_options(parser, [*argv, "--sampler.steps", "4", "--estimator.M", "3"])

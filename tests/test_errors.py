@@ -244,7 +244,7 @@ def test_an_image_too_large_to_decode_is_an_input_error(tmp_path):
     import struct
     import zlib
 
-    from uncdiff.io.condition_images import read_conditions
+    from uncdiff.io.image_to_image import read_conditions
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

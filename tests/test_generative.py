@@ -114,11 +114,11 @@ def test_through_the_module_sample_it_runs_after_the_plain_chain():
 def test_an_image_to_image_model_scores_only_the_generated_pixels():
     from conftest import tiny_model_kwargs
     from uncdiff.data.masks import box_mask
-    from uncdiff.lightning.palette import ConditionalDiffusionModule
+    from uncdiff.lightning.image_to_image import ImageToImageModule
     from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
 
     torch.manual_seed(0)
-    module = ConditionalDiffusionModule(task="inpaint", **tiny_model_kwargs()).eval()
+    module = ImageToImageModule(task="inpaint", **tiny_model_kwargs()).eval()
     with torch.no_grad():
         for p in module.ema.ema_model.parameters():
             p.add_(0.05 * torch.randn_like(p))

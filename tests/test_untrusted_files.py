@@ -58,7 +58,7 @@ COMMANDS = {
     "export": lambda ckpt, tmp: ["export", "--checkpoint", ckpt, "--out", str(tmp / "out")],
     "restore": lambda ckpt, tmp: ["restore", "--checkpoint", ckpt, "--conditions", str(conditions(tmp)),
                                   "--out", str(tmp / "out")],
-    "evaluate_i2i": lambda ckpt, tmp: ["evaluate_i2i", "--checkpoint", ckpt, "--out", str(tmp / "out")],
+    "evaluate_image_to_image": lambda ckpt, tmp: ["evaluate_image_to_image", "--checkpoint", ckpt, "--out", str(tmp / "out")],
 }
 
 

@@ -120,7 +120,7 @@ def add_laplace_arguments(parser: ArgumentParser) -> None:
     g.add_argument("--bayesdiff.laplace_images", type=Optional[int], default=None,
                    help="fit the Laplace posterior on this many training images (null: the checkpoint's own "
                         "posterior if it holds one, else 1000), cached as <checkpoint>.laplace-N.pt; an "
-                        "image-to-image model fits on training pairs (docs/palette.md)")
+                        "image-to-image model fits on training pairs (docs/image_to_image.md)")
 
 
 def add_guidance_arguments(parser: ArgumentParser, choose: bool = True) -> None:

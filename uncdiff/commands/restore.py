@@ -1,5 +1,5 @@
 """`uncdiff restore` (= `python train.py restore`): restore a folder of condition images with an
-image-to-image checkpoint (docs/palette.md), with uncertainty maps, scores and filtering, on every
+image-to-image checkpoint (docs/image_to_image.md), with uncertainty maps, scores and filtering, on every
 process of the machine or cluster, resumable.
 
     uncdiff restore --checkpoint runs/inpaint_quickstart/checkpoints/last.ckpt --out restored/digits \\
@@ -34,10 +34,10 @@ from uncdiff.commands.options import (add_estimator_arguments, add_fabric_argume
 from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run, make_fabric, prepare_model,
                                       print_run_summary, run_info)
 from uncdiff.commands.settings import build_settings
-from uncdiff.io.condition_images import read_conditions, read_masks
+from uncdiff.io.image_to_image import read_conditions, read_masks
 from uncdiff.io.files import InputError, write_atomic
 from uncdiff.io.sample_store import SampleStore
-from uncdiff.lightning.palette import ConditionalDiffusionModule
+from uncdiff.lightning.image_to_image import ImageToImageModule
 from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
 
@@ -70,7 +70,7 @@ class FolderRestorer:
     """What `generate_run` samples from: `sample(seeds, batch_size, **options)` restores the condition
     images of those seeds (seed `first + i` is image i) with `module`."""
 
-    def __init__(self, module: ConditionalDiffusionModule, pixels: torch.Tensor, masks: Optional[torch.Tensor],
+    def __init__(self, module: ImageToImageModule, pixels: torch.Tensor, masks: Optional[torch.Tensor],
                  first: int):
         self.module, self.pixels, self.masks, self.first = module, pixels, masks, first
 
@@ -81,7 +81,7 @@ class FolderRestorer:
         return self.module.sample(condition, mask, seeds=seeds, batch_size=batch_size, **options)
 
 
-def read_inputs(args: Namespace, module: ConditionalDiffusionModule) -> tuple[list[Path], torch.Tensor,
+def read_inputs(args: Namespace, module: ImageToImageModule) -> tuple[list[Path], torch.Tensor,
                                                                               Optional[torch.Tensor]]:
     """The condition files, their uint8 images `[N, C, H, W]` and masks `[N, 1, H, W]` (or None), checked
     against the model; the first `--n` of them when `--n` is given."""

@@ -1,4 +1,4 @@
-"""The report of `evaluate_i2i` (docs/algorithms.md §7): report.md, calibration.csv, guidance.csv,
+"""The report of `evaluate_image_to_image` (docs/algorithms.md §7): report.md, calibration.csv, guidance.csv,
 study.json and panels.png of what `uncdiff.evaluation.image_to_image`'s studies returned. Formats;
 computes nothing itself."""
 

@@ -214,6 +214,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         argv = resolve_config_args(argv)
-    # subclass mode: `model: {class_path: uncdiff.lightning.palette.ConditionalDiffusionModule, ...}` picks the
+    # subclass mode: `model: {class_path: uncdiff.lightning.image_to_image.ImageToImageModule, ...}` picks the
     # image-to-image model; a plain `model:` mapping is a DiffusionModule as before
     UncdiffCLI(DiffusionModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv)

@@ -1,5 +1,5 @@
 """What the commands read before they generate anything: a `fit` checkpoint as its module (either
-kind: `DiffusionModule` or the image-to-image `ConditionalDiffusionModule`), the data module of the
+kind: `DiffusionModule` or the image-to-image `ImageToImageModule`), the data module of the
 run that wrote it (rebuilt from its saved config), and BayesDiff's Laplace posterior (stored in the
 checkpoint, or fitted once and cached next to it).
 
@@ -17,8 +17,8 @@ import yaml
 from uncdiff.io.files import InputError, load_torch, save_atomic
 from uncdiff.lightning.data import CIFAR10DataModule, DigitsDataModule, ShapesDataModule
 from uncdiff.lightning.module import DiffusionModule
-from uncdiff.lightning.palette import ConditionalDiffusionModule
-from uncdiff.lightning.palette_data import ImageToImageDataModule
+from uncdiff.lightning.image_to_image import ImageToImageModule
+from uncdiff.lightning.image_to_image_data import ImageToImageDataModule
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
 
 DATASETS = ("digits", "cifar10", "shapes")  # --data.name: the training data, when no run config says it
@@ -46,7 +46,7 @@ def file_sha256(path: Path) -> str:
 
 def load_module(path: str | Path, image_to_image: bool = False) -> DiffusionModule:
     """The module of a checkpoint written by `fit`, on the CPU, in eval mode: a `DiffusionModule`, or
-    with `image_to_image` a `ConditionalDiffusionModule` (docs/palette.md). An unconditional model may
+    with `image_to_image` a `ImageToImageModule` (docs/image_to_image.md). An unconditional model may
     also be a diffusers pipeline or UNet2DModel folder (docs/diffusers.md). A checkpoint of the other
     kind, or not of `fit`, is an `InputError` saying which command takes it."""
     path = Path(path)
@@ -64,8 +64,8 @@ def load_module(path: str | Path, image_to_image: bool = False) -> DiffusionModu
                          f"(sample it with `sample`)")
     if not image_to_image and task is not None:
         raise InputError(f"{path} is an image-to-image model (task {task!r}): it restores condition images and "
-                         f"can't sample from noise alone: use `restore` and `evaluate_i2i` (docs/palette.md)")
-    cls = ConditionalDiffusionModule if image_to_image else DiffusionModule
+                         f"can't sample from noise alone: use `restore` and `evaluate_image_to_image` (docs/image_to_image.md)")
+    cls = ImageToImageModule if image_to_image else DiffusionModule
     if not any(k.startswith("ema.ema_model.") for k in checkpoint["state_dict"]):
         raise InputError(f"{path} is not a uncdiff {cls.__name__} checkpoint (no EMA weights 'ema.ema_model.*' in its "
                          f"state_dict)")
@@ -152,7 +152,7 @@ def check_data_matches(data, module: DiffusionModule) -> None:
                          f"match the checkpoint's model ({channels} channels, {size}x{size})")
 
 
-def image_to_image_data(module: ConditionalDiffusionModule, checkpoint: Path,
+def image_to_image_data(module: ImageToImageModule, checkpoint: Path,
                         run_config: Optional[str] = None) -> tuple[ImageToImageDataModule, Path]:
     """`(ImageToImageDataModule, config path)` of an image-to-image checkpoint's run, from `run_config`
     or the run's own saved config, checked to build the model's task. Loads no data yet."""
@@ -208,7 +208,7 @@ def load_or_fit_laplace(module: DiffusionModule, checkpoint: Path, checkpoint_sh
         raise RuntimeError(f"{path} is missing or stale after the writer fitted it")
     from uncdiff.evaluation.fid import datamodule_images
 
-    if isinstance(datamodule, ImageToImageDataModule):  # the first training pairs its task builds (docs/palette.md)
+    if isinstance(datamodule, ImageToImageDataModule):  # the first training pairs its task builds (docs/image_to_image.md)
         x0, condition, _ = datamodule.training_pairs(source["num_images"])
         module.fit_laplace(x0, num_images=source["num_images"], conditions=condition)
     else:

@@ -153,7 +153,7 @@ class DiffusionModule(L.LightningModule):
         """The training objective on `batch` (docs/algorithms.md §1), drawn from the global RNG, which the
         caller seeds: in training mode the online network on images flipped by `random_flips`; in eval
         mode (validation) the EMA network on the images as they are. The one hook a subclass with other
-        batches or another objective overrides (`ConditionalDiffusionModule`)."""
+        batches or another objective overrides (`ImageToImageModule`)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if tuple(x0.shape[1:]) != self.image_shape:  # a convolutional network would train on them regardless
             raise ValueError(f"the data's images are {tuple(x0.shape[1:])} (C, H, W) but the model's are "

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uncdiff.core.conditioning import ConditionedNet
+from uncdiff.core.image_to_image import ConditionedNet
 from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import DDIMSampler, StepContext
 from uncdiff.core.schedule import NoiseSchedule

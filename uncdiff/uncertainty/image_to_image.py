@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from uncdiff.core.conditioning import ConditionedNet, with_known_pixels
+from uncdiff.core.image_to_image import ConditionedNet, with_known_pixels
 from uncdiff.core.samplers import Progress, SampleNoise, Sampler
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.sampling import SampleResult, generate

@@ -4,7 +4,7 @@ the option as a config spells it (`estimator.M must be an integer >= 2, got 1`).
 
 The same objects configure every entry point:
 - `DiffusionModule.sample(n, seed, seeds, sampler=SamplerSpec(...), estimator=EstimatorSpec(...),
-  guidance=GuidanceSpec(...))` and `ConditionalDiffusionModule.sample(condition, mask, ...)` (the same
+  guidance=GuidanceSpec(...))` and `ImageToImageModule.sample(condition, mask, ...)` (the same
   arguments plus the condition);
 - the callbacks, whose `sampler`, `estimator` and `guidance` init arguments are these dataclasses, so
   LightningCLI checks a YAML's `init_args` against them;

@@ -24,7 +24,7 @@ class ImageToImagePanels(L.Callback):
     `<default_root_dir>/image_to_image/step_<global step>.png`: one row per example, the columns
     `COLUMNS` (uncertainty and error summed over channels, each row on its own colour scale; the
     known pixels of inpainting and uncropping are zero in both). Logged to W&B as
-    `val/i2i/panels`, with `val/i2i/{l1, psnr, ause, aurg}` over the generated pixels
+    `val/image_to_image/panels`, with `val/image_to_image/{l1, psnr, ause, aurg}` over the generated pixels
     (`uncdiff.evaluation.image_to_image`). Runs on rank 0.
     """
 
@@ -40,7 +40,7 @@ class ImageToImagePanels(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(trainer.datamodule, "pairs") or not hasattr(pl_module, "check_inputs"):
-            raise ValueError("ImageToImagePanels needs an image-to-image run: model ConditionalDiffusionModule and "
+            raise ValueError("ImageToImagePanels needs an image-to-image run: model ImageToImageModule and "
                              "data ImageToImageDataModule")
         check_against_model(pl_module, self.sampler, self.estimator, GuidanceSpec())
 
@@ -64,11 +64,11 @@ class ImageToImagePanels(L.Callback):
         l1, psnr = l1_psnr(out, x0, region)
         ause, aurg = error_calibration(maps, out, x0, region)
         for name, value in (("l1", l1), ("psnr", psnr), ("ause", ause), ("aurg", aurg)):
-            pl_module.log(f"val/i2i/{name}", value, rank_zero_only=True)
+            pl_module.log(f"val/image_to_image/{name}", value, rank_zero_only=True)
         error = (out - x0).pow(2) * (mask if masked else 1)
         path = Path(trainer.default_root_dir) / "image_to_image" / f"step_{trainer.global_step:08d}.png"
         self.draw(path, y, out, x0, maps.sum(1), error.sum(1))
-        log_figure(trainer, "val/i2i/panels", path, f"step {trainer.global_step}: " + " | ".join(COLUMNS))
+        log_figure(trainer, "val/image_to_image/panels", path, f"step {trainer.global_step}: " + " | ".join(COLUMNS))
 
     def draw(self, path: Path, y, out, x0, uncertainty, error) -> None:
         n = len(out)

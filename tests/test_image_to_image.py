@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import tiny_model_kwargs
-from uncdiff.core.conditioning import ConditionedNet, with_known_pixels
+from uncdiff.core.image_to_image import ConditionedNet, with_known_pixels
 from uncdiff.core.samplers import DDIMSampler, DDPMSampler, SampleNoise, make_sampler
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.data.degradations import Task, jpeg_roundtrip, task_rng
@@ -22,7 +22,7 @@ from uncdiff.io.files import InputError
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.loading import load_module
 from uncdiff.lightning.module import DiffusionModule
-from uncdiff.lightning.palette import ConditionalDiffusionModule
+from uncdiff.lightning.image_to_image import ImageToImageModule
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
@@ -259,8 +259,8 @@ def test_inpainting_samples_the_gaussian_conditional_law_and_keeps_the_known_pix
 # ------------------------------------------------------------------- the module and estimators
 
 
-def tiny_conditional(task: str = "super_resolve", **overrides) -> ConditionalDiffusionModule:
-    module = ConditionalDiffusionModule(task=task, **tiny_model_kwargs(**overrides)).eval()
+def tiny_conditional(task: str = "super_resolve", **overrides) -> ImageToImageModule:
+    module = ImageToImageModule(task=task, **tiny_model_kwargs(**overrides)).eval()
     torch.manual_seed(0)
     with torch.no_grad():  # the head starts at zero: give it weights so that maps are not all zero
         for p in module.ema.ema_model.parameters():
@@ -359,9 +359,9 @@ def test_bad_conditions_and_masks_are_clear_errors_before_sampling():
     with pytest.raises(ValueError, match="n=3 but 2 condition images"):
         sr.sample(torch.randn(2, 1, 8, 8), n=3)
     with pytest.raises(ValueError, match="colorize"):
-        ConditionalDiffusionModule(task="colorize", **tiny_model_kwargs())
+        ImageToImageModule(task="colorize", **tiny_model_kwargs())
     with pytest.raises(ValueError, match="diffusers_unet"):
-        ConditionalDiffusionModule(task="inpaint", diffusers_unet={"sample_size": 8})
+        ImageToImageModule(task="inpaint", diffusers_unet={"sample_size": 8})
     assert check_mask(mask, (2, 1, 8, 8)).shape == (2, 1, 8, 8)
 
 

@@ -29,7 +29,7 @@ def test_print_config_names_the_image_to_image_classes(tmp_path):
     out = run(["fit", "--config", str(CONFIG), "--print_config"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     config = yaml.safe_load(out.stdout)
-    assert config["model"]["class_path"] == "uncdiff.lightning.palette.ConditionalDiffusionModule"
+    assert config["model"]["class_path"] == "uncdiff.lightning.image_to_image.ImageToImageModule"
     assert config["data"]["init_args"]["task"] == "inpaint"
     assert not {"task", "image_size", "in_channels"} & set(config["model"]["init_args"])  # the data's, linked
 
@@ -48,7 +48,7 @@ def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
                "--model.init_args.base_channels", "8", "--model.init_args.channel_mults", "[1,2]"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(list((run_dir / "image_to_image").glob("step_*.png"))) == 1
-    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/val/i2i/panels_*.png"))
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/val/image_to_image/panels_*.png"))
     module = load_module(run_dir / "checkpoints" / "last.ckpt", image_to_image=True)
     assert module.task.name == "inpaint"
     y, mask = torch.zeros(1, 1, 16, 16), box_mask(16)[None]

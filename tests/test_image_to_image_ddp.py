@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_model_kwargs
 from uncdiff.lightning.data import DigitsDataModule
-from uncdiff.lightning.palette import ConditionalDiffusionModule
-from uncdiff.lightning.palette_data import ImageToImageDataModule
+from uncdiff.lightning.image_to_image import ImageToImageModule
+from uncdiff.lightning.image_to_image_data import ImageToImageDataModule
 
 pytestmark = pytest.mark.slow  # two DDP processes train
 
@@ -45,7 +45,7 @@ def inpaint_data() -> IndexRecordingData:
 
 
 def test_two_ranks_train_on_different_pairs_of_their_own_keys_and_agree_on_weights(tmp_path):
-    model = ConditionalDiffusionModule(task="inpaint", **tiny_model_kwargs())
+    model = ImageToImageModule(task="inpaint", **tiny_model_kwargs())
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordPairs(tmp_path)])

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from uncdiff.core.conditioning import ConditionedNet
+from uncdiff.core.image_to_image import ConditionedNet
 from uncdiff.core.modes import eval_mode
 from uncdiff.core.samplers import SampleNoise
 from uncdiff.core.unet import UNet
@@ -33,7 +33,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1)
 
 
-class ConditionalDiffusionModule(DiffusionModule):
+class ImageToImageModule(DiffusionModule):
     """Trains `eps_theta(concat(y, x_t), t)` with the L2 loss on eps, restricted to the generated
     pixels for `inpaint` and `uncrop` (docs/algorithms.md §7). `task` is one of
     `uncdiff.data.degradations.TASKS`; it must be the data's (`ImageToImageDataModule`; `train.py fit`
@@ -72,7 +72,7 @@ class ConditionalDiffusionModule(DiffusionModule):
     def unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (list, tuple)) or len(batch) != 3:
             raise ValueError("the image-to-image model trains on (image, condition, mask) batches: use "
-                             "uncdiff.lightning.palette_data.ImageToImageDataModule as the data")
+                             "uncdiff.lightning.image_to_image_data.ImageToImageDataModule as the data")
         x0, y, mask = batch
         if tuple(x0.shape[1:]) != self.image_shape or tuple(y.shape[1:]) != self.condition_shape:
             raise ValueError(f"the data's images {tuple(x0.shape[1:])} and conditions {tuple(y.shape[1:])} (C, H, W) "
@@ -164,7 +164,7 @@ class ConditionalDiffusionModule(DiffusionModule):
                                               conditions=conditions, **options)
 
 
-def restorer(module: ConditionalDiffusionModule, **sample_options):
+def restorer(module: ImageToImageModule, **sample_options):
     """`restore(condition, mask, seeds, estimator, guidance=None) -> SampleResult` of `module` with
     `sample_options` (sampler, batch_size, ...; `estimator` and `guidance` are specs): what
     `uncdiff.evaluation.image_to_image.calibration_study` and `guidance_study` call. BayesDiff runs on the

@@ -84,9 +84,9 @@ def test_quality_metrics_against_textbook_formulas():
 
 
 def test_the_study_runs_on_a_conditional_module():
-    from test_palette import tiny_conditional
+    from test_image_to_image import tiny_conditional
     from uncdiff.data.masks import box_mask
-    from uncdiff.lightning.palette import restorer
+    from uncdiff.lightning.image_to_image import restorer
 
     module = tiny_conditional("inpaint")
     x0 = torch.rand(3, 1, 8, 8) * 2 - 1

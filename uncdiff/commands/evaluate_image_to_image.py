@@ -1,7 +1,7 @@
-"""`uncdiff evaluate_i2i` (= `python train.py evaluate_i2i`): is an image-to-image model's pixel
+"""`uncdiff evaluate_image_to_image` (= `python train.py evaluate_image_to_image`): is an image-to-image model's pixel
 uncertainty calibrated against its real error? A report on held-out images (docs/algorithms.md §7).
 
-    uncdiff evaluate_i2i --checkpoint runs/inpaint_quickstart/checkpoints/last.ckpt --out eval/inpaint \\
+    uncdiff evaluate_image_to_image --checkpoint runs/inpaint_quickstart/checkpoints/last.ckpt --out eval/inpaint \\
         --n 64 --seed_groups 3 --estimator.M 5
 
 The held-out images are the first `--n` of the run's validation split, with the conditions and masks
@@ -48,7 +48,7 @@ from uncdiff.io.files import InputError
 from uncdiff.io.lock import holds_files, lock_new_folder
 from uncdiff.lightning.loading import (file_sha256, image_to_image_data, laplace_source, load_module,
                                        load_or_fit_laplace)
-from uncdiff.lightning.palette import restorer
+from uncdiff.lightning.image_to_image import restorer
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
@@ -56,7 +56,7 @@ ROW_NAMES = {"aleatoric": "aleatoric", "mc_dropout": "MC-Dropout", "bayesdiff": 
 
 
 def build_parser() -> ArgumentParser:
-    parser = new_parser("uncdiff evaluate_i2i", __doc__)
+    parser = new_parser("uncdiff evaluate_image_to_image", __doc__)
     parser.add_argument("--checkpoint", type=str, required=True, help="an image-to-image checkpoint written by `fit`")
     parser.add_argument("--out", type=str, required=True, help="output directory (created; must not hold anything)")
     parser.add_argument("--data.run_config", type=Optional[str], default=None,
@@ -114,7 +114,7 @@ def study_plan(args: Namespace) -> dict:
     checkpoint and builds the held-out pairs. Writes nothing."""
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or holds_files(out)):
-        raise InputError(f"--out {out} exists and is not an empty folder; evaluate_i2i never overwrites (choose "
+        raise InputError(f"--out {out} exists and is not an empty folder; evaluate_image_to_image never overwrites (choose "
                          f"another --out)")
     checkpoint = Path(args.checkpoint)
     module = load_module(checkpoint, image_to_image=True)
@@ -177,7 +177,7 @@ def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict]
     # the options as given, not the record's resolved sampler: BayesDiff's row resolves them without clipping
     restore = restorer(module, sampler=spec(SamplerSpec, args.sampler), batch_size=args.batch_size,
                        progress=args.progress)
-    progress = lambda message: print(f"evaluate_i2i: {message}", flush=True)
+    progress = lambda message: print(f"evaluate_image_to_image: {message}", flush=True)
     inputs = (restore, plan["x0"], plan["condition"], plan["mask"])
     start = time.perf_counter()
     study = calibration_study(*inputs, plan["estimators"], num_samples=record["samples"],
@@ -200,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         fabric = make_fabric(Namespace(accelerator=args.fabric.accelerator, devices=1, num_nodes=1, strategy="auto"))
     except InputError as error:
         sys.exit(f"error: {error}")
-    record = {**plan["record"], "command": typed_command(["evaluate_i2i", *argv])}
+    record = {**plan["record"], "command": typed_command(["evaluate_image_to_image", *argv])}
     module = plan["module"].to(fabric.device)
     if record["laplace"] is not None:  # BayesDiff: the checkpoint's posterior, its cache, or a fit on training pairs
         load_or_fit_laplace(module, Path(args.checkpoint), record["checkpoint_sha256"], record["laplace"],

@@ -1,5 +1,5 @@
 """The image-to-image commands: `train.py restore` (a folder of condition images and masks, `sample`'s
-resumable per-sample-seeded store) and `train.py evaluate_i2i` (the calibration study as a report), on a
+resumable per-sample-seeded store) and `train.py evaluate_image_to_image` (the calibration study as a report), on a
 tiny conditional model saved the way `fit` saves it."""
 
 import csv
@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_model_kwargs
-from test_palette import save_checkpoint, tiny_conditional
+from test_image_to_image import save_checkpoint, tiny_conditional
 from uncdiff.__main__ import main as uncdiff_main
 from uncdiff.data.masks import box_mask
 from uncdiff.data.degradations import Task
@@ -25,7 +25,7 @@ from uncdiff.lightning.module import DiffusionModule
 from uncdiff.lightning.loading import load_module
 from uncdiff.uncertainty.bayesdiff import LastLayerLaplace, fit_last_layer_laplace
 
-pytestmark = pytest.mark.slow  # trains image-to-image checkpoints, runs restore and evaluate_i2i
+pytestmark = pytest.mark.slow  # trains image-to-image checkpoints, runs restore and evaluate_image_to_image
 
 SIZE = 8
 
@@ -46,7 +46,7 @@ def checkpoints(tmp_path_factory):
         run = root / task
         (run / "checkpoints").mkdir(parents=True)
         out[task] = save_checkpoint(tiny_conditional(task, dropout=0.1), run / "checkpoints" / "last.ckpt")
-        data = {"class_path": "uncdiff.lightning.palette_data.ImageToImageDataModule",
+        data = {"class_path": "uncdiff.lightning.image_to_image_data.ImageToImageDataModule",
                 "init_args": {"task": task, "mask": "box",
                               "data": {"class_path": "uncdiff.lightning.data.DigitsDataModule",
                                        "init_args": {"image_size": SIZE, "batch_size": 16}}}}
@@ -245,9 +245,9 @@ def test_plain_sample_refuses_an_image_to_image_checkpoint_naming_restore(checkp
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path, capsys):
+def test_evaluate_image_to_image_writes_the_report_with_every_row(checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
-    uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
+    uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "2",
                   "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu",
                   "--bayesdiff.laplace_images", "16", "--estimator.draws", "2", "--estimator.skip", "1"])
@@ -266,13 +266,13 @@ def test_evaluate_i2i_writes_the_report_with_every_row(checkpoints, tmp_path, ca
     bayesdiff = [float(r["mean"]) for r in rows if r["name"] == "BayesDiff"]
     assert len(bayesdiff) == 2 and all(math.isfinite(v) for v in bayesdiff)
     assert (out / "panels.png").is_file() and (out / "config.yaml").is_file()
-    refused(lambda: uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)]),
+    refused(lambda: uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out)]),
             "not an empty folder", capsys)  # never overwritten
 
 
-def test_evaluate_i2i_compares_guided_with_unguided_outputs_of_the_same_seeds(checkpoints, tmp_path):
+def test_evaluate_image_to_image_compares_guided_with_unguided_outputs_of_the_same_seeds(checkpoints, tmp_path):
     out = tmp_path / "eval"
-    uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoints["super_resolve"]), "--out", str(out), "--n", "4",
+    uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["super_resolve"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "0",
                   "--estimators", "[aleatoric]", "--guidance.rule", "gradient", "--guidance.lam", "0.5",
                   "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu"])
@@ -301,7 +301,7 @@ def test_evaluate_i2i_compares_guided_with_unguided_outputs_of_the_same_seeds(ch
     ("n", "the validation split holds"),
     ("config", "not an image-to-image data module"),
 ])
-def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, match, checkpoints, tmp_path, capsys):
+def test_evaluate_image_to_image_bad_input_is_an_error_before_the_folder_is_made(case, match, checkpoints, tmp_path, capsys):
     checkpoint, extra = checkpoints["inpaint"], []
     if case == "unconditional":
         checkpoint = checkpoints["plain"]
@@ -321,6 +321,6 @@ def test_evaluate_i2i_bad_input_is_an_error_before_the_folder_is_made(case, matc
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({"data": {"class_path": "uncdiff.lightning.data.DigitsDataModule"}}))
         extra = ["--data.run_config", str(config)]
-    refused(lambda: uncdiff_main(["evaluate_i2i", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
+    refused(lambda: uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
                                   *extra]), match, capsys)
     assert not (tmp_path / "eval").exists()

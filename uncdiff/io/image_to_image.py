@@ -1,4 +1,4 @@
-"""Condition images and masks of image-to-image sampling, read from folders (docs/palette.md).
+"""Condition images and masks of image-to-image sampling, read from folders (docs/image_to_image.md).
 
 A folder's images are read in sorted file-name order; a mask folder holds one mask per condition
 image, under the same name. Nothing is converted silently: a condition image must already have the
