@@ -131,7 +131,7 @@ def test_guidance_study_pairs_guided_and_unguided_outputs_by_seed_group():
     for g in groups:
         runs = [c for c in calls if c[0] == group_seeds(g, 0, k, n)]
         assert [c[2] for c in runs] == [None, {"name": "halve"}, {"name": "same"}]
-    assert group_seeds(1, 2, k, n) == [(1 * k + 2) * n + i for i in range(n)]
+    assert group_seeds(1, 2, k, n) == [(1 * (k + 1) + 2) * n + i for i in range(n)]
     rows = {(r["guidance"], r["metric"]): r for r in study["rows"]}
     assert study["groups"] == 4 and set(rows) == {(g, m) for g in guided for m in ("l1", "psnr", "fid")}
     halve_l1, halve_psnr, halve_fid = rows["halve", "l1"], rows["halve", "psnr"], rows["halve", "fid"]

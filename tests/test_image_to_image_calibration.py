@@ -3,6 +3,7 @@ Gaussian model whose posterior variance differs from pixel to pixel, so a good m
 to find."""
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,10 +115,34 @@ def test_the_study_keeps_per_group_values_and_the_examples_it_ranked(problem):
     a, b = study["per_group"]["aleatoric"]["ause"], study["per_group"]["random"]["ause"]
     diffs = torch.tensor([p - q for p, q in zip(a, b)], dtype=torch.float64)
     assert paired_difference(study, "aleatoric", "random") == pytest.approx((float(diffs.mean()), float(diffs.std())))
-    samples = torch.stack([restore(y, None, [j * 6 + i for i in range(6)], None).images for j in range(3)])
+    output = restore(y, None, list(range(6)), None).images
+    samples = torch.stack([restore(y, None, [j * 6 + i for i in range(6)], None).images for j in range(1, 4)])
     examples = study["examples"]
-    assert torch.equal(examples["output"], samples[0, :2]) and torch.equal(examples["x0"], x0[:2])
+    assert torch.equal(examples["output"], output[:2]) and torch.equal(examples["x0"], x0[:2])
     spread = samples[:, :2].double()
     loop = ((spread - spread.mean(0)) ** 2).sum(0) / 2
     assert torch.allclose(examples["maps"]["K-sample variance"], loop)
-    assert torch.allclose(examples["error"], (samples[0, :2].double() - x0[:2].double()) ** 2)
+    assert torch.allclose(examples["error"], (output[:2].double() - x0[:2].double()) ** 2)
+
+
+def test_the_k_sample_spread_never_sees_the_output_it_is_judged_against():
+    """Issue 22 item 5: the baseline's K restorations are drawn with seeds other than the output's, so
+    the map is the variance of K images that are all different from the output."""
+    n, k = 3, 4
+    x0 = torch.zeros(n, 1, 4, 4, dtype=torch.float64)
+    calls = []
+
+    def restore(condition, mask, seeds, estimator, guidance=None):
+        images = torch.stack([torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                              for s in seeds])
+        if estimator is None:
+            calls.append((list(seeds), images))
+        return SimpleNamespace(images=images, maps=torch.ones_like(images))
+
+    study = calibration_study(restore, x0, x0, None, {}, num_samples=k, seed_groups=(5,), keep_examples=n)
+    output = study["examples"]["output"]
+    others = [images for seeds, images in calls if not torch.equal(images, output)]
+    assert len(calls) == k + 1 and len(others) == k
+    assert not set(calls[0][0]) & {s for seeds, _ in calls[1:] for s in seeds}
+    spread = torch.stack(others)
+    assert torch.allclose(study["examples"]["maps"]["K-sample variance"], spread.var(0, correction=1))

@@ -260,7 +260,7 @@ def test_evaluate_image_to_image_writes_the_report_with_every_row(checkpoints, t
     oracle = next(r for r in rows if r["name"] == "oracle" and r["metric"] == "ause")
     assert abs(float(oracle["mean"])) < 1e-9  # the error ranks itself perfectly
     record = json.loads((out / "study.json").read_text())
-    assert record["samples"] == 3 and record["seed_groups"] == [0, 1]  # K = M + 1
+    assert record["samples"] == 2 and record["seed_groups"] == [0, 1]  # K = M, besides the output
     assert record["laplace"] == {"source": "fit", "num_images": 16} and record["guidance_study"] is None
     assert checkpoints["inpaint"].with_name("last.ckpt.laplace-16.pt").is_file()
     bayesdiff = [float(r["mean"]) for r in rows if r["name"] == "BayesDiff"]

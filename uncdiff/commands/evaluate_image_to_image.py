@@ -6,15 +6,16 @@ uncertainty calibrated against its real error? A report on held-out images (docs
 
 The held-out images are the first `--n` of the run's validation split, with the conditions and masks
 its validation builds (the run's saved config says which data and task). For each of `--seed_groups`
-groups, each image is restored K = `--samples` times (default M + 1, what the aleatoric estimator with
-M perturbations on every step costs); the first sample is the output. The report
+groups, each image is restored once (the output) and K = `--samples` more times with other seeds
+(default M: beyond the output, what the aleatoric estimator with M perturbations on every step costs),
+so the baseline's spread never sees the output it is judged against. The report
 (`uncdiff.evaluation.image_to_image.calibration_study`) gives, as mean ± standard deviation over
 the groups:
 
 - AUSE / AURG of each estimator's map (`--estimators`: aleatoric with M perturbations, MC-Dropout
   with M passes, BayesDiff with `--estimator.draws`, `skip`, `moments`) against the real squared error over the generated
   pixels of the output it came with, with the baseline users would try (the per-pixel variance of the
-  K samples), a random map and the oracle (the error itself); the differences to the baseline and to
+  K independent samples), a random map and the oracle (the error itself); the differences to the baseline and to
   random, paired by group. BayesDiff runs on the study's DDIM (eta 0) without x0 clipping, with the
   checkpoint's Laplace posterior or one fitted on the first `--bayesdiff.laplace_images` training
   pairs of the run (cached beside the checkpoint, as `sample` caches it);
@@ -66,7 +67,8 @@ def build_parser() -> ArgumentParser:
     g = parser.add_argument_group("study (docs/algorithms.md §7)")
     g.add_argument("--seed_groups", type=int, default=3, help="seed groups (seed .. seed+groups-1) of the spreads")
     g.add_argument("--samples", type=Optional[int], default=None,
-                   help="K samples per input for the variance baseline and diversity (null: M + 1, the same cost)")
+                   help="K samples per input, besides the output, for the variance baseline and diversity (null: M, "
+                        "the same cost)")
     g.add_argument("--estimators", type=list[Literal[ESTIMATORS]], default=list(ESTIMATORS), help="maps to rank")
     g.add_argument("--examples", type=int, default=8, help="rows of panels.png")
     g.add_argument("--fid.extractor", type=Literal["auto", "digits-classifier", "inception", "none"], default="auto",
@@ -120,13 +122,13 @@ def study_plan(args: Namespace) -> dict:
     module = load_module(checkpoint, image_to_image=True)
     data, config = image_to_image_data(module, checkpoint, args.data.run_config)
     m = spec(EstimatorSpec, {**args.estimator.as_dict(), "name": "aleatoric"}).M
-    k = m + 1 if args.samples is None else args.samples
+    k = m if args.samples is None else args.samples
     if k < 2:
         raise InputError(f"--samples must be >= 2 (the baseline's variance, the diversity), got {k}")
     if args.seed_groups < 1 or args.examples < 0:
         raise InputError("--seed_groups must be >= 1 and --examples >= 0")
-    if args.seed < 0 or (args.seed + args.seed_groups) * k * args.n > MAX_SEED or args.batch_size < 1:
-        raise InputError(f"group g's sample j of image i has seed (g K + j) n + i: --seed {args.seed} with "
+    if args.seed < 0 or (args.seed + args.seed_groups) * (k + 1) * args.n > MAX_SEED or args.batch_size < 1:
+        raise InputError(f"group g's restoration j of image i has seed (g (K + 1) + j) n + i: --seed {args.seed} with "
                          f"--seed_groups {args.seed_groups} needs seeds beyond [0, 2**32), or --batch_size < 1")
     try:
         sampler = module.resolve_sampler(spec(SamplerSpec, args.sampler))

@@ -45,9 +45,12 @@ Restore = Callable[..., Any]
 
 
 def group_seeds(group: int, sample: int, num_samples: int, n: int) -> list[int]:
-    """The seeds of sample j (of K) of the n held-out inputs in seed group g: `(g K + j) n + i`, so that
-    no two (group, sample, input) share one."""
-    return [(int(group) * num_samples + sample) * n + i for i in range(n)]
+    """The seeds of restoration j of the n held-out inputs in seed group g, for K = `num_samples`
+    spread samples: j = 0 is the judged output, j = 1..K the K samples of the spread, independent of it.
+    Seed `(g (K + 1) + j) n + i`, so that no two (group, restoration, input) share one."""
+    if not 0 <= sample <= num_samples:
+        raise ValueError(f"restoration {sample} of a group with K = {num_samples} spread samples: it lies in [0, K]")
+    return [(int(group) * (num_samples + 1) + sample) * n + i for i in range(n)]
 
 
 def sample_variance(samples: torch.Tensor) -> torch.Tensor:
@@ -83,15 +86,16 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     """How well each pixel uncertainty ranks the real error of the restored images (docs/algorithms.md §7).
 
     For each seed group g, every held-out input (`x0`, `condition [N, C, H, W]`, `mask [N, 1, H, W]` or
-    None) is restored `num_samples` (K) times with distinct seeds; the first sample is *the* output.
+    None) is restored once as *the* output, and `num_samples` (K) more times with other seeds for the
+    baseline's spread, which therefore never sees the output it is judged against.
     Rows (`AUSE`, `AURG` of a map against the output's squared error over the generated pixels):
 
-    - each of `estimators` (`{row name: EstimatorSpec}`, run by `restore` with the first
-      sample's seeds), against the error of the output of its own run: the first sample itself for
+    - each of `estimators` (`{row name: EstimatorSpec}`, run by `restore` with the output's
+      seeds), against the error of the output of its own run: the output itself for
       the aleatoric and MC-Dropout estimators, which keep the plain trajectory; BayesDiff's mean
       trajectory (DDIM without clipping, docs/algorithms.md §5b) from the same starting noise;
-    - `K-sample variance`: the per-pixel variance over the K samples (K = M + 1 costs what the
-      aleatoric estimator with M perturbations on every step costs);
+    - `K-sample variance`: the per-pixel variance over the K independent samples (K = M costs, beyond
+      the output, what the aleatoric estimator with M perturbations on every step costs);
     - `random` (a uniform random map, seeded by g) and `oracle` (the error itself: AUSE 0).
 
     Quality of the outputs: L1 and PSNR to the ground truth, diversity (mean pairwise SSIM of the K
@@ -121,9 +125,9 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     for number, g in enumerate(seed_groups):
         if progress is not None:
             progress(f"seed group {g} ({number + 1} of {len(seed_groups)})")
-        seeds = [group_seeds(g, j, k, n) for j in range(k)]
-        samples = torch.stack([restore(condition, mask, seeds[j], None).images for j in range(k)])
-        output = samples[0]
+        seeds = [group_seeds(g, j, k, n) for j in range(k + 1)]
+        output = restore(condition, mask, seeds[0], None).images
+        samples = torch.stack([restore(condition, mask, seeds[j], None).images for j in range(1, k + 1)])
         error = (output.double() - x0.double()).pow(2)
         maps = {}
         for name, estimator in estimators.items():

@@ -28,11 +28,12 @@ def report_markdown(study: dict, record: dict, seconds: float, device: str, guid
     lines = ["# Image-to-image: uncertainty against the real error", "",
              f"Checkpoint `{record['checkpoint']}` (task `{record['task']}`), {record['held_out']} held-out "
              f"validation images with the pairs of the run's validation, {sampler['steps']} {sampler['name']} "
-             f"steps, K = {record['samples']} samples per input, M = {record['M']}, seed groups "
+             f"steps, the output and K = {record['samples']} more samples per input (the baseline's spread), "
+             f"M = {record['M']}, seed groups "
              f"{record['seed_groups']}. {seconds / 60:.1f} minutes on {device} ({machine()}).", "",
              f"Command: `{' '.join(record['command'])}`", "",
              "AUSE / AURG rank the output's squared error over the generated pixels by each map "
-             "(docs/algorithms.md §6, §7); the output is the first of the K samples"
+             "(docs/algorithms.md §6, §7); the K samples have other seeds than the output"
              + (" (BayesDiff's: its own mean trajectory from the same noise, DDIM without x0 clipping, "
                 f"Laplace posterior from {laplace_text(record['laplace'])})" if record.get("laplace") else "")
              + ".", "",
