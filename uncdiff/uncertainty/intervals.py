@@ -182,3 +182,42 @@ def k_sample_spread(samples: torch.Tensor, judged: Optional[torch.Tensor] = None
     lower = median - quantile_over_samples(x, QUANTILE_LEVELS[0])
     upper = quantile_over_samples(x, QUANTILE_LEVELS[1]) - median
     return Spread(std, lower, upper)
+
+
+def miss_thresholds(truth: torch.Tensor, f: torch.Tensor, lower_spread: torch.Tensor,
+                    upper_spread: torch.Tensor) -> torch.Tensor:
+    """`[N, C, H, W]` float64: per value, the smallest lam whose interval `[f - lam l, f + lam u]`
+    holds the truth, so the value is missed at lam exactly when its threshold exceeds lam: `(f - y) / l`
+    below the output, `(y - f) / u` above it, 0 at the output, and inf where the needed spread is 0."""
+    y, f = truth.double(), f.double()
+    l, u = lower_spread.double().expand_as(f), upper_spread.double().expand_as(f)
+    below, above = (f - y).clamp_min(0), (y - f).clamp_min(0)
+    need = torch.where(y < f, below, above)
+    spread = torch.where(y < f, l, u)
+    out = torch.where(spread > 0, need / spread.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
+    return torch.where(need == 0, torch.zeros_like(out), out)
+
+
+def losses_on_grid(thresholds: torch.Tensor, mask: Optional[torch.Tensor], lambdas: Sequence[float]) -> np.ndarray:
+    """`[G, N]` float64: `image_losses` of the N images at every lam of the grid at once, from their
+    `miss_thresholds [N, C, H, W]` (a value is missed at lam when its threshold exceeds lam)."""
+    n = thresholds.shape[0]
+    region = torch.ones_like(thresholds, dtype=torch.bool) if mask is None else \
+        (mask.to(thresholds.device).expand_as(thresholds) > 0.5)
+    counts = region.flatten(1).sum(1)
+    if (counts == 0).any():
+        raise ValueError(f"image {int((counts == 0).nonzero()[0])} has no generated pixels: its loss is undefined")
+    values = torch.where(region, thresholds, -torch.inf).flatten(1).sort(dim=1).values  # known values never miss
+    grid = torch.as_tensor(np.asarray(lambdas, dtype=np.float64)).expand(n, -1).contiguous()
+    covered = torch.searchsorted(values, grid, right=True)  # values with threshold <= lam, known ones included
+    missed = values.shape[1] - covered
+    return (missed.double() / counts[:, None].double()).T.numpy()
+
+
+DEFAULT_GRID = np.concatenate([[0.0], np.geomspace(1e-5, 1e5, 2001)])  # lam steps of 1.2 %, fixed before any data
+
+
+def spread_from_map(variance_map: torch.Tensor) -> torch.Tensor:
+    """A symmetric spread from an estimator's map (a sum of variances, docs/algorithms.md §3, §5): its
+    square root, so that lam scales a standard deviation."""
+    return variance_map.double().clamp_min(0).sqrt()
