@@ -250,7 +250,8 @@ def test_evaluate_image_to_image_writes_the_report_with_every_row(checkpoints, t
     uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["inpaint"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "2",
                   "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu",
-                  "--bayesdiff.laplace_images", "16", "--estimator.draws", "2", "--estimator.skip", "1"])
+                  "--bayesdiff.laplace_images", "16", "--estimator.draws", "2", "--estimator.skip", "1",
+                  "--intervals.splits", "0"])  # 4 images can't calibrate intervals (tests/test_intervals_cmd.py)
     report = (out / "report.md").read_text()
     for row in ("aleatoric", "MC-Dropout", "BayesDiff", "K-sample variance", "random", "oracle", "diversity_ssim",
                 "psnr"):
@@ -275,7 +276,8 @@ def test_evaluate_image_to_image_compares_guided_with_unguided_outputs_of_the_sa
     uncdiff_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["super_resolve"]), "--out", str(out), "--n", "4",
                   "--seed_groups", "2", "--estimator.M", "2", "--sampler.steps", "3", "--examples", "0",
                   "--estimators", "[aleatoric]", "--guidance.rule", "gradient", "--guidance.lam", "0.5",
-                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu"])
+                  "--fid.extractor", "none", "--progress", "false", "--fabric.accelerator", "cpu",
+                  "--intervals.splits", "0"])
     report = (out / "report.md").read_text()
     assert "## Guidance" in report and "| gradient, sign +1, lam 0.5 | psnr (higher is better) |" in report
     rows = list(csv.DictReader(open(out / "guidance.csv")))

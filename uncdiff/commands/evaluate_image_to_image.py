@@ -21,11 +21,14 @@ the groups:
   pairs of the run (cached beside the checkpoint, as `sample` caches it);
 - L1 and PSNR of the outputs to the ground truth, FID of the outputs against the ground truth
   (`--fid.extractor`), and diversity (mean pairwise SSIM of the K samples of one input);
+- guaranteed intervals (`--intervals.*`, docs/algorithms.md §8): each heuristic (the spread of K = 2, 4,
+  8 of the K samples, each estimator's map, a constant map) calibrated at the same (alpha, delta) on
+  random calibration/test splits of the held-out images: test risk, violations, interval length, cost;
 - with `--guidance.rule gradient | posterior` (and the other `--guidance.*` options): guided versus
   unguided outputs from the same seeds and inputs, L1, PSNR and FID, the guided-minus-unguided
   difference paired by group, with a verdict only beyond 2 standard deviations.
 
-Writes `<out>/report.md`, `<out>/calibration.csv`, `<out>/guidance.csv` (with guidance), `<out>/study.json`, `<out>/panels.png` (condition,
+Writes `<out>/report.md`, `<out>/calibration.csv`, `<out>/intervals.csv`, `<out>/guidance.csv` (with guidance), `<out>/study.json`, `<out>/panels.png` (condition,
 output, ground truth, error and every map for the first `--examples` images) and `<out>/config.yaml`.
 One process on one device. Every input is checked before `<out>` is created, and an existing `<out>`
 that isn't empty is refused: nothing is overwritten.
@@ -45,8 +48,10 @@ from uncdiff.commands.settings import build_sampler, estimator_hook, input_error
 from uncdiff.core.samplers import MAX_SEED
 from uncdiff.evaluation.image_to_image import calibration_study, guidance_study
 from uncdiff.evaluation.image_to_image_report import write_study_report
+from uncdiff.evaluation.intervals import interval_settings, interval_study, study_heuristics
 from uncdiff.io.files import InputError
 from uncdiff.io.lock import holds_files, lock_new_folder
+from uncdiff.io.space import check_free_space, image_to_image_report_files
 from uncdiff.lightning.loading import (file_sha256, image_to_image_data, laplace_source, load_module,
                                        load_or_fit_laplace)
 from uncdiff.lightning.image_to_image import restorer
@@ -78,6 +83,14 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--fid.cache", type=str, default="cache", help="where the digits classifier is cached")
     g.add_argument("--fabric.accelerator", type=str, default="auto", help="auto | cpu | gpu | cuda | mps (one device)")
     g.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    g = parser.add_argument_group("guaranteed intervals (docs/algorithms.md §8), on the first seed group")
+    g.add_argument("--intervals.splits", type=int, default=20, help="random calibration/test splits (0: no study)")
+    g.add_argument("--intervals.alpha", type=float, default=0.1, help="risk level: the fraction of missed pixels")
+    g.add_argument("--intervals.delta", type=float, default=0.1, help="error probability of the guarantee")
+    g.add_argument("--intervals.calibration_images", type=Optional[int], default=None,
+                   help="calibration images per split (null: half of --n; the rest are test images)")
+    g.add_argument("--intervals.spread_sizes", type=Optional[list[int]], default=None,
+                   help="the K of the K-sample spreads (null: 2, 4, 8 up to --samples)")
     parser.add_class_arguments(EstimatorSpec, "estimator", skip={"name", "reference", "score", "keep_maps"},
                                help="the estimators of --estimators (docs/algorithms.md §3, §5)")
     parser.set_defaults({"estimator.dropout": 0.1})  # MC-Dropout's rate at sampling time
@@ -141,6 +154,12 @@ def study_plan(args: Namespace) -> dict:
             estimator_hook(module, estimator, guidance[0] if guidance else None, sampler.steps)
         except ValueError as error:
             raise input_error(name, error) from None
+    try:
+        intervals = None if args.intervals.splits == 0 else interval_settings(
+            args.intervals.alpha, args.intervals.delta, args.intervals.splits, args.n,
+            args.intervals.calibration_images, args.intervals.spread_sizes, k)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     laplace = laplace_source(module, args.bayesdiff.laplace_images) if "BayesDiff" in estimators \
         else None
     try:
@@ -161,12 +180,12 @@ def study_plan(args: Namespace) -> dict:
                        "guidance": {name: g.settings() for name, (_, g) in guided.items()}, "laplace": laplace,
                        "sampler": sampler.settings(),
                        "seed_groups": list(range(args.seed, args.seed + args.seed_groups)),
-                       "fid_extractor": extractor, "batch_size": args.batch_size}}
+                       "fid_extractor": extractor, "batch_size": args.batch_size, "intervals": intervals}}
 
 
-def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict], float]:
-    """The calibration study and, with a guidance rule, the guidance study, on `fabric`'s device:
-    `(study, guided study or None, seconds)`."""
+def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict], Optional[dict], float]:
+    """The calibration study, the interval study on its first group, and with a guidance rule the
+    guidance study, on `fabric`'s device: `(study, interval study or None, guided study or None, seconds)`."""
     record, module = plan["record"], plan["module"]
     fid = None
     if record["fid_extractor"] != "none":
@@ -184,12 +203,18 @@ def run_study(args: Namespace, plan: dict, fabric) -> tuple[dict, Optional[dict]
     start = time.perf_counter()
     study = calibration_study(*inputs, plan["estimators"], num_samples=record["samples"],
                               seed_groups=record["seed_groups"], fid=fid, keep_examples=min(args.examples, args.n),
-                              progress=progress)
+                              keep_first_group=record["intervals"] is not None, progress=progress)
+    intervals = None
+    if record["intervals"] is not None:
+        settings = record["intervals"]
+        heuristics = study_heuristics(study.pop("first_group"), settings["spread_sizes"], plan["mask"])
+        intervals = interval_study(plan["x0"], plan["mask"], heuristics, settings["alpha"], settings["delta"],
+                                   settings["splits"], settings["calibration_images"], seed=record["seed_groups"][0])
     guided = None
     if plan["guided"]:
         guided = guidance_study(*inputs, plan["guided"], num_samples=record["samples"],
                                 seed_groups=record["seed_groups"], fid=fid, progress=progress)
-    return study, guided, time.perf_counter() - start
+    return study, intervals, guided, time.perf_counter() - start
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -198,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_options(parser, argv)
     try:
         plan = study_plan(args)
+        check_free_space(args.out, image_to_image_report_files(min(args.examples, args.n), len(plan["estimators"])))
         lock = lock_new_folder(args.out)  # held until main returns: no other run writes there meanwhile
         fabric = make_fabric(Namespace(accelerator=args.fabric.accelerator, devices=1, num_nodes=1, strategy="auto"))
     except InputError as error:
@@ -210,8 +236,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record_config(out, config_yaml(parser, args))
-    study, guided, seconds = run_study(args, plan, fabric)
-    written = write_study_report(out, study, record, seconds, str(fabric.device), guided)
+    study, intervals, guided, seconds = run_study(args, plan, fabric)
+    written = write_study_report(out, study, record, seconds, str(fabric.device), guided, intervals)
     print(f"wrote {out / 'report.md'} ({seconds / 60:.1f} minutes): {', '.join(written[:-1])}")
 
 

@@ -81,7 +81,7 @@ def mean_pairwise_ssim(samples: torch.Tensor) -> float:
 def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tensor, mask: Optional[torch.Tensor],
                       estimators: dict, num_samples: int = 6, seed_groups: Sequence[int] = (0, 1, 2),
                       fid: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
-                      num_fractions: int = 50, keep_examples: int = 0,
+                      num_fractions: int = 50, keep_examples: int = 0, keep_first_group: bool = False,
                       progress: Optional[Callable[[str], None]] = None) -> dict:
     """How well each pixel uncertainty ranks the real error of the restored images (docs/algorithms.md §7).
 
@@ -104,7 +104,10 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
     and standard deviations over the seed groups, with `'per_group': {name: {'ause': [...], 'aurg':
     [...]}}` (one value per group, for paired comparisons: `paired_difference`) and, for
     `keep_examples > 0`, `'examples'`: the first group's first `keep_examples` inputs (`x0`, `condition`,
-    `mask`, `output`, the `maps` of every row but random and oracle, and the squared `error`).
+    `mask`, `output`, the `maps` of every row but random and oracle, and the squared `error`). With
+    `keep_first_group`, `'first_group'` holds the first group's restorations for the interval study
+    (`uncdiff.evaluation.intervals.study_heuristics`): `output`, its `output_nfe` per image, the K
+    spread `samples [K, N, C, H, W]` and `runs`: `{estimator row: (images, maps, nfe per image)}`.
     `progress(message)` is told as each group starts.
     """
     n = x0.shape[0]
@@ -126,14 +129,19 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
         if progress is not None:
             progress(f"seed group {g} ({number + 1} of {len(seed_groups)})")
         seeds = [group_seeds(g, j, k, n) for j in range(k + 1)]
-        output = restore(condition, mask, seeds[0], None).images
+        plain = restore(condition, mask, seeds[0], None)
+        output = plain.images
         samples = torch.stack([restore(condition, mask, seeds[j], None).images for j in range(1, k + 1)])
         error = (output.double() - x0.double()).pow(2)
-        maps = {}
+        maps, runs = {}, {}
         for name, estimator in estimators.items():
             result = restore(condition, mask, seeds[0], estimator)
             maps[name] = result.maps
+            runs[name] = result
             add(name, error_calibration(result.maps, result.images, x0, mask, num_fractions))
+        if number == 0 and keep_first_group:
+            first_group = {"output": output, "output_nfe": plain.nfe / n, "samples": samples,
+                           "runs": {name: (r.images, r.maps, r.nfe / n) for name, r in runs.items()}}
         maps["K-sample variance"] = sample_variance(samples)
         add("K-sample variance", error_calibration(maps["K-sample variance"], output, x0, mask, num_fractions))
         if examples is None and keep_examples > 0:
@@ -152,6 +160,8 @@ def calibration_study(restore: Restore, x0: torch.Tensor, condition: torch.Tenso
              "per_group": per_row}
     if examples is not None:
         study["examples"] = examples
+    if keep_first_group:
+        study["first_group"] = first_group
     return study
 
 

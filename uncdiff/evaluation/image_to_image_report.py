@@ -1,4 +1,4 @@
-"""The report of `evaluate_image_to_image` (docs/algorithms.md §7): report.md, calibration.csv, guidance.csv,
+"""The report of `evaluate_image_to_image` (docs/algorithms.md §7, §8): report.md, calibration.csv, intervals.csv, guidance.csv,
 study.json and panels.png of what `uncdiff.evaluation.image_to_image`'s studies returned. Formats;
 computes nothing itself."""
 
@@ -12,6 +12,7 @@ import torch
 
 from uncdiff.evaluation.image_to_image import (calibration_markdown, calibration_rows, draw_panels, guidance_csv_rows,
                                                guidance_markdown, paired_difference)
+from uncdiff.evaluation.intervals import interval_csv_rows, interval_markdown
 from uncdiff.evaluation.report import write_csv
 from uncdiff.io.files import write_atomic
 
@@ -21,9 +22,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
 
 
-def report_markdown(study: dict, record: dict, seconds: float, device: str, guided: Optional[dict] = None) -> str:
-    """report.md: what ran, the tables, the paired differences, guidance (`guided`: `guidance_study`'s) and
-    the panels."""
+def report_markdown(study: dict, record: dict, seconds: float, device: str, guided: Optional[dict] = None,
+                    intervals: Optional[dict] = None) -> str:
+    """report.md: what ran, the tables, the paired differences, the guaranteed intervals (`intervals`:
+    `interval_study`'s), guidance (`guided`: `guidance_study`'s) and the panels."""
     sampler = record["sampler"]
     lines = ["# Image-to-image: uncertainty against the real error", "",
              f"Checkpoint `{record['checkpoint']}` (task `{record['task']}`), {record['held_out']} held-out "
@@ -51,6 +53,13 @@ def report_markdown(study: dict, record: dict, seconds: float, device: str, guid
         k_cells = ("—", "—") if name == "K-sample variance" else (fmt(vs_k), beats(vs_k))
         lines.append(f"| {name} | {k_cells[0]} | {fmt(vs_random)} | {k_cells[1]} | {beats(vs_random)} |")
     lines += ["", "With few seed groups the standard deviations are rough; lower AUSE is better.", ""]
+    if intervals is not None:
+        lines += ["## Guaranteed intervals (docs/algorithms.md §8)", "",
+                  "Every heuristic turned into intervals `[f - lam l, f + lam u]` around its output with the same "
+                  "risk-controlling guarantee, on the first seed group's restorations (the K-sample spreads use the "
+                  "first K of its independent samples; an estimator's spread is the square root of its map). What "
+                  "a heuristic pays for the guarantee is the interval length: narrower is better.", "",
+                  interval_markdown(intervals), ""]
     if guided is not None:
         lines += ["## Guidance (guided versus unguided, same seeds and inputs)", "",
                   "The unguided output is the study's output; the guided one starts from the same noise "
@@ -70,9 +79,12 @@ def laplace_text(laplace: dict) -> str:
 
 
 def write_study_report(out: Path, study: dict, record: dict, seconds: float, device: str,
-                       guided: Optional[dict] = None) -> list[str]:
+                       guided: Optional[dict] = None, intervals: Optional[dict] = None) -> list[str]:
     """Write the report's files into `out` (which exists); returns their names, report.md last."""
     written = ["calibration.csv", "study.json"]
+    if intervals is not None:
+        write_csv(out / "intervals.csv", interval_csv_rows(intervals))
+        written.append("intervals.csv")
     if guided is not None:
         write_csv(out / "guidance.csv", guidance_csv_rows(guided))
         written.append("guidance.csv")
@@ -82,6 +94,7 @@ def write_study_report(out: Path, study: dict, record: dict, seconds: float, dev
     write_csv(out / "calibration.csv", calibration_rows(study))
     summary = {key: value for key, value in study.items() if key != "examples"}
     write_atomic(out / "study.json", json.dumps({**record, "seconds": round(seconds, 1), "study": summary,
-                                                 "guidance_study": guided}, indent=2).encode())
-    write_atomic(out / "report.md", report_markdown(study, record, seconds, device, guided).encode())
+                                                 "guidance_study": guided, "interval_study": intervals},
+                                                indent=2).encode())
+    write_atomic(out / "report.md", report_markdown(study, record, seconds, device, guided, intervals).encode())
     return [*written, "report.md"]

@@ -10,8 +10,8 @@ import torch
 from scipy import stats
 
 from uncdiff.evaluation import experiments
-from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, losses_on_grid,
-                                           min_calibration_size, miss_thresholds)
+from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, k_sample_spread,
+                                           losses_on_grid, min_calibration_size, miss_thresholds, spread_from_map)
 
 
 class Heuristic(NamedTuple):
@@ -107,9 +107,95 @@ def summarize(results: list[dict], alpha: float, nfe: float) -> dict:
         return row
     violations = sum(r["risk"] > alpha for r in passed)
     row.update({key: experiments.mean_std([r[key] for r in passed]) for key in ("risk", "width", "lambda")},
-               spearman=experiments.mean_std([r["spearman"] for r in passed]),
+               spearman=None if any(np.isnan(r["spearman"]) for r in passed)  # a constant width ranks nothing
+               else experiments.mean_std([r["spearman"] for r in passed]),
                risk_by_width_quartile=[experiments.mean_std([r["risk_by_width_quartile"][q] for r in passed])
                                        for q in range(4)],
                violations=violations, violation_fraction=violations / len(passed),
                violation_interval=clopper_pearson(violations, len(passed)))
     return row
+
+
+def study_heuristics(first_group: dict, spread_sizes: Sequence[int], mask: Optional[torch.Tensor]) -> dict:
+    """`{name: Heuristic}` from `calibration_study`'s first group (`keep_first_group`): the spread of the
+    first K independent samples for each K of `spread_sizes` (the standard deviation, and the quartile
+    distances from K = 4 on), each estimator's map (its square root, around its own output), and a
+    constant map (the same spread at every generated pixel), all around the output except the
+    estimators'. Costs: network evaluations per image, the output's included."""
+    output, samples, nfe = first_group["output"], first_group["samples"], first_group["output_nfe"]
+    region = torch.ones_like(output, dtype=torch.float64) if mask is None else \
+        mask.to(torch.float64).expand_as(output)
+    rows = {}
+    for k in spread_sizes:
+        spread = k_sample_spread(samples[:k], judged=output)
+        rows[f"K = {k} samples, std"] = Heuristic(output, spread.std, spread.std, (k + 1) * nfe)
+        if spread.lower is not None:
+            rows[f"K = {k} samples, quartiles"] = Heuristic(output, spread.lower, spread.upper, (k + 1) * nfe)
+    for name, (images, maps, cost) in first_group["runs"].items():
+        rows[name] = Heuristic(images, spread_from_map(maps), spread_from_map(maps), cost)
+    rows["constant"] = Heuristic(output, region, region, nfe)
+    return rows
+
+
+def interval_markdown(study: dict) -> str:
+    """The interval study as a Markdown table, with what it ran on."""
+    s = study["settings"]
+    pm = lambda pair, digits=4: "—" if pair is None or pair[0] != pair[0] else \
+        f"{pair[0]:.{digits}f}" + ("" if pair[1] is None else f" ± {pair[1]:.{digits}f}")
+    lines = [f"| heuristic | test risk | splits with risk > {s['alpha']:g} (95 % interval) | interval length "
+             f"| risk by width quartile (narrowest first) | Spearman(width, abs error) | lam_hat | network "
+             f"evaluations per image |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in study["rows"].items():
+        if "risk" not in r:
+            lines.append(f"| {name} | no lam passed in any split | — | — | — | — | — | {r['nfe']:.0f} |")
+            continue
+        lo, hi = r["violation_interval"]
+        failed = f"; no lam passed in {r['failed_splits']}" if r["failed_splits"] else ""
+        quartiles = " / ".join(f"{q[0]:.3f}" for q in r["risk_by_width_quartile"])
+        lines.append(f"| {name} | {pm(r['risk'])} | {r['violations']} of {r['splits'] - r['failed_splits']} = "
+                     f"{r['violation_fraction']:.2f} [{lo:.2f}, {hi:.2f}]{failed} | {pm(r['width'])} | {quartiles} | "
+                     f"{pm(r['spearman'], 3)} | {pm(r['lambda'], 3)} | {r['nfe']:.0f} |")
+    lines += ["", f"alpha = {s['alpha']:g}, delta = {s['delta']:g}: each of {s['splits']} random splits of the "
+                  f"{s['images']} held-out images calibrates lam_hat on {s['calibration_images']} images (n counts "
+                  f"images) and tests it on the other {s['test_images']}. Mean ± standard deviation over the splits. "
+                  f"Risk: the fraction of generated pixels whose truth falls outside its interval. Interval length: "
+                  f"the mean of lam_hat (l + u) over the test images' generated pixels, on the [0, 1] scale. "
+                  f"The guarantee asks the violation fraction to be <= delta up to its interval."]
+    return "\n".join(lines)
+
+
+def interval_csv_rows(study: dict) -> list[dict]:
+    """The interval study as CSV rows, one per heuristic."""
+    rows = []
+    for name, r in study["rows"].items():
+        row = {"heuristic": name, "nfe_per_image": r["nfe"], "splits": r["splits"], "failed_splits": r["failed_splits"]}
+        if "risk" in r:
+            for key in ("risk", "width", "lambda", "spearman"):
+                row[f"{key}_mean"], row[f"{key}_std"] = ("", "") if r[key] is None else r[key]
+            row.update({f"risk_width_q{q + 1}": r["risk_by_width_quartile"][q][0] for q in range(4)})
+            row.update(violations=r["violations"], violation_fraction=r["violation_fraction"],
+                       violation_low=r["violation_interval"][0], violation_high=r["violation_interval"][1])
+        rows.append(row)
+    return rows
+
+
+def interval_settings(alpha: float, delta: float, splits: int, images: int, calibration_images: Optional[int],
+                      spread_sizes: Optional[Sequence[int]], samples: int) -> dict:
+    """The interval study's settings for `images` held-out images and K = `samples` spread samples,
+    checked before any sampling (ValueError naming the option): calibration images default to half,
+    spread sizes to 2, 4, 8 up to K."""
+    check_level("--intervals.alpha", alpha)
+    check_level("--intervals.delta", delta)
+    if splits < 1:
+        raise ValueError(f"--intervals.splits must be >= 1 (or 0 for no interval study), got {splits}")
+    size = images // 2 if calibration_images is None else int(calibration_images)
+    smallest = min_calibration_size(alpha, delta)
+    if size < smallest:
+        raise ValueError(f"--intervals.calibration_images: {size} calibration images are too few for alpha = {alpha}, "
+                         f"delta = {delta}; use at least {smallest} (a larger --n, or a larger alpha or delta)")
+    if size >= images:
+        raise ValueError(f"--intervals.calibration_images {size} leaves no test image of the {images} held out (--n)")
+    sizes = [k for k in (2, 4, 8) if k <= samples] if spread_sizes is None else list(spread_sizes)
+    if any(not 2 <= k <= samples for k in sizes):
+        raise ValueError(f"--intervals.spread_sizes {sizes}: each K must lie in [2, --samples = {samples}]")
+    return {"alpha": alpha, "delta": delta, "splits": splits, "calibration_images": size, "spread_sizes": sizes}
