@@ -1,0 +1,282 @@
+"""Two nodes x one process on localhost, started the way docs/configs.md starts a cluster run: one
+`torchrun --nnodes 2 --nproc_per_node 1 --node_rank {0,1} ... -- train.py <command>` per node, gloo on
+the CPU. Lightning (`fit`) and Fabric (`sample`) find the nodes through torchrun's environment.
+
+Independent truths:
+- `fit`: a plain PyTorch loop in this process on the combined batch: at each step every rank's share
+  (the epoch's permutation cut into one contiguous shard per rank, docs/configs.md), each drawn with
+  that rank's seed (timesteps, noise, flips and dropout come from `(seed, step, batch, rank)`), the
+  mean of their losses (what DDP's averaged gradients are the gradient of), clipping, Adam, warm-up,
+  EMA. An uninterrupted run (the run whose node 1 is killed, then resumed).
+- `sample`: a one-process run of the same command (same files, byte for byte); the seeds each rank
+  sampled (every seed once, none twice).
+"""
+
+import csv
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from uncdiff.commands.sample import main as sample_main
+from uncdiff.io.images import from_uint8
+from uncdiff.lightning.data import DigitsDataModule, ResumableSampler
+from uncdiff.lightning.module import DiffusionModule, step_seed
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+NODES, BATCH, STEPS, KILL_STEP = 2, 8, 4, 3  # per-node batch; node 1 dies before step 3 (after step 2's checkpoint)
+MODEL = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.1, lr=1e-3,
+             warmup_steps=3, ema_decay=0.9, random_flip=True, sample_steps=4)
+CONFIG = {  # the quickstart's layout, tiny; dropout and flips on, so that their per-rank draws are tested
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "max_steps": STEPS, "gradient_clip_val": 1.0, "limit_val_batches": 0,
+                "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2,
+                                             "filename": "step{step}", "auto_insert_metric_name": False}}]},
+    "model": MODEL,
+    "data": {"class_path": "uncdiff.lightning.data.DigitsDataModule", "init_args": {"image_size": 8, "batch_size": BATCH}},
+}
+SAMPLE_ARGS = ["--n", "10", "--batch_size", "4", "--sampler.steps", "4", "--estimator.name", "aleatoric",
+               "--estimator.M", "2", "--filtering.drop_fraction", "0.3", "--fabric.accelerator", "cpu",
+               "--progress", "false"]  # chunks of 4, 4, 2 seeds: rank 0 samples chunks 0 and 2, rank 1 chunk 1
+SAMPLE_NODES = ["--fabric.devices", "1", "--fabric.num_nodes", str(NODES), "--fabric.strategy", "ddp"]
+SAMPLE_RESULTS = ["manifest.csv", "grid.png", "dropped.png"]  # besides samples/; records hold timings
+
+# Kills this process (SIGKILL, as a node that fails) when global rank KILL_RANK reaches KILL_AT_STEP of
+# `fit` or its KILL_AT_WRITE-th file of `sample`; records the seeds each rank samples in SEEN_DIR.
+DRIVER = """
+import os, signal, sys
+from pathlib import Path
+import uncdiff.io.sample_store as store
+from uncdiff.lightning.module import DiffusionModule
+rank, kill_rank = os.environ["RANK"], os.environ.get("KILL_RANK")
+training_step, sample, write_atomic, writes = DiffusionModule.training_step, DiffusionModule.sample, store.write_atomic, [0]
+def killing_training_step(self, batch, batch_idx):
+    if rank == kill_rank and self.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return training_step(self, batch, batch_idx)
+def recording_sample(self, *args, **kwargs):
+    with open(Path(os.environ["SEEN_DIR"]) / f"rank{rank}.txt", "a") as f:
+        f.write(" ".join(map(str, kwargs["seeds"])) + chr(10))
+    return sample(self, *args, **kwargs)
+def killing_write_atomic(path, data):
+    writes[0] += 1
+    if rank == kill_rank and writes[0] == int(os.environ["KILL_AT_WRITE"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_atomic(path, data)
+DiffusionModule.training_step, DiffusionModule.sample = killing_training_step, recording_sample
+store.write_atomic = killing_write_atomic
+command, *args = sys.argv[1:]
+if command == "fit":
+    from uncdiff.lightning.cli import main
+    main([command, *args])
+else:
+    from uncdiff.commands.sample import main
+    main(args)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_command(node_rank: int, port: int, script: str) -> list[str]:
+    """docs/configs.md's torchrun line for this node (`--` ends torchrun's options: `sample --n` would
+    otherwise be read as an abbreviation of its `--nnodes`)."""
+    return [TORCHRUN, "--nnodes", str(NODES), "--nproc_per_node", "1", "--node_rank", str(node_rank),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "--", script]
+
+
+def run_nodes(args: list[str], cwd: Path, script: str = str(REPO / "train.py"), **env_extra) -> list[subprocess.CompletedProcess]:
+    """Both nodes of one run, started together; their exit codes and output once both have ended."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env_extra}
+    port = free_port()
+    nodes = [subprocess.Popen([*node_command(rank, port, script), *args], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(NODES)]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]  # a guard against a hang, not a speed limit
+    return [subprocess.CompletedProcess(node.args, node.returncode, output) for node, output in zip(nodes, outputs)]
+
+
+def ok(results: list[subprocess.CompletedProcess], what: str) -> None:
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"{what}, node {rank} exited {result.returncode}:\n{result.stdout[-4000:]}"
+
+
+def fit_args(run: Path, config: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), "--trainer.num_nodes", str(NODES), "--trainer.devices", "1",
+            "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(run), *extra]
+
+
+def state(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in checkpoint["optimizer_states"][0]["state"].values()]
+    return {"step": checkpoint["global_step"], "weights": checkpoint["state_dict"], "adam": moments}
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-node `fit` of STEPS steps; its folder holds the config and run/checkpoints/."""
+    root = tmp_path_factory.mktemp("multinode")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(CONFIG))
+    (root / "driver.py").write_text(DRIVER)
+    ok(run_nodes(fit_args(root / "run", root / "tiny.yaml"), cwd=root), "fit")
+    return root
+
+
+def plain_loop_on_the_combined_batch() -> DiffusionModule:
+    """CONFIG's training as one process: each step's loss is the mean of the ranks' losses, each on its
+    rank's shard and drawn from its rank's seed (the documented sharding and seeding)."""
+    torch.set_num_threads(1)
+    L.seed_everything(CONFIG["seed_everything"])  # as the CLI does before building the data and the model
+    data = DigitsDataModule(**CONFIG["data"]["init_args"])
+    model = DiffusionModule(image_size=8, in_channels=1, **MODEL).train()
+    data.setup("fit")
+    images = data.train_set.tensors[0]
+    shards = []
+    for rank in range(NODES):
+        with mock.patch("uncdiff.lightning.data.rank_and_world", return_value=(rank, NODES)):
+            shards.append(list(ResumableSampler(len(images), seed=0)))  # epoch 0
+    optimizer = torch.optim.Adam(model.net.parameters(), lr=MODEL["lr"])
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / MODEL["warmup_steps"]))
+    for step in range(STEPS):  # all in epoch 0: the batch index is the step
+        losses = []
+        for rank in range(NODES):
+            torch.manual_seed(step_seed(0, step, step, rank))
+            losses.append(model.loss([from_uint8(images[shards[rank][step * BATCH:(step + 1) * BATCH]])]))
+        optimizer.zero_grad()
+        (sum(losses) / NODES).backward()
+        torch.nn.utils.clip_grad_norm_(model.net.parameters(), CONFIG["trainer"]["gradient_clip_val"])
+        optimizer.step()
+        warmup.step()
+        model.ema.update()
+    return model
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_two_node_fit_equals_one_process_on_the_combined_batch(fit_run):
+    trained = state(fit_run / "run" / "checkpoints" / f"step{STEPS}.ckpt")
+    assert trained["step"] == STEPS
+    threads = torch.get_num_threads()
+    try:
+        expected = plain_loop_on_the_combined_batch().state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert trained["weights"].keys() == expected.keys()
+    for name, value in expected.items():  # the online and the EMA weights
+        torch.testing.assert_close(trained["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_a_killed_node_s_fit_resumes_exactly(fit_run):
+    run = fit_run / "killed"
+    killed = run_nodes(fit_args(run, fit_run / "tiny.yaml"), cwd=fit_run, script=str(fit_run / "driver.py"),
+                       KILL_RANK="1", KILL_AT_STEP=str(KILL_STEP))
+    assert [r.returncode != 0 for r in killed] == [True, True], "node 0 must fail when node 1 dies"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step2.ckpt"]
+
+    ok(run_nodes(fit_args(run, fit_run / "tiny.yaml", "--ckpt_path", "last"), cwd=fit_run), "fit --ckpt_path last")
+    resumed, uninterrupted = (state(r / "checkpoints" / f"step{STEPS}.ckpt") for r in (run, fit_run / "run"))
+    assert resumed["step"] == uninterrupted["step"] == STEPS
+    for name, value in uninterrupted["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, msg=name)
+    for a, b in zip(resumed["adam"], uninterrupted["adam"], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.fixture(scope="module")
+def one_process_samples(fit_run) -> Path:
+    """`sample` in this process, one thread as each node has (CPU reductions depend on the thread count)."""
+    out = fit_run / "samples-one-process"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample_main(["--checkpoint", str(fit_run / "run" / "checkpoints" / "last.ckpt"), "--out", str(out), *SAMPLE_ARGS])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def same_samples(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in (a / "samples").iterdir())
+    assert names == sorted(p.name for p in (b / "samples").iterdir())
+    for name in [f"samples/{n}" for n in names] + SAMPLE_RESULTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def seen_seeds(folder: Path) -> dict[int, list[int]]:
+    """rank -> the seeds it sampled, in order."""
+    return {int(p.stem.removeprefix("rank")): [int(s) for s in p.read_text().split()] for p in folder.glob("rank*.txt")}
+
+
+def sample_args(fit_run: Path, out: Path) -> list[str]:
+    return ["sample", "--checkpoint", str(fit_run / "run" / "checkpoints" / "last.ckpt"), "--out", str(out),
+            *SAMPLE_ARGS, *SAMPLE_NODES]
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_two_node_sample_equals_one_process(fit_run, one_process_samples, tmp_path):
+    out = tmp_path / "two-nodes"
+    results = run_nodes(sample_args(fit_run, out), cwd=fit_run, script=str(fit_run / "driver.py"), SEEN_DIR=str(tmp_path))
+    ok(results, "sample")
+    assert "on 2 process(es)" in results[0].stdout
+    same_samples(one_process_samples, out)
+    seen = seen_seeds(tmp_path)
+    assert seen == {0: [0, 1, 2, 3, 8, 9], 1: [4, 5, 6, 7]}  # chunks dealt round-robin over the global ranks
+    with open(out / "manifest.csv", newline="") as f:
+        assert [int(row["seed"]) for row in csv.DictReader(f)] == list(range(10))
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_a_killed_node_s_sample_resumes_without_regenerating(fit_run, one_process_samples, tmp_path):
+    out, first, second = tmp_path / "killed", tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    # node 1 dies after the first of its chunk's files (one PNG): its chunk is unfinished
+    killed = run_nodes(sample_args(fit_run, out), cwd=fit_run, script=str(fit_run / "driver.py"), SEEN_DIR=str(first),
+                       KILL_RANK="1", KILL_AT_WRITE="2")
+    assert [r.returncode != 0 for r in killed] == [True, True], "node 0 must fail when node 1 dies"
+    assert not (out / "manifest.csv").exists()
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["chunk-000000.json", "chunk-000002.json"]
+
+    ok(run_nodes(sample_args(fit_run, out), cwd=fit_run, script=str(fit_run / "driver.py"), SEEN_DIR=str(second)),
+       "sample, rerun")
+    assert seen_seeds(second) == {0: [4, 5, 6, 7]}  # only the unfinished chunk, dealt to rank 0; rank 1 idles
+    same_samples(one_process_samples, out)
+
+
+def docs_torchrun_recipe() -> list[list[str]]:
+    """The torchrun commands of docs/configs.md (the sbatch script's too), as argument lists."""
+    text = (REPO / "docs" / "configs.md").read_text()
+    commands = re.findall(r"\b(torchrun --.*)$", text.replace("\\\n", " "), flags=re.M)
+    return [command.split() for command in commands]
+
+
+def test_the_docs_torchrun_recipe_is_the_one_tested():
+    """docs/configs.md starts each node as this test does (torchrun alone and in the sbatch script): the
+    same torchrun options, `--` before train.py, and the command's node count, devices per node and ddp
+    strategy."""
+    recipes = docs_torchrun_recipe()
+    assert [recipe[recipe.index("--") + 2] for recipe in recipes] == ["fit", "sample", "fit"]
+    tested = node_command(0, 0, "train.py")
+    for recipe in recipes:
+        assert [a for a in recipe[:recipe.index("--")] if a.startswith("--")] == \
+               [a for a in tested[:tested.index("--")] if a.startswith("--")]
+        assert recipe[recipe.index("--") + 1] == "train.py"
+        flags = [a for a in recipe if a.startswith(("--trainer.", "--fabric."))]
+        if "fit" in recipe:
+            assert flags[:3] == [a for a in fit_args(Path(), Path()) if a.startswith("--trainer.")][:3]
+        else:
+            assert flags == [a for a in SAMPLE_NODES if a.startswith("--")]
