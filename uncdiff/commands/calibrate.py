@@ -34,6 +34,7 @@ from uncdiff.commands.settings import build_sampler, check_seeds, input_error, s
 from uncdiff.core.samplers import EpsModel
 from uncdiff.io.files import InputError, write_atomic, written_together
 from uncdiff.io.lock import lock_outputs
+from uncdiff.io.space import check_free_space, threshold_table_files
 from uncdiff.io.tables import SETTINGS_FORMAT, save_score_reference, save_threshold_table
 from uncdiff.uncertainty.calibration import calibrate_table_and_reference
 from uncdiff.uncertainty.estimators import VARIANTS
@@ -155,6 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if fabric.world_size > 1:
             raise InputError(f"--fabric.devices/--fabric.num_nodes: calibrate runs in one process, not "
                              f"{fabric.world_size}")
+        check_free_space(args.out, threshold_table_files(settings, inputs.module.image_shape))
         lock = lock_outputs(args.out)  # held until main returns; its file is the first write: an unwritable folder fails now
     except InputError as error:
         sys.exit(f"error: {error}")

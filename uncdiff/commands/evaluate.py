@@ -50,6 +50,7 @@ from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
 from uncdiff.io.lock import lock_and_check
 from uncdiff.io.sample_store import SampleStore, check_output_dir, create_output_dir
+from uncdiff.io.space import check_free_space, evaluation_files
 from uncdiff.lightning.data import DigitsDataModule, ShapesDataModule, dataset_key
 from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS, EstimatorSpec
 
@@ -210,6 +211,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "fid": {"extractor": extractor, "dataset": dataset} if needs_fid(args) else None}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
+    check_free_space(root, evaluation_files(stores, inputs.module.image_shape, prc_real))
     lock, _ = lock_and_check(root, lambda: check_output_dir(root, settings))  # no other run writes there now
     for store in stores.values():
         store.check(lock=False)  # inside the locked <out>

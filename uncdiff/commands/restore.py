@@ -37,6 +37,7 @@ from uncdiff.commands.settings import build_settings
 from uncdiff.io.image_to_image import read_conditions, read_masks
 from uncdiff.io.files import InputError, write_atomic
 from uncdiff.io.sample_store import SampleStore
+from uncdiff.io.space import check_free_space, sample_store_files
 from uncdiff.lightning.image_to_image import ImageToImageModule
 from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
@@ -160,6 +161,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         files, pixels, masks = read_inputs(args, inputs.module)
         settings = restore_settings(args, inputs, files, pixels, masks)
         store = SampleStore(args.out, settings)
+        check_free_space(args.out, sample_store_files(store, inputs.module.image_shape))
         store.check()
     except InputError as error:
         sys.exit(f"error: {error}")

@@ -25,6 +25,7 @@ from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run,
 from uncdiff.commands.settings import build_settings
 from uncdiff.io.files import InputError
 from uncdiff.io.sample_store import SampleStore
+from uncdiff.io.space import check_free_space, sample_store_files
 from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
 
@@ -56,6 +57,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         inputs = prepare_model(args, needs_laplace=args.estimator.name in LAPLACE_ESTIMATORS)
         settings = build_settings(args, inputs.module, inputs.sha256, inputs.laplace)
         store = SampleStore(args.out, settings)
+        check_free_space(args.out, sample_store_files(store, inputs.module.image_shape))
         store.check()
     except InputError as error:
         sys.exit(f"error: {error}")

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from uncdiff.io.files import InputError, load_torch, remove_temporary_files
 from uncdiff.io.lock import lock_folder
+from uncdiff.io.space import check_free_space, run_directory_files
 
 CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
 # --ckpt_path values Lightning resolves itself rather than as a file path
@@ -130,11 +131,15 @@ class UncdiffCLI(LightningCLI):
                 callback.init_args.dirpath = str(Path(root) / "checkpoints")
 
     def before_fit(self) -> None:
-        """Lock the run directory (`lock_folder`: one run writes into it at a time; after the model is
-        built, so that a model that can't be built leaves no folder), then check what is in it."""
+        """Check that the run directory's disk has room for the checkpoints (`run_directory_files`), lock
+        it (`lock_folder`: one run writes into it at a time; after the model is built, so that a model that
+        can't be built leaves no folder), then check what is in it."""
         if self.trainer.max_steps == 0:
             raise InputError("--trainer.max_steps 0 trains nothing and saves nothing: give a number of steps, or -1 "
                              "for --trainer.max_epochs alone")
+        existing = [path for folder in checkpoint_dirs(self.trainer) for path in folder.glob("*.ckpt")]
+        check_free_space(self.trainer.default_root_dir, run_directory_files(
+            self.model, self.trainer.checkpoint_callbacks, self.trainer.max_steps, existing), "--trainer.default_root_dir")
         self.run_lock = lock_folder(self.trainer.default_root_dir, "--trainer.default_root_dir")
         ckpt_path = self.config.fit.get("ckpt_path")
         for folder in checkpoint_dirs(self.trainer):
