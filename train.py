@@ -4,6 +4,7 @@
     python train.py sample --checkpoint CKPT --out DIR ...      # uncdiff/commands/sample.py
     python train.py calibrate --checkpoint CKPT --out tau.pt    # uncdiff/commands/calibrate.py
     python train.py evaluate --checkpoint CKPT --out DIR ...    # uncdiff/commands/evaluate.py
+    python train.py calibrate_intervals --checkpoint CKPT --out FILE.json   # uncdiff/commands/calibrate_intervals.py
 
 Every command takes --config FILE.yaml and --print_config; docs/cli.md lists the options.
 """

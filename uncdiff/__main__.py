@@ -8,6 +8,7 @@ one entry point for every command.
     uncdiff export --checkpoint CKPT --out DIR    # a diffusers DDPMPipeline folder
     uncdiff restore --checkpoint CKPT --conditions DIR [--masks DIR] --out DIR   # image-to-image outputs, maps
     uncdiff evaluate_image_to_image --checkpoint CKPT --out DIR   # image-to-image: uncertainty vs the real error, a report
+    uncdiff calibrate_intervals --checkpoint CKPT --out FILE.json  # image-to-image: guaranteed intervals' lambda-hat
 
 `uncdiff <command> --help` lists a command's options; docs/cli.md describes them all.
 
@@ -28,7 +29,8 @@ from typing import Optional, Sequence
 # commands of our own; every other first word goes to LightningCLI (fit, validate, ...)
 COMMANDS = {"sample": "uncdiff.commands.sample", "calibrate": "uncdiff.commands.calibrate",
             "evaluate": "uncdiff.commands.evaluate", "export": "uncdiff.commands.export",
-            "restore": "uncdiff.commands.restore", "evaluate_image_to_image": "uncdiff.commands.evaluate_image_to_image"}
+            "restore": "uncdiff.commands.restore", "evaluate_image_to_image": "uncdiff.commands.evaluate_image_to_image",
+            "calibrate_intervals": "uncdiff.commands.calibrate_intervals"}
 SUMMARY = {
     "fit": "train a model (LightningCLI: --config quickstart.yaml, --trainer.*, --model.*, --data.*)",
     "validate": "validate a checkpoint (LightningCLI, as fit, with --ckpt_path)",
@@ -37,7 +39,9 @@ SUMMARY = {
     "evaluate": "the paper's experiments on a checkpoint (FID, precision / recall, AUSE, cost) as a report",
     "export": "a trained diffusers-UNet model as a diffusers DDPMPipeline folder (safetensors)",
     "restore": "image-to-image: restore a folder of condition images (and masks), with uncertainty maps (resumable)",
-    "evaluate_image_to_image": "image-to-image: L1/PSNR, FID, diversity, and AUSE of the maps vs the real error, as a report",
+    "evaluate_image_to_image": "image-to-image: L1/PSNR, FID, diversity, AUSE of the maps vs the real error, and "
+                               "guaranteed intervals, as a report",
+    "calibrate_intervals": "image-to-image: lambda-hat of guaranteed per-pixel intervals, for restore --intervals",
 }
 
 

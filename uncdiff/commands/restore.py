@@ -19,6 +19,14 @@ names each output's condition and mask files. The seeds are cut into chunks of `
 (one batch each, so outputs don't depend on the processes or on interruptions); a re-run of the
 same command on the same files resumes, a different one is refused. Every input is checked before
 the output directory is created.
+
+With `--intervals FILE` (a calibration file of `calibrate_intervals`, docs/algorithms.md §8) each
+output also gets its calibrated interval maps, samples/<seed>_lower.npy, _upper.npy and _width.npy
+(float32 on the [-1, 1] scale; zero width at the known pixels), with the file's guarantee: a new
+image's expected fraction of generated pixels outside [lower, upper] is <= its alpha, with
+probability >= 1 - delta over the calibration set. A file made for another checkpoint, task,
+heuristic, estimator or sampler is refused before any sampling; for the `samples` heuristic each
+image costs K more restorations, with seeds `seed + k 2^28` (never an output's).
 """
 
 import hashlib
@@ -34,11 +42,15 @@ from uncdiff.commands.options import (add_estimator_arguments, add_fabric_argume
 from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run, make_fabric, prepare_model,
                                       print_run_summary, run_info)
 from uncdiff.commands.settings import build_settings
+from uncdiff.evaluation.intervals import restore_with_heuristic
 from uncdiff.io.image_to_image import read_conditions, read_masks
+from uncdiff.io.interval_calibration import check_calibration, read_calibration
 from uncdiff.io.files import InputError, write_atomic
 from uncdiff.io.sample_store import SampleStore
 from uncdiff.io.space import check_free_space, sample_store_files
 from uncdiff.lightning.image_to_image import ImageToImageModule
+from uncdiff.lightning.loading import file_sha256
+from uncdiff.uncertainty.intervals import SPREAD_SEED_STRIDE, interval_maps
 from uncdiff.uncertainty.spec import LAPLACE_ESTIMATORS
 
 
@@ -54,6 +66,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--data.run_config", type=Optional[str], default=None,
                    help="the training run's config, whose training pairs BayesDiff's Laplace fit runs on (default: "
                         "the newest config-*.yaml in the checkpoint's run directory)")
+    g.add_argument("--intervals", type=Optional[str], default=None,
+                   help="a calibration file of `calibrate_intervals`: write each output's calibrated interval maps")
     add_fabric_arguments(parser)
     add_sampler_arguments(parser, n=None, n_help="restore the first n condition images (null: all of them); image i "
                                                  "gets seed seed+i")
@@ -75,11 +89,45 @@ class FolderRestorer:
                  first: int):
         self.module, self.pixels, self.masks, self.first = module, pixels, masks, first
 
-    def sample(self, seeds, batch_size: int, **options):
+    def inputs(self, seeds) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The conditions and masks of the images of `seeds`."""
         index = [s - self.first for s in seeds]
         mask = None if self.masks is None else self.masks[index]
-        condition = self.module.conditions_from_pixels(self.pixels[index], mask, seeds)
+        return self.module.conditions_from_pixels(self.pixels[index], mask, seeds), mask
+
+    def sample(self, seeds, batch_size: int, **options):
+        condition, mask = self.inputs(seeds)
         return self.module.sample(condition, mask, seeds=seeds, batch_size=batch_size, **options)
+
+
+class WithIntervals:
+    """A chunk's SampleResult with its interval maps (`intervals`, what `generate_run` writes) and the
+    cost of the heuristic's extra restorations in `nfe`."""
+
+    def __init__(self, result, intervals: dict, nfe: int):
+        self.result, self.intervals, self.nfe = result, intervals, nfe
+
+    def __getattr__(self, name: str):
+        return getattr(self.result, name)
+
+
+class IntervalRestorer(FolderRestorer):
+    """`FolderRestorer` that also builds each output's calibrated intervals (`--intervals`): the
+    heuristic of the calibration file around the output, times its lambda_hat."""
+
+    def __init__(self, module: ImageToImageModule, pixels: torch.Tensor, masks: Optional[torch.Tensor], first: int,
+                 intervals: dict):
+        super().__init__(module, pixels, masks, first)
+        self.heuristic, self.lam = intervals["heuristic"], intervals["lambda_hat"]
+
+    def sample(self, seeds, batch_size: int, **options):
+        condition, mask = self.inputs(seeds)
+
+        def run(c, m, s, estimator):
+            return self.module.sample(c, m, seeds=s, batch_size=batch_size, **{**options, "estimator": estimator})
+
+        result, h = restore_with_heuristic(run, condition, mask, seeds, self.heuristic, options["estimator"])
+        return WithIntervals(result, interval_maps(h.output, h.lower, h.upper, self.lam), round(h.nfe * len(seeds)))
 
 
 def read_inputs(args: Namespace, module: ImageToImageModule) -> tuple[list[Path], torch.Tensor,
@@ -123,7 +171,34 @@ def restore_settings(args: Namespace, inputs: ModelInputs, files: list[Path], pi
     if masks is not None:
         settings["masks"] = {"folder": str(Path(args.masks).resolve()),
                              "pixels_sha256": images_sha256(masks.to(torch.uint8))}
+    if args.intervals is not None:
+        settings["intervals"] = intervals_settings(args.intervals, settings)
     return settings
+
+
+def intervals_settings(path: str, settings: dict) -> dict:
+    """The calibration file `--intervals`, checked to be made for this run (`settings`: checkpoint, task,
+    sampler, and the estimator for a map heuristic), as the run's `intervals` settings."""
+    record = read_calibration(path)
+    heuristic, estimator = record["heuristic"], settings["estimator"]
+    if settings["guidance"] is not None:
+        raise InputError("--intervals: guidance changes the outputs the intervals were calibrated around; drop "
+                         "--guidance.rule")
+    made_for = {"checkpoint_sha256": settings["checkpoint_sha256"], "task": settings["task"]}
+    if heuristic["name"] in ("samples", "constant"):
+        if estimator["name"] == "bayesdiff":
+            raise InputError(f"--intervals {path} was calibrated around the plain sampler's outputs ({heuristic['name']} "
+                             f"heuristic), BayesDiff's are its own: use --estimator.name aleatoric, mc_dropout or none")
+    else:
+        made_for.update(heuristic={"name": estimator["name"]}, estimator=estimator)
+    made_for["sampler"] = settings["sampler"]
+    check_calibration(record, path, made_for)
+    seeds = settings["seeds"]
+    if heuristic["name"] == "samples" and seeds["start"] + seeds["count"] > SPREAD_SEED_STRIDE:
+        raise InputError("--seed: with the samples heuristic the outputs' seeds must lie below 2**28 (the spread "
+                         "samples' seeds lie above)")
+    return {"file": str(Path(path).resolve()), "sha256": file_sha256(Path(path)), "heuristic": heuristic,
+            "lambda_hat": record["lambda_hat"], "alpha": record["alpha"], "delta": record["delta"]}
 
 
 def write_inputs_table(store: SampleStore) -> None:
@@ -166,7 +241,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except InputError as error:
         sys.exit(f"error: {error}")
     info = run_info(["restore", *argv], inputs.checkpoint)
-    restorer = FolderRestorer(inputs.module, pixels, masks, settings["seeds"]["start"])
+    start = settings["seeds"]["start"]
+    restorer = FolderRestorer(inputs.module, pixels, masks, start) if args.intervals is None else \
+        IntervalRestorer(inputs.module, pixels, masks, start, settings["intervals"])
     make_fabric(args.fabric).launch(_run, args, inputs, restorer, store, info, config_yaml(parser, args))
 
 

@@ -136,7 +136,7 @@ def generate_run(fabric, module, store: SampleStore, info: dict, progress: bool 
         start = time.perf_counter()
         result = module.sample(seeds=chunk.seeds, batch_size=len(chunk.seeds), **kwargs)
         store.write_chunk(chunk, result.images, result.maps, result.scores, result.nfe, time.perf_counter() - start,
-                          per_sample_values(result))
+                          per_sample_values(result), intervals=getattr(result, "intervals", None))
         bar.update(store.done_samples() - bar.n)  # all ranks' finished chunks, as seen on disk
     fabric.barrier()
     bar.update(total - bar.n)

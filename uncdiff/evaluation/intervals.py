@@ -10,8 +10,10 @@ import torch
 from scipy import stats
 
 from uncdiff.evaluation import experiments
-from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, k_sample_spread,
-                                           losses_on_grid, min_calibration_size, miss_thresholds, spread_from_map)
+from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, hoeffding_bentkus_ucb,
+                                           k_sample_spread,
+                                           losses_on_grid, min_calibration_size, miss_thresholds, spread_from_map,
+                                           spread_seeds)
 
 
 class Heuristic(NamedTuple):
@@ -137,6 +139,34 @@ def study_heuristics(first_group: dict, spread_sizes: Sequence[int], mask: Optio
     return rows
 
 
+HEURISTICS = ("samples", "aleatoric", "mc_dropout", "bayesdiff", "constant")
+
+
+def restore_with_heuristic(restore, condition: torch.Tensor, mask: Optional[torch.Tensor], seeds: Sequence[int],
+                           heuristic: dict, estimator=None) -> tuple[object, Heuristic]:
+    """Restore the inputs with `seeds` and build one heuristic's spread for them: `(result, Heuristic)`.
+    `restore(condition, mask, seeds, estimator) -> SampleResult`; `heuristic` is a calibration file's
+    record: `{'name': 'samples', 'K', 'spread': 'std' | 'quartiles'}` (K more restorations with
+    `spread_seeds`, never the output's), an estimator's name (the square root of its map; `estimator`
+    is then its spec), or `{'name': 'constant'}` (1 at every generated pixel). The output is the run
+    with `estimator` (for samples and constant, any estimator that keeps the plain trajectory)."""
+    result = restore(condition, mask, list(seeds), estimator)
+    n, name = len(seeds), heuristic["name"]
+    nfe = result.nfe / n
+    if name == "samples":
+        runs = [restore(condition, mask, spread_seeds(seeds, k), None) for k in range(1, heuristic["K"] + 1)]
+        spread = k_sample_spread(torch.stack([r.images for r in runs]), judged=result.images)
+        lower, upper = (spread.std, spread.std) if heuristic["spread"] == "std" else (spread.lower, spread.upper)
+        nfe += sum(r.nfe for r in runs) / n
+    elif name == "constant":
+        lower = torch.ones_like(result.images, dtype=torch.float64) if mask is None else \
+            mask.to(torch.float64).expand_as(result.images).clone()
+        upper = lower
+    else:
+        lower = upper = spread_from_map(result.maps)
+    return result, Heuristic(result.images, lower, upper, nfe)
+
+
 def interval_markdown(study: dict) -> str:
     """The interval study as a Markdown table, with what it ran on."""
     s = study["settings"]
@@ -199,3 +229,16 @@ def interval_settings(alpha: float, delta: float, splits: int, images: int, cali
     if any(not 2 <= k <= samples for k in sizes):
         raise ValueError(f"--intervals.spread_sizes {sizes}: each K must lie in [2, --samples = {samples}]")
     return {"alpha": alpha, "delta": delta, "splits": splits, "calibration_images": size, "spread_sizes": sizes}
+
+
+def calibrate_heuristic(x0: torch.Tensor, mask: Optional[torch.Tensor], h: Heuristic, alpha: float, delta: float,
+                        grid: Sequence[float] = DEFAULT_GRID) -> dict:
+    """lam_hat of one heuristic on all the given calibration images (`calibrate_lambda`; its ValueError
+    when no lam passes), with the empirical risk there and its Hoeffding-Bentkus upper bound."""
+    grid = np.asarray(grid, dtype=np.float64)
+    table = losses_on_grid(miss_thresholds(x0, h.output, h.lower, h.upper), mask, grid)
+    index = {float(lam): i for i, lam in enumerate(grid)}
+    n = x0.shape[0]
+    lam = calibrate_lambda(lambda l: table[index[l]], grid, n, alpha, delta)
+    risk = float(table[index[lam]].mean())
+    return {"lambda_hat": lam, "risk": risk, "upper_bound": hoeffding_bentkus_ucb(risk, n, delta)}

@@ -4,6 +4,9 @@
     samples/<seed>.png           the image (8-bit; grey or RGB)
     samples/<seed>_map.npy       its uncertainty map, float32 [C, H, W] (the estimator's, see SampleResult)
     samples/<seed>_map.png       heatmap of the map summed over channels, scaled to the map's own maximum
+    samples/<seed>_lower.npy     with calibrated intervals (`restore --intervals`): each pixel's interval
+    samples/<seed>_upper.npy     [lower, upper] and its width upper - lower, float32 [C, H, W] on the
+    samples/<seed>_width.npy     image's [-1, 1] scale (docs/algorithms.md §8)
     records/chunk-<k>.json       written after chunk k's files: its seeds, scores, network evaluations, seconds
     manifest.csv                 one row per sample (seed, files, score, kept), written when all chunks are done
     .lock                        held by the run writing the directory (uncdiff.io.lock)
@@ -36,6 +39,7 @@ from uncdiff.io.lock import LOCK_NAME, lock_and_check
 from uncdiff.io.images import from_uint8, to_uint8
 
 GRID_SAMPLES = 64
+INTERVAL_MAPS = ("lower", "upper", "width")  # written when the settings hold `intervals`
 
 
 @dataclass
@@ -67,6 +71,15 @@ def png_bytes(array: np.ndarray) -> bytes:
 
     buffer = BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(values: torch.Tensor) -> bytes:
+    """`values` as a float32 .npy file."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    np.save(buffer, values.float().numpy())
     return buffer.getvalue()
 
 
@@ -178,13 +191,18 @@ class SampleStore:
 
     def files(self, seed: int) -> dict:
         has_maps = self.settings["save_maps"] and self.settings["estimator"]["name"] != "none"
-        return {"image": f"samples/{seed:06d}.png",
-                "map": f"samples/{seed:06d}_map.npy" if has_maps else "",
-                "heatmap": f"samples/{seed:06d}_map.png" if has_maps else ""}
+        files = {"image": f"samples/{seed:06d}.png",
+                 "map": f"samples/{seed:06d}_map.npy" if has_maps else "",
+                 "heatmap": f"samples/{seed:06d}_map.png" if has_maps else ""}
+        if self.settings.get("intervals"):
+            files.update({key: f"samples/{seed:06d}_{key}.npy" for key in INTERVAL_MAPS})
+        return files
 
     def write_chunk(self, chunk: Chunk, images: torch.Tensor, maps: Optional[torch.Tensor],
-                    scores: Optional[torch.Tensor], nfe: int, seconds: float, extras: Optional[dict] = None) -> None:
-        """Chunk `chunk`'s files: `images [B, C, H, W]` in [-1, 1], `maps [B, C, H, W]`, `scores [B]`;
+                    scores: Optional[torch.Tensor], nfe: int, seconds: float, extras: Optional[dict] = None,
+                    intervals: Optional[dict] = None) -> None:
+        """Chunk `chunk`'s files: `images [B, C, H, W]` in [-1, 1], `maps [B, C, H, W]`, `scores [B]`,
+        the `intervals` maps (`{'lower', 'upper', 'width'}`, each `[B, C, H, W]`) when the run has them;
         the record (seeds, scores, nfe, seconds, and the JSON-able `extras`, e.g. per-sample values
         that `record_values` reads back) last."""
         pixels = to_uint8(images.float()).permute(0, 2, 3, 1).numpy()
@@ -199,6 +217,8 @@ class SampleStore:
                 np.save(buffer, maps[b].float().numpy())
                 write_atomic(self.root / files["map"], buffer.getvalue())
                 write_atomic(self.root / files["heatmap"], png_bytes(heatmap(maps[b])))
+            for key in INTERVAL_MAPS if "width" in files else ():
+                write_atomic(self.root / files[key], npy_bytes(intervals[key][b]))
         record = {"chunk": chunk.index, "seeds": chunk.seeds,
                   "scores": None if scores is None else [float(s) for s in scores],
                   "nfe": int(nfe), "seconds": float(seconds), **(extras or {})}
@@ -237,10 +257,11 @@ class SampleStore:
         non_finite = ~torch.isfinite(scores) if has_scores else torch.zeros(len(seeds), dtype=torch.bool)
         kept &= ~non_finite  # a NaN score says nothing about the sample: never keep it
 
-        lines = [["index", "seed", "image", "map", "heatmap", "score", "kept"]]
+        extra = list(INTERVAL_MAPS) if self.settings.get("intervals") else []
+        lines = [["index", "seed", "image", "map", "heatmap", *extra, "score", "kept"]]
         for i, seed in enumerate(seeds):
             f = self.files(seed)
-            lines.append([i, seed, f["image"], f["map"], f["heatmap"],
+            lines.append([i, seed, f["image"], f["map"], f["heatmap"], *(f[key] for key in extra),
                           repr(float(scores[i])) if has_scores else "", int(kept[i])])
         write_atomic(self.root / "manifest.csv", "".join(",".join(map(str, row)) + "\n" for row in lines).encode())
 

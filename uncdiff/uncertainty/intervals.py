@@ -214,7 +214,26 @@ def losses_on_grid(thresholds: torch.Tensor, mask: Optional[torch.Tensor], lambd
     return (missed.double() / counts[:, None].double()).T.numpy()
 
 
-DEFAULT_GRID = np.concatenate([[0.0], np.geomspace(1e-5, 1e5, 2001)])  # lam steps of 1.2 %, fixed before any data
+GRID_RANGE = (1e-5, 1e5, 2001)  # the default lam grid: 0, then log-spaced steps of 1.2 %, fixed before any data
+DEFAULT_GRID = np.concatenate([[0.0], np.geomspace(*GRID_RANGE)])
+SPREAD_SEED_STRIDE = 2 ** 28  # spread sample k of the image with seed s has seed s + k * stride
+MAX_SPREAD_SAMPLES = 15  # so that every spread seed stays below 2**32
+
+
+def spread_seeds(seeds: Sequence[int], k: int) -> list[int]:
+    """The seeds of spread sample k (1..K) of the images restored with `seeds`: `s + k 2^28`, never one
+    of the outputs' seeds (each below 2^28), so the spread is independent of the outputs it is judged
+    against."""
+    if not 1 <= k <= MAX_SPREAD_SAMPLES or any(not 0 <= s < SPREAD_SEED_STRIDE for s in seeds):
+        raise ValueError(f"spread samples k = 1..{MAX_SPREAD_SAMPLES} of images with seeds in [0, 2**28)")
+    return [int(s) + k * SPREAD_SEED_STRIDE for s in seeds]
+
+
+def interval_maps(f: torch.Tensor, lower_spread: torch.Tensor, upper_spread: torch.Tensor,
+                  lam: float) -> dict[str, torch.Tensor]:
+    """`{'lower', 'upper', 'width'}` maps `[N, C, H, W]` of the calibrated intervals around `f`."""
+    lo, hi = interval(f.double(), lower_spread.double(), upper_spread.double(), lam)
+    return {"lower": lo, "upper": hi, "width": hi - lo}
 
 
 def spread_from_map(variance_map: torch.Tensor) -> torch.Tensor:
