@@ -155,7 +155,8 @@ def test_help_lists_every_command(capsys):
 
     uncdiff_main(["--help"])
     listed = capsys.readouterr().out
-    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export", "restore", "evaluate_image_to_image"):
+    for command in ("fit", "validate", "sample", "calibrate", "evaluate", "export", "restore", "evaluate_image_to_image",
+                    "calibrate_intervals"):
         assert f"\n  {command} " in listed
 
 
@@ -164,13 +165,13 @@ def test_every_command_takes_the_run_spec_s_keys():
     knobs as the run spec's dataclasses do, so one YAML configures them all."""
     import dataclasses
 
-    from uncdiff.commands import calibrate, evaluate, evaluate_image_to_image, restore, sample
+    from uncdiff.commands import calibrate, calibrate_intervals, evaluate, evaluate_image_to_image, restore, sample
     from uncdiff.commands.options import parse_options
     from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
     fields = {name: {f.name for f in dataclasses.fields(cls)}
               for name, cls in (("sampler", SamplerSpec), ("estimator", EstimatorSpec), ("guidance", GuidanceSpec))}
-    for command in (sample, calibrate, evaluate, restore, evaluate_image_to_image):
+    for command in (sample, calibrate, evaluate, restore, evaluate_image_to_image, calibrate_intervals):
         parser = command.build_parser()
         argv = ["--checkpoint", "c", "--out", "o", *(["--conditions", "d"] if command is restore else [])]
         parsed = parse_options(parser, [*argv, "--sampler.steps", "4", "--estimator.M", "3"])

@@ -59,6 +59,7 @@ COMMANDS = {
     "restore": lambda ckpt, tmp: ["restore", "--checkpoint", ckpt, "--conditions", str(conditions(tmp)),
                                   "--out", str(tmp / "out")],
     "evaluate_image_to_image": lambda ckpt, tmp: ["evaluate_image_to_image", "--checkpoint", ckpt, "--out", str(tmp / "out")],
+    "calibrate_intervals": lambda ckpt, tmp: ["calibrate_intervals", "--checkpoint", ckpt, "--out", str(tmp / "out.json")],
 }
 
 
