@@ -10,11 +10,13 @@ import torch
 from matplotlib.figure import Figure
 
 from uncdiff.callbacks.sampling import check_against_model, check_every_n_epochs, check_positive, due, log_figure
-from uncdiff.evaluation.image_to_image import error_calibration, l1_psnr
+from uncdiff.evaluation.image_to_image import error_calibration, generated, l1_psnr
 from uncdiff.io.images import from_uint8
+from uncdiff.uncertainty.intervals import spread_from_map
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
 COLUMNS = ("condition", "output", "ground truth", "uncertainty", "squared error")
+WIDTH_COLUMN = "interval width at lam = 1"
 
 
 class ImageToImagePanels(L.Callback):
@@ -26,17 +28,25 @@ class ImageToImagePanels(L.Callback):
     known pixels of inpainting and uncropping are zero in both). Logged to W&B as
     `val/image_to_image/panels`, with `val/image_to_image/{l1, psnr, ause, aurg}` over the generated pixels
     (`uncdiff.evaluation.image_to_image`). Runs on rank 0.
+
+    With `interval_width`, a last column shows the width of the aleatoric heuristic's intervals
+    (docs/algorithms.md §8) at lam = 1, `2 sqrt(map)`, logged as `val/image_to_image/width` (its mean
+    over the generated pixels, on the [0, 1] scale). It is the heuristic's spread, not a calibrated
+    width: lam_hat belongs to a finished checkpoint (`calibrate_intervals`), and the calibrated width
+    is lam_hat times this one.
     """
 
     def __init__(self, num_examples: int = 8, every_n_epochs: int = 1, seed: int = 0,
                  sampler: SamplerSpec = SamplerSpec(name="ddim", steps=20),
-                 estimator: EstimatorSpec = EstimatorSpec(name="aleatoric"), cmap: str = "magma"):
+                 estimator: EstimatorSpec = EstimatorSpec(name="aleatoric"), cmap: str = "magma",
+                 interval_width: bool = False):
         self.num_examples = check_positive("num_examples", num_examples)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
         if estimator.name != "aleatoric" or estimator.score != "sum":
             raise ValueError(f"estimator.name must be aleatoric with score sum (the panels show its maps over the "
                              f"generated pixels), got {estimator.name} with score {estimator.score}")
         self.seed, self.sampler, self.estimator, self.cmap = int(seed), sampler, estimator, cmap
+        self.columns = COLUMNS + ((WIDTH_COLUMN,) if interval_width else ())
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(trainer.datamodule, "pairs") or not hasattr(pl_module, "check_inputs"):
@@ -66,24 +76,31 @@ class ImageToImagePanels(L.Callback):
         for name, value in (("l1", l1), ("psnr", psnr), ("ause", ause), ("aurg", aurg)):
             pl_module.log(f"val/image_to_image/{name}", value, rank_zero_only=True)
         error = (out - x0).pow(2) * (mask if masked else 1)
+        heats = [maps.sum(1), error.sum(1)]
+        if WIDTH_COLUMN in self.columns:
+            width = 2 * spread_from_map(maps)  # lam (l + u) at lam = 1; zero at the known pixels
+            pl_module.log("val/image_to_image/width", float(generated(width / 2, region).mean()), rank_zero_only=True)
+            heats.append(width.sum(1).float())
         path = Path(trainer.default_root_dir) / "image_to_image" / f"step_{trainer.global_step:08d}.png"
-        self.draw(path, y, out, x0, maps.sum(1), error.sum(1))
-        log_figure(trainer, "val/image_to_image/panels", path, f"step {trainer.global_step}: " + " | ".join(COLUMNS))
+        self.draw(path, y, out, x0, heats)
+        log_figure(trainer, "val/image_to_image/panels", path,
+                   f"step {trainer.global_step}: " + " | ".join(self.columns))
 
-    def draw(self, path: Path, y, out, x0, uncertainty, error) -> None:
-        n = len(out)
-        fig = Figure(figsize=(2 * len(COLUMNS), 2 * n + 0.4))
-        axes = np.asarray(fig.subplots(n, len(COLUMNS), squeeze=False))
+    def draw(self, path: Path, y, out, x0, heats: list) -> None:
+        """One row per example: condition, output and ground truth, then the `heats` maps `[N, H, W]`."""
+        n, columns = len(out), self.columns
+        fig = Figure(figsize=(2 * len(columns), 2 * n + 0.4))
+        axes = np.asarray(fig.subplots(n, len(columns), squeeze=False))
         image = lambda v: ((v.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()
         for i in range(n):
-            cells = (image(y[i]), image(out[i]), image(x0[i]), uncertainty[i].numpy(), error[i].numpy())
+            cells = (image(y[i]), image(out[i]), image(x0[i]), *(heat[i].numpy() for heat in heats))
             for j, (ax, cell) in enumerate(zip(axes[i], cells)):
                 ax.imshow(cell, cmap=self.cmap if j >= 3 else ("gray" if cell.ndim == 2 else None),
                           vmin=0 if j < 3 else None, vmax=1 if j < 3 else None)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if i == 0:
-                    ax.set_title(COLUMNS[j], fontsize=9)
+                    ax.set_title(columns[j], fontsize=9)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)

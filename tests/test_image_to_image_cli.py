@@ -38,7 +38,7 @@ def test_fit_a_few_steps_logs_panels_and_writes_a_loadable_checkpoint(tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
     panels = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ImageToImagePanels"))
     panels["init_args"].update(every_n_epochs=1, sampler={"name": "ddim", "steps": 2}, num_examples=2,
-                               estimator={"name": "aleatoric", "M": 2})
+                               estimator={"name": "aleatoric", "M": 2}, interval_width=True)
     small = tmp_path / "config.yaml"
     small.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
