@@ -8,19 +8,21 @@ the very network object uncdiff samples with. Methods, DDIM eta = 0, uniform (= 
   (c) aleatoric scores on every step  (d) gradient guidance on the paper's window (first 15%)
   (e) BayesDiff, skip k = 5 (no x0 clipping: its propagation needs affine steps)
 
-Each runs `--rounds` times, alternating; the best round is kept. Printed: images/s, peak memory
-(GPU: torch's peak allocation; CPU: the process's peak RSS so far, which only grows), network
-evaluations per image (NFE), and each method's wall-time and NFE ratios to (a); `overhead` is
-wall ratio / NFE ratio (1.00 = no cost beyond the network).
+A round runs every method once, in an order that rotates from round to round, so that a slow spell
+of a shared machine hits each method in turn; each method's time is divided by (a)'s in the same
+round. Printed: per method, the median and interquartile range over the rounds of images/s and of
+the ratio to (a), network evaluations per image (NFE) and their ratio to (a), `overhead` = median
+wall ratio / NFE ratio (1.00 = no cost beyond the network), and peak memory (GPU: torch's peak
+allocation; CPU: the process's peak RSS so far, which only grows). The spread of the ratios is the
+noise of the measurement: a difference inside it is not one.
 
-    python benchmarks/sampling_throughput.py                            # tiny UNet, CPU
+    python benchmarks/sampling_throughput.py --rounds 15 --out benchmarks/results/sampling_throughput_cpu.txt
     python benchmarks/sampling_throughput.py --size cifar --n 256       # google/ddpm-cifar10-32's UNet, GPU
     python benchmarks/sampling_throughput.py --size cifar --autocast bf16 --compile
 """
 
 import argparse
 import contextlib
-import platform
 import resource
 import tempfile
 import time
@@ -28,6 +30,7 @@ import time
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from report import header, quartiles, write
 from uncdiff.lightning.module import DiffusionModule
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec
 
@@ -65,10 +68,14 @@ def main():
     parser.add_argument("--size", choices=tuple(UNETS), default="tiny")
     parser.add_argument("--n", type=int, default=16, help="images per batch (one batch per measurement)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of every method once")
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (shared by all methods)")
+    parser.add_argument("--note", default="", help="a line for the results file (e.g. what else ran)")
+    parser.add_argument("--out", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: a spread needs two")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -97,30 +104,38 @@ def main():
 
     runs = {"(a) diffusers DDIMPipeline": diffusers_ddim,
             **{name: (lambda options=options: ours(options)) for name, options in METHODS.items()}}
-    best: dict[str, tuple[float, float, float]] = {}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    nfe: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             start = time.perf_counter()
             with autocast():
-                nfe = run()
+                nfe[name] = runs[name]()
             sync(device)
-            seconds = time.perf_counter() - start
-            if name not in best or seconds < best[name][1]:
-                best[name] = (nfe, seconds, peak_memory_mib(device))
+            seconds[name].append(time.perf_counter() - start)
+            memory[name] = max(memory.get(name, 0.0), peak_memory_mib(device))
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"UNet2DModel {args.size} ({params:.1f}M parameters), {machine}, batch {args.n}, DDIM {args.steps} steps, "
-          f"autocast {args.autocast}, compile {args.compile}, best of {args.rounds} rounds")
-    nfe0, sec0, _ = best["(a) diffusers DDIMPipeline"]
-    print(f"{'method':28s} {'images/s':>9s} {'peak MiB':>9s} {'NFE/img':>8s} {'x wall (a)':>10s} "
-          f"{'x NFE (a)':>9s} {'overhead':>8s}")
-    for name, (nfe, sec, mem) in best.items():
-        print(f"{name:28s} {args.n / sec:9.2f} {mem:9.0f} {nfe:8.0f} {sec / sec0:10.2f} {nfe / nfe0:9.2f} "
-              f"{(sec / sec0) / (nfe / nfe0):8.2f}")
+    base = names[0]
+    lines = header(device) + ([f"note: {args.note}"] if args.note else []) + [
+        f"UNet2DModel {args.size} ({params:.1f}M parameters), batch {args.n}, DDIM {args.steps} steps, "
+        f"autocast {args.autocast}, compile {args.compile}; median [interquartile range] of {args.rounds} rounds",
+        f"{'method':28s} {'images/s':>22s} {'x wall (a)':>22s} {'NFE/img':>8s} {'x NFE (a)':>9s} "
+        f"{'overhead':>8s} {'peak MiB':>9s}"]
+    for name in names:
+        rate = quartiles([args.n / s for s in seconds[name]])
+        ratio = quartiles([s / s0 for s, s0 in zip(seconds[name], seconds[base])])
+        nfe_ratio = nfe[name] / nfe[base]
+        lines.append(f"{name:28s} {rate[1]:8.2f} [{rate[0]:5.2f}, {rate[2]:5.2f}] "
+                     f"{ratio[1]:8.3f} [{ratio[0]:5.3f}, {ratio[2]:5.3f}] {nfe[name]:8.0f} {nfe_ratio:9.2f} "
+                     f"{ratio[1] / nfe_ratio:8.2f} {memory[name]:9.0f}")
+    lines.append("seconds per round: " + "; ".join(f"{name.split()[0]} " + ", ".join(f"{s:.3f}" for s in seconds[name])
+                                                   for name in names))
+    write(lines, args.out)
 
 
 if __name__ == "__main__":
