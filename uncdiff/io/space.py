@@ -95,14 +95,16 @@ def sample_store_files(store: SampleStore, image_shape: Sequence[int]) -> list[i
     """What `store` (a `sample`, `restore` or evaluate set folder) still has to write for its chunks
     without a record (all of them in a new folder), images of `image_shape [C, H, W]`, and the files
     written at the end: every sample's PNG, its map (`.npy`, float32) and heatmap PNG when maps are
-    saved, each chunk's record, manifest.csv, grid.png and dropped.png, run.json, config.yaml,
-    summary.json, and restore's inputs.csv."""
+    saved, restore's interval maps, each chunk's record, manifest.csv, grid.png and dropped.png,
+    run.json, config.yaml, summary.json, and restore's inputs.csv."""
     c, h, w = image_shape
     settings, missing = store.settings, store.missing()
     files = store.files(settings["seeds"]["start"])
     per_sample = [png_bytes(h, w, c)]
     if files["map"]:
         per_sample += [128 + 4 * c * h * w, png_bytes(h, w, 3)]
+    if settings.get("intervals"):  # restore --intervals: lower, upper and width maps (.npy, float32)
+        per_sample += [128 + 4 * c * h * w] * 3
     # a chunk's record: per sample its seed, score and |x_T|^2, and a total and step index per step
     steps = settings["sampler"]["steps"]
     records = [256 + len(chunk.seeds) * (3 + 2 * steps) * (NUMBER_CHARS + 2) for chunk in missing]
