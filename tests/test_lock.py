@@ -115,7 +115,7 @@ def super_resolution_inputs(root: Path) -> tuple[Path, Path]:
 
     from test_image_to_image import save_checkpoint, tiny_conditional
 
-    (root / "cond").mkdir()
+    (root / "cond").mkdir(parents=True)
     for i, name in enumerate(("a.png", "b.png", "c.png")):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "cond" / name)
     return save_checkpoint(tiny_conditional("super_resolve"), root / "sr.ckpt"), root / "cond"

@@ -79,21 +79,29 @@ def test_kept_checkpoints_counts_last_top_k_and_every_snapshot():
 
 
 @pytest.mark.slow
-def test_sample_and_calibrate_too_big_for_the_disk_are_refused_before_sampling(tiny_checkpoint, tmp_path,  # noqa: F811
-                                                                                 monkeypatch, capsys):
+def test_sample_calibrate_evaluate_and_restore_too_big_for_the_disk_are_refused_before_sampling(
+        tiny_checkpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from test_lock import super_resolution_inputs
+
+    sr_checkpoint, conditions = super_resolution_inputs(tmp_path / "inputs")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", disk_with(4096))
     sampled = mock.Mock(side_effect=AssertionError("sampled"))
-    monkeypatch.setattr("uncdiff.commands.sample.generate_run", sampled)
+    for command in ("sample", "evaluate", "restore"):
+        monkeypatch.setattr(f"uncdiff.commands.{command}.generate_run", sampled)
     monkeypatch.setattr("uncdiff.commands.calibrate.calibrate_table_and_reference", sampled)
-    common = ["--checkpoint", str(tiny_checkpoint), "--n", "20", "--batch_size", "10", "--sampler.steps", "2",
-              "--estimator.M", "2", "--progress", "false"]
-    for argv, out in ((["sample", *common, "--out", "samples"], "samples"),
-                      (["calibrate", *common, "--out", "tables/tau.pt"], "tables/tau.pt")):
+    common = ["--n", "20", "--batch_size", "10", "--sampler.steps", "2", "--estimator.M", "2", "--progress", "false"]
+    for argv, out in (
+            (["sample", "--checkpoint", str(tiny_checkpoint), *common, "--out", "samples"], "samples"),
+            (["calibrate", "--checkpoint", str(tiny_checkpoint), *common, "--out", "tables/tau.pt"], "tables/tau.pt"),
+            (["evaluate", "--checkpoint", str(tiny_checkpoint), *common, "--experiments", "cost", "--out", "eval"],
+             "eval"),
+            (["restore", "--checkpoint", str(sr_checkpoint), "--conditions", str(conditions), "--estimator.name",
+              "none", "--sampler.steps", "2", "--progress", "false", "--out", "restored"], "restored")):
         status, errors = run_main(argv, capsys)
         assert status == 1 and len(errors) == 1, errors
         assert f"--out {out}: this run writes about" in errors[0] and "4.0 KiB free" in errors[0]
-        assert list(tmp_path.iterdir()) == []  # nothing made, not even the folder or its lock
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # nothing made, not even a folder or lock
 
 
 def test_fit_too_big_for_its_disk_is_refused_before_training(tmp_path, monkeypatch, capsys):
