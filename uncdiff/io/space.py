@@ -7,13 +7,15 @@ One function per kind of output, each listing the sizes of the files it will wri
 an upper bound, not a guess: images and maps are counted uncompressed (PNG and `.npy` never take
 much more than their raw pixels; a PNG of natural images usually takes less), text files at their
 longest values. `check_free_space` rounds every file up to the filesystem's block, which is what a
-small file really takes (an 8x8 sample's PNG is a few hundred bytes and takes a 4 KiB block). What can't be known beforehand is left out and said so: the
-FID statistics in `--fid.cache` (another folder), W&B's files, `fit`'s sample grids, and kept
-checkpoints whose number depends on the epochs' length (`save_top_k: -1` with `every_n_epochs`:
-counted once).
+small file really takes (an 8x8 sample's PNG is a few hundred bytes and takes a 4 KiB block).
+
+What can't be known beforehand is left out: the FID statistics in `--fid.cache` (another folder),
+W&B's files, `fit`'s sample grids, and kept checkpoints whose number depends on the epochs' length
+(`save_top_k: -1` with `every_n_epochs`: counted once).
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from uncdiff.io.lock import is_first_process
 from uncdiff.io.sample_store import GRID_SAMPLES, SampleStore
 
 # the longest a number takes in the project's JSON and CSV files: repr of a float64 with sign and exponent
@@ -69,7 +72,10 @@ def png_bytes(height: int, width: int, channels: int) -> int:
 def check_free_space(folder: str | Path, sizes: Iterable[int], option: str = "--out") -> None:
     """Refuse (NotEnoughSpace) a run that would write files of `sizes` (bytes) into `folder` (a file
     or folder to be made there) when its filesystem has less free, naming the estimate, the free space
-    and the folder."""
+    and the folder. Under a multi-process launch only the first process checks (as only it locks): a
+    rank that alone saw a little less free space would otherwise stop and leave the others waiting."""
+    if not is_first_process():
+        return
     where = existing_parent(folder)
     needed = on_disk(sizes, block_size(where))
     free = shutil.disk_usage(where).free
@@ -79,11 +85,11 @@ def check_free_space(folder: str | Path, sizes: Iterable[int], option: str = "--
 
 
 def human(size: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    """`size` bytes in words: bytes below 1 KiB, else KiB, MiB or GiB with one decimal."""
+    if size < 1024:
+        return f"{size} bytes"
+    exponent = min(3, (int(size).bit_length() - 1) // 10)
+    return f"{size / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
 def record_bytes(settings: dict) -> int:
@@ -143,7 +149,7 @@ def threshold_table_files(settings: dict, image_shape: Sequence[int]) -> list[in
     """`calibrate`'s three files: the table `[steps, C, H, W]` and the reference's per-step mean and
     standard deviation (float64 at most), each with its `settings`, and the config."""
     steps = settings["sampler"]["steps"]
-    table = 8 * steps * int(torch.Size(image_shape).numel())
+    table = 8 * steps * math.prod(image_shape)
     return [table + record_bytes(settings), 2 * 8 * steps + record_bytes(settings), RECORD_BYTES]
 
 
