@@ -12,8 +12,8 @@ from scipy import stats
 from uncdiff.evaluation import experiments
 from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, hoeffding_bentkus_ucb,
                                            k_sample_spread,
-                                           losses_on_grid, min_calibration_size, miss_thresholds, spread_from_map,
-                                           spread_seeds)
+                                           interval_maps, losses_on_grid, min_calibration_size, miss_thresholds,
+                                           spread_from_map, spread_seeds)
 
 
 class Heuristic(NamedTuple):
@@ -63,9 +63,10 @@ def split_result(h: Heuristic, table: np.ndarray, x0: torch.Tensor, mask: Option
         return {"lambda": None}
     t = torch.as_tensor(test)
     region = torch.ones_like(x0[t], dtype=torch.bool) if mask is None else mask[t].expand_as(x0[t]) > 0.5
-    width = (lam * (h.lower[t] + h.upper[t]).double() / 2)[region]  # interval length on the [0, 1] scale
     y, f = x0[t].double(), h.output[t].double()
-    missed = ((y < f - lam * h.lower[t]) | (y > f + lam * h.upper[t]))[region]
+    maps = interval_maps(f, h.lower[t], h.upper[t], lam)  # cut to [-1, 1], where the truth lies
+    width = (maps["width"] / 2)[region]  # interval length on the [0, 1] scale
+    missed = ((y < maps["lower"]) | (y > maps["upper"]))[region]
     return {"lambda": lam, "risk": float(table[index[lam], test].mean()), "width": float(width.mean()),
             **pixel_metrics(width, missed, ((y - f).abs() / 2)[region])}
 
@@ -77,7 +78,8 @@ def interval_study(x0: torch.Tensor, mask: Optional[torch.Tensor], heuristics: d
     `mask [N, 1, H, W]` or None): over `splits` random splits into `calibration_size` calibration
     images (default half) and the rest for testing, lam_hat at (alpha, delta) on the calibration images
     (`calibrate_lambda`, n counting images) and on the test images its risk (mean fraction of missed
-    generated values), mean interval length (the [0, 1] scale), risk by quartile of width, Spearman
+    generated values), mean interval length (the [0, 1] scale, the interval cut to the images' range
+    [-1, 1], where `x0` must lie), risk by quartile of width, Spearman
     (width, |error|). Returns `{'rows': {name: {...}}, 'settings': {...}}`; each row holds the means
     and standard deviations over the splits, the fraction of splits whose test risk exceeds alpha with
     its 95 % Clopper-Pearson interval, the splits where no lam passed, and the cost."""
@@ -189,7 +191,8 @@ def interval_markdown(study: dict) -> str:
                   f"{s['images']} held-out images calibrates lam_hat on {s['calibration_images']} images (n counts "
                   f"images) and tests it on the other {s['test_images']}. Mean ± standard deviation over the splits. "
                   f"Risk: the fraction of generated pixels whose truth falls outside its interval. Interval length: "
-                  f"the mean of lam_hat (l + u) over the test images' generated pixels, on the [0, 1] scale. "
+                  f"the mean of lam_hat (l + u) over the test images' generated pixels, cut to the images' range, on the "
+                  f"[0, 1] scale. "
                   f"The guarantee asks the violation fraction to be <= delta up to its interval."]
     return "\n".join(lines)
 

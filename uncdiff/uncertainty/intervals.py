@@ -229,10 +229,16 @@ def spread_seeds(seeds: Sequence[int], k: int) -> list[int]:
     return [int(s) + k * SPREAD_SEED_STRIDE for s in seeds]
 
 
+VALUE_RANGE = (-1.0, 1.0)  # where images live: an interval is cut to it, which changes no image's loss
+
+
 def interval_maps(f: torch.Tensor, lower_spread: torch.Tensor, upper_spread: torch.Tensor,
                   lam: float) -> dict[str, torch.Tensor]:
-    """`{'lower', 'upper', 'width'}` maps `[N, C, H, W]` of the calibrated intervals around `f`."""
+    """`{'lower', 'upper', 'width'}` maps `[N, C, H, W]` of the calibrated intervals around `f`, cut to
+    the images' range [-1, 1]: the truth lies in it, so the cut misses nothing the interval held (the
+    same losses, the same lam_hat and guarantee) and the width is what the interval says."""
     lo, hi = interval(f.double(), lower_spread.double(), upper_spread.double(), lam)
+    lo, hi = lo.clamp(*VALUE_RANGE), hi.clamp(*VALUE_RANGE)
     return {"lower": lo, "upper": hi, "width": hi - lo}
 
 
