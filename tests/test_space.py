@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from test_errors import FIT_CONFIG, run_main
+from test_image_to_image_cmd import checkpoints  # noqa: F401 (fixture)
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.__main__ import main
 from uncdiff.io import space
@@ -152,3 +153,17 @@ def test_estimates_bound_what_a_tiny_run_writes(tiny_checkpoint, tmp_path, monke
 
 def on_disk_file(path: Path) -> int:
     return path.stat().st_blocks * 512
+
+
+def test_evaluate_image_to_image_too_big_for_the_disk_is_refused_before_sampling(checkpoints, tmp_path,  # noqa: F811
+                                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(4096))
+    monkeypatch.setattr("uncdiff.commands.evaluate_image_to_image.run_study",
+                        mock.Mock(side_effect=AssertionError("sampled")))
+    status, errors = run_main(["evaluate_image_to_image", "--checkpoint", str(checkpoints["inpaint"]), "--out", "eval",
+                               "--n", "4", "--estimator.M", "2", "--sampler.steps", "2", "--fid.extractor", "none",
+                               "--progress", "false", "--intervals.splits", "0"], capsys)
+    assert status == 1 and len(errors) == 1, errors
+    assert "--out eval: this run writes about" in errors[0] and "4.0 KiB free" in errors[0]
+    assert list(tmp_path.iterdir()) == []
