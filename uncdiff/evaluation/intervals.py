@@ -11,9 +11,8 @@ from scipy import stats
 
 from uncdiff.evaluation import experiments
 from uncdiff.uncertainty.intervals import (DEFAULT_GRID, calibrate_lambda, check_level, hoeffding_bentkus_ucb,
-                                           k_sample_spread,
-                                           interval_maps, losses_on_grid, min_calibration_size, miss_thresholds,
-                                           spread_from_map, spread_seeds)
+                                           interval_maps, k_sample_spread, losses_on_grid, min_calibration_size,
+                                           miss_thresholds, spread_from_map, spread_seeds)
 
 
 class Heuristic(NamedTuple):
