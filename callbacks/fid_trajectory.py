@@ -33,8 +33,8 @@ class FIDTrajectory(L.Callback):
 
     Under DDP every rank generates a contiguous share of the seeds and adds its images' features
     to torchmetrics' sums, which are summed over ranks; each seed gives the same image whatever the
-    number of processes, so the three sets do not depend on it (with the aleatoric estimator,
-    whose scores, like the images, are per seed; MC-Dropout's depend on the batch). The values are
+    number of processes, so the three sets do not depend on it (the scores, like the images, are
+    per seed). The values are
     logged on every rank (identical after the sync), so `ModelCheckpoint(monitor='val/fid/...')`
     works under DDP; loggers write from rank 0 only.
 

@@ -386,3 +386,15 @@ def test_checkpoints_go_to_their_own_sampler_only(tmp_path):
         load_module(plain, image_to_image=True)
     with pytest.raises(InputError, match="image-to-image"):
         load_module(conditional)
+
+
+def test_an_image_to_image_mc_dropout_map_does_not_depend_on_its_batch():
+    """docs/algorithms.md §5a: each image's dropout masks come from its own seed, and its passes see only
+    its own condition, so sampled alone (its seed, its condition) it gets the same map."""
+    module = tiny_conditional(dropout=0.1)
+    y = torch.randn(3, 1, 8, 8)
+    spec = dict(sampler=SamplerSpec("ddim", 4), estimator=EstimatorSpec("mc_dropout", M=3))
+    together = module.sample(y, seed=7, **spec)
+    alone = torch.cat([module.sample(y[i:i + 1], seed=7 + i, **spec).maps for i in range(3)])
+    assert together.maps.abs().sum() > 0
+    torch.testing.assert_close(alone, together.maps)

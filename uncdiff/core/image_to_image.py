@@ -43,6 +43,10 @@ class ConditionedNet(nn.Module):
                              f"of copies of each image, in order (chunk_size is not supported for image-to-image)")
         return self.condition if n == b else self.condition.repeat_interleave(n // b, dim=0)
 
+    def for_image(self, i: int) -> "ConditionedNet":
+        """The eps model of image `i` alone (its condition only), on the same network."""
+        return ConditionedNet(self.net, self.condition[i:i + 1])
+
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.rows(x.shape[0]).to(x), x], dim=1)
 

@@ -15,7 +15,7 @@
 
 The seeds are cut into fixed chunks of `batch_size` consecutive seeds, and a chunk is always
 generated as one batch: its results do not depend on how many processes share the work or on
-interruptions (even MC-Dropout's, whose dropout masks depend on the batch). Every file is written
+interruptions. Every file is written
 under a temporary name and renamed, the chunk's record last: a chunk is finished exactly when its
 record exists, and a re-run generates only the chunks without one. A sample whose score is not a
 finite number (a model with NaN weights, an overflow) is never kept: the manifest marks it dropped

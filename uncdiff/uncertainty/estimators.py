@@ -341,9 +341,11 @@ class MCDropoutUncertainty(StepwiseUncertainty):
     `model` is the network module itself (not a wrapper that forces eval mode); `dropout`
     overrides the rate of every dropout layer during the passes (default: the model's own, which
     must not be 0 everywhere).
-    Dropout masks come from torch's global RNG, seeded from the batch's seeds and the step index
-    (and restored afterwards): reproducible for the same batch, but, unlike the aleatoric
-    estimator, not independent of which samples share the batch.
+    Each image's M passes are a network call of their own, under torch's global RNG seeded from that
+    image's seed and the step index (and restored afterwards), so an image's map does not depend on
+    which images share its batch, as the aleatoric estimator's does not. A model whose rows are tied
+    to its batch's images (the image-to-image eps model) gives each image's own network through
+    `for_image(i)`. The price: B calls of M rows instead of one of B*M.
     """
 
     def __init__(self, model: nn.Module, M: int = 5, dropout: Optional[float] = None,
@@ -365,10 +367,12 @@ class MCDropoutUncertainty(StepwiseUncertainty):
         super().__init__(window, keep_maps, score, reference)
 
     def estimate(self, ctx: StepContext) -> torch.Tensor:
-        b, m = ctx.x_t.shape[0], self.M
-        x = ctx.x_t[:, None].expand(b, m, *ctx.x_t.shape[1:]).flatten(0, 1)
-        seed = hash((tuple(ctx.noise.seeds), ctx.index)) % 2**63
-        with dropout_active(self.model, self.dropout), seeded_rng(seed, x.device):
-            eps = evaluate_in_chunks(self.model, x, ctx.t, self.chunk_size)
-        self.nfe += b * m
-        return eps.view(b, m, *ctx.x_t.shape[1:]).var(1, correction=1)
+        maps = []
+        with dropout_active(self.model, self.dropout):
+            for i, (x, seed) in enumerate(zip(ctx.x_t, ctx.noise.seeds)):
+                model = self.model.for_image(i) if hasattr(self.model, "for_image") else self.model
+                with seeded_rng(hash((seed, ctx.index)) % 2**63, x.device):
+                    eps = evaluate_in_chunks(model, x.expand(self.M, *x.shape), ctx.t, self.chunk_size)
+                maps.append(eps.var(0, correction=1))
+        self.nfe += len(maps) * self.M
+        return torch.stack(maps)
