@@ -123,23 +123,33 @@ TINY_SHAPES_FIT = ["--model.base_channels", "8", "--model.channel_mults", "[1,2]
                    "--trainer.enable_model_summary", "false"]
 
 
-@pytest.mark.slow  # trains a 3-step shapes model, then samples five sets
-def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path):
-    import csv
+@pytest.fixture(scope="module")
+def shapes_checkpoint(tmp_path_factory):
+    """A 3-step shapes model, trained through the CLI as a user would."""
     import sys
     from unittest import mock
 
-    from uncdiff.commands.evaluate import main as evaluate
-    from uncdiff.data.shapes import invalid_mask
     from uncdiff.lightning.cli import main as cli_main
-    from PIL import Image
 
-    run = tmp_path / "runs" / "shapes"
+    run = tmp_path_factory.mktemp("runs") / "shapes"
     with mock.patch.object(sys, "argv", sys.argv[:1]):
         cli_main(["fit", "--config", "shapes.yaml", "--trainer.default_root_dir", str(run), *TINY_SHAPES_FIT])
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow  # trains a 3-step shapes model, then samples nine sets
+def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path, shapes_checkpoint):
+    import csv
+
+    from uncdiff.commands.evaluate import main as evaluate
+    from uncdiff.data.shapes import invalid_mask
+    from PIL import Image
+
     out = tmp_path / "eval"
-    evaluate(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--experiments", "detection",
-              "--n", "8", "--batch_size", "8", "--sampler.steps", "10", "--estimator.M", "2", "--estimator.draws", "2",
+    # the shapes testbed has no FID features: the checker judges the guidance sweep's sets too
+    evaluate(["--checkpoint", str(shapes_checkpoint), "--out", str(out), "--experiments", "detection",
+              "sweep", "--sweep.lams", "[1.0]", "--sweep.grad_wrt", "[eps]", "--sweep.prior_precisions", "[]",
+              "--sweep.seed_groups", "2", "--n", "8", "--batch_size", "8", "--sampler.steps", "10", "--estimator.M", "2", "--estimator.draws", "2",
               "--bayesdiff.laplace_images", "16", "--fabric.accelerator", "cpu", "--progress", "false"])
     with open(out / "detection.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -163,7 +173,9 @@ def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path):
     # guided against plain on the same seeds: the counts of the checker's labels, scipy's exact test
     with open(out / "detection_guidance.csv", newline="") as f:
         paired = list(csv.DictReader(f))
-    assert [r["set"] for r in paired] == ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]
+    assert [r["set"] for r in paired] == ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior",
+                                          "sweep-gradient-eps-lam1"]
+    assert not (out / "sweep.csv").exists()
 
     def labels(name):
         with open(out / "sets" / name / "manifest.csv", newline="") as f:
@@ -176,3 +188,17 @@ def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path):
         b, c = int((plain & ~guided).sum()), int((~plain & guided).sum())
         assert (int(r["only_first"]), int(r["only_second"]), int(r["n"])) == (b, c, 8)
         assert float(r["p_value"]) == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0)
+
+
+@pytest.mark.slow  # trains a 3-step shapes model (shared with the test above)
+def test_evaluate_refuses_fid_experiments_on_a_shapes_model(tmp_path, shapes_checkpoint):
+    from uncdiff.commands.evaluate import main as evaluate
+    from uncdiff.io.files import InputError
+
+    common = ["--checkpoint", str(shapes_checkpoint), "--out", str(tmp_path / "eval"), "--n", "8",
+              "--fabric.accelerator", "cpu"]
+    with pytest.raises(InputError, match="no FID features"):
+        evaluate([*common, "--experiments", "filtering"])
+    with pytest.raises(InputError, match="add detection"):
+        evaluate([*common, "--experiments", "sweep"])
+    assert not (tmp_path / "eval").exists()

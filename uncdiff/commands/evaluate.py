@@ -177,9 +177,17 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
     extractor = args.fid.extractor if args.fid.extractor != "auto" else ("digits-classifier" if digits else "inception")
     if extractor == "digits-classifier" and not digits:
         raise InputError("--fid.extractor digits-classifier is for models of the digits data")
-    if "detection" in args.experiments and not isinstance(inputs.datamodule, ShapesDataModule):
+    shapes = isinstance(inputs.datamodule, ShapesDataModule)
+    if "detection" in args.experiments and not shapes:
         raise InputError(f"--experiments detection labels samples with the shapes checker: it needs a model trained on "
                          f"the shapes data (configs/shapes.yaml), not {type(inputs.datamodule).__name__}")
+    if shapes and needs_fid(args, shapes):
+        raise InputError(f"--experiments {' '.join(args.experiments)}: the shapes testbed has no FID features, its "
+                         f"samples are judged by the checker: run detection (with sweep for the guidance strength "
+                         f"sweep), ause or cost")
+    if shapes and "sweep" in args.experiments and "detection" not in args.experiments:
+        raise InputError("--experiments sweep: on the shapes testbed the checker judges the sweep's sets within "
+                         "detection: add detection")
     notes, dropout = [], args.estimator.dropout
     if dropout is None:
         dropout = inputs.module.hparams.dropout or 0.1
@@ -208,7 +216,7 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
                 "subset_seeds": args.filtering.subset_seeds, "seed_groups": args.seed_groups,
                 "precision_recall": {"real_images": prc_real, "k": PRC_NEIGHBOURS} if prc_real else None,
                 "ause": {"images": args.ause.images, "fractions": args.ause.fractions},
-                "fid": {"extractor": extractor, "dataset": dataset} if needs_fid(args) else None}
+                "fid": {"extractor": extractor, "dataset": dataset} if needs_fid(args, shapes) else None}
     if "sweep" in args.experiments:
         settings["sweep_seed_groups"] = args.sweep.seed_groups
     check_free_space(root, evaluation_files(stores, inputs.module.image_shape, prc_real))
@@ -237,7 +245,7 @@ def _run(fabric, args: Namespace, inputs: ModelInputs, plan: Plan, info: dict, c
     # the extractor before <out>: a missing Inception download fails with nothing written (it writes
     # only to torch hub's cache; the digits classifier's weights ship with the package)
     try:
-        extractor = make_fid_extractor(args, plan, module, fabric.device) if needs_fid(args) else None
+        extractor = make_fid_extractor(args, plan, module, fabric.device) if plan.settings["fid"] else None
     except InputError:
         if plan.lock is not None:
             plan.lock.abandon()  # nothing is written yet: leave no <out> behind

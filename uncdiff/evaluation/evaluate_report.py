@@ -74,7 +74,7 @@ def build_report(args, plan: Plan, inputs, summaries: dict, extractor, real_stat
                                args.study.resamples, args.filtering.subset_seeds)
     if "guidance" in args.experiments:
         sections.guidance_section(report, plan.stores, features, fid, args.seed_groups)
-    if "sweep" in args.experiments:
+    if "sweep" in args.experiments and fid is not None:  # on shapes, the checker judges the sweep (detection)
         sections.sweep_section(report, plan.stores, features, fid, list(sweep_sets(args)), args.sweep.seed_groups,
                                args.guidance.reduce, args.sweep.sign)
     if "ause" in args.experiments:
