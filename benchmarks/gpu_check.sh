@@ -32,7 +32,7 @@ if ((DRY)); then
   OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
   # the same scripts and options, shrunk to seconds on a CPU
   TESTS=(-m pytest -q tests/test_cuda.py)
-  TRAIN=(benchmarks/train_throughput.py --config quickstart --batch-size 2 --steps 1 --warmup 1 --rounds 2)
+  TRAIN=(benchmarks/train_throughput.py --config quickstart --batch-size 2 --interleave run --steps 1 --warmup 1 --rounds 2)
   SAMPLE=(benchmarks/sampling_throughput.py --size tiny --n 1 --steps 2 --rounds 2)
   SAMPLE_BF16=("${SAMPLE[@]}" --autocast bf16)
 else
@@ -42,7 +42,7 @@ else
     exit 1
   fi
   TESTS=(-m pytest -q -rs tests/test_cuda.py)
-  TRAIN=(benchmarks/train_throughput.py --config cifar --precision bf16-mixed --steps 20 --warmup 5 --rounds 10)
+  TRAIN=(benchmarks/train_throughput.py --config cifar --precision bf16-mixed --interleave run --steps 20 --warmup 5 --rounds 10)
   SAMPLE=(benchmarks/sampling_throughput.py --size cifar --n 256 --steps 20 --rounds 10)
   SAMPLE_BF16=(benchmarks/sampling_throughput.py --size cifar --n 256 --steps 20 --rounds 5 --autocast bf16)
 fi

@@ -21,10 +21,10 @@ import train_throughput  # noqa: E402
 
 def test_lightning_step_and_plain_loop_do_the_same_work():
     kwargs = tiny_model_kwargs(image_size=8, in_channels=1)  # dropout and flips on: both must draw them alike
-    loader = train_throughput.make_loader(kwargs, batch_size=4, n_batches=4)
-    cpu = torch.device("cpu")
-    _, lightning = train_throughput.run_lightning(kwargs, loader, steps=2, warmup=1, precision="32-true", device=cpu)
-    _, plain = train_throughput.run_plain(kwargs, loader, steps=2, warmup=1, precision="32-true", device=cpu)
+    seconds, lightning, plain = train_throughput.measure_steps(kwargs, batch_size=4, steps=4, warmup=1, block=2,
+                                                               precision="32-true", device=torch.device("cpu"))
+    assert [len(seconds["lightning"]), len(seconds["plain"])] == [2, 2]  # rounds of 2 of the 4 timed steps
+    assert lightning.global_step == plain.ema.step.item() == 5  # both trained warm-up and timed steps
     for name, value in lightning.state_dict().items():  # online and EMA weights
         torch.testing.assert_close(plain.state_dict()[name], value, msg=name)
 
