@@ -10,6 +10,7 @@ Independent truths:
   EMA. An uninterrupted run (the run whose node 1 is killed, then resumed).
 - `sample`: a one-process run of the same command (same files, byte for byte); the seeds each rank
   sampled (every seed once, none twice).
+- `evaluate` (the filtering experiment): a one-process run (the same samples, scores and FIDs).
 """
 
 import csv
@@ -26,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+from uncdiff.commands.evaluate import main as evaluate_main
 from uncdiff.commands.sample import main as sample_main
 from uncdiff.io.images import from_uint8
 from uncdiff.lightning.data import DigitsDataModule, ResumableSampler
@@ -52,6 +54,9 @@ SAMPLE_ARGS = ["--n", "10", "--batch_size", "4", "--sampler.steps", "4", "--esti
                "--progress", "false"]  # chunks of 4, 4, 2 seeds: rank 0 samples chunks 0 and 2, rank 1 chunk 1
 SAMPLE_NODES = ["--fabric.devices", "1", "--fabric.num_nodes", str(NODES), "--fabric.strategy", "ddp"]
 SAMPLE_RESULTS = ["manifest.csv", "grid.png", "dropped.png"]  # besides samples/; records hold timings
+EVALUATE_ARGS = ["--n", "12", "--batch_size", "4", "--sampler.steps", "4", "--estimator.M", "2",
+                 "--experiments", "filtering", "--estimators", "[aleatoric]", "--filtering.subset_seeds", "3",
+                 "--filtering.prc_real", "0", "--fabric.accelerator", "cpu", "--progress", "false"]
 
 # Kills this process (SIGKILL, as a node that fails) when global rank KILL_RANK reaches KILL_AT_STEP of
 # `fit` or its KILL_AT_WRITE-th file of `sample`; records the seeds each rank samples in SEEN_DIR.
@@ -255,6 +260,34 @@ def test_a_killed_node_s_sample_resumes_without_regenerating(fit_run, one_proces
        "sample, rerun")
     assert seen_seeds(second) == {0: [4, 5, 6, 7]}  # only the unfinished chunk, dealt to rank 0; rank 1 idles
     same_samples(one_process_samples, out)
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_two_node_evaluate_equals_one_process(fit_run, tmp_path):
+    checkpoint = str(fit_run / "run" / "checkpoints" / "last.ckpt")
+    one, two = tmp_path / "one-process", tmp_path / "two-nodes"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluate_main(["--checkpoint", checkpoint, "--out", str(one), "--fid.cache", str(tmp_path / "cache1"),
+                       *EVALUATE_ARGS])
+    finally:
+        torch.set_num_threads(threads)
+    ok(run_nodes(["evaluate", "--checkpoint", checkpoint, "--out", str(two), "--fid.cache", str(tmp_path / "cache2"),
+                  *EVALUATE_ARGS, *SAMPLE_NODES], cwd=fit_run), "evaluate")
+    samples = sorted(p.relative_to(one) for p in (one / "sets").rglob("samples/*"))
+    assert len(samples) == 12  # one image per seed
+    assert samples == sorted(p.relative_to(two) for p in (two / "sets").rglob("samples/*"))
+    for name in [*samples, Path("sets/aleatoric/manifest.csv")]:  # the manifest holds the seeds' scores
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    with open(one / "filtering.csv", newline="") as a, open(two / "filtering.csv", newline="") as b:
+        rows_one, rows_two = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert len(rows_one) == len(rows_two) == 1 and rows_one[0].keys() == rows_two[0].keys()
+    for key, value in rows_one[0].items():  # the FIDs of the whole, kept and random sets, and their spreads
+        try:
+            assert float(rows_two[0][key]) == pytest.approx(float(value), rel=1e-6), key
+        except ValueError:
+            assert rows_two[0][key] == value, key
 
 
 def docs_torchrun_recipe() -> list[list[str]]:
