@@ -13,34 +13,28 @@ Prints, per run, the seconds of the evaluation and the share of sampling and of 
 """
 
 import argparse
-import importlib
 import platform
 import time
 
 import lightning as L
 import torch
-import yaml
 
+from train_throughput import load_config, make_datamodule, model_options
 from uncdiff.callbacks import FIDTrajectory
-from uncdiff.lightning.cli import CONFIG_DIR
 from uncdiff.lightning.module import DiffusionModule
-
-
-def load_config(name: str) -> dict:
-    with open(CONFIG_DIR / f"{name}.yaml") as f:
-        return yaml.safe_load(f)
+from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, spec_from_dict
 
 
 def fid_options(config: dict) -> dict:
+    """The config's `FIDTrajectory` options, its sampler, estimator and guidance as specs (as the CLI gives them)."""
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("FIDTrajectory"):
-            return dict(callback.get("init_args") or {})
+            options = dict(callback.get("init_args") or {})
+            for name, spec in (("sampler", SamplerSpec), ("estimator", EstimatorSpec), ("guidance", GuidanceSpec)):
+                if name in options:
+                    options[name] = spec_from_dict(spec, options[name])
+            return options
     raise SystemExit("the config has no callbacks.FIDTrajectory entry")
-
-
-def make_datamodule(config: dict) -> L.LightningDataModule:
-    module, name = config["data"]["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**config["data"].get("init_args", {}))
 
 
 def evaluate_once(config: dict, options: dict, accelerator: str, processes: int) -> dict:
@@ -51,7 +45,7 @@ def evaluate_once(config: dict, options: dict, accelerator: str, processes: int)
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir="runs/fid_cost", callbacks=[callback])
     start = time.perf_counter()
-    (metrics,) = trainer.validate(DiffusionModule(**config["model"]), make_datamodule(config), verbose=False)
+    (metrics,) = trainer.validate(DiffusionModule(**model_options(config)), make_datamodule(config), verbose=False)
     metrics = {k.removeprefix("val/fid/"): float(v) for k, v in metrics.items() if k.startswith("val/fid/")}
     metrics["wall"] = time.perf_counter() - start
     return metrics

@@ -20,20 +20,18 @@ say otherwise).
 """
 
 import argparse
-import importlib
 import statistics
 
 import torch
 
 from uncdiff.evaluation.fid import datamodule_images, fid_between, make_extractor
-from fid_cost import fid_options, load_config  # the same config reading as the FID cost benchmark
+from fid_cost import fid_options
+from train_throughput import load_config, make_datamodule, model_options  # the other benchmarks' config reading
 
 
 def real_images(config: dict, split: str) -> torch.Tensor:
     """All images of the config's data module's `split`, float `[N, C, H, W]` in [-1, 1]."""
-    module, name = config["data"]["class_path"].rsplit(".", 1)
-    datamodule = getattr(importlib.import_module(module), name)(**config["data"].get("init_args", {}))
-    return torch.cat(list(datamodule_images(datamodule, split)()))
+    return torch.cat(list(datamodule_images(make_datamodule(config), split)()))
 
 
 def floor(images: torch.Tensor, extractor, set_size: int, splits: int, seed: int,
@@ -72,7 +70,7 @@ def main():
     name = options.get("extractor", "inception")
     if name == "digits-classifier":
         extractor_options.setdefault("cache_dir", options.get("cache_dir", "cache"))
-        extractor_options.setdefault("image_size", config["model"]["image_size"])
+        extractor_options.setdefault("image_size", model_options(config)["image_size"])
     extractor = make_extractor(name, **extractor_options)
     images = real_images(config, split)
     sizes = args.set_sizes or [options.get("num_samples", 10_000), len(images) // 2]

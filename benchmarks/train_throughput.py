@@ -41,13 +41,21 @@ def load_config(name: str) -> dict:
         return yaml.safe_load(f)
 
 
-def model_kwargs(config: str) -> dict:
+def make_datamodule(config: dict) -> L.LightningDataModule:
+    """The config's data module, built (not set up: no file is read yet)."""
+    module, name = config["data"]["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**config["data"].get("init_args", {}))
+
+
+def model_options(config: dict) -> dict:
     """The config's model options with the image shape of its data (which the CLI links to the model)."""
-    options = load_config(config)
-    module, name = options["data"]["class_path"].rsplit(".", 1)
-    data = getattr(importlib.import_module(module), name)(**options["data"].get("init_args", {}))  # reads no files
-    channels, size, _ = data.image_shape
-    return {**options["model"], "image_size": size, "in_channels": channels}
+    channels, size, _ = make_datamodule(config).image_shape
+    return {**config["model"], "image_size": size, "in_channels": channels}
+
+
+def model_kwargs(config: str) -> dict:
+    """`model_options` of the bundled config named `config`."""
+    return model_options(load_config(config))
 
 
 def config_batch_size(config: str) -> int:
