@@ -16,6 +16,7 @@ Independent truths:
 import csv
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -110,8 +111,14 @@ def run_nodes(args: list[str], cwd: Path, script: str = str(REPO / "train.py"), 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env_extra}
     port = free_port()
     nodes = [subprocess.Popen([*node_command(rank, port, script), *args], cwd=cwd, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(NODES)]
-    outputs = [node.communicate(timeout=900)[0] for node in nodes]  # a guard against a hang, not a speed limit
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for rank in range(NODES)]
+    try:
+        outputs = [node.communicate(timeout=900)[0] for node in nodes]  # a guard against a hang, not a speed limit
+    finally:  # a node left waiting (for a peer that never came) takes its worker with it
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     return [subprocess.CompletedProcess(node.args, node.returncode, output) for node, output in zip(nodes, outputs)]
 
 
