@@ -1,6 +1,6 @@
 """Two nodes x one process on localhost, started the way docs/configs.md starts a cluster run: one
 `torchrun --nnodes 2 --nproc_per_node 1 --node_rank {0,1} ... -- train.py <command>` per node, gloo on
-the CPU. Lightning (`fit`) and Fabric (`sample`) find the nodes through torchrun's environment.
+the CPU. Lightning (`fit`) and Fabric (`sample`, `evaluate`) find the nodes through torchrun's environment.
 
 Independent truths:
 - `fit`: a plain PyTorch loop in this process on the combined batch: at each step every rank's share
