@@ -308,3 +308,14 @@ def test_laplace_is_fitted_exactly_when_a_bayesdiff_set_is_sampled(experiments, 
     args = parse_options(build_parser(), ["--checkpoint", "c.ckpt", "--out", "o", "--experiments", *experiments,
                                           "--estimators", str(estimators)])
     assert needs_laplace(args) is needed
+
+
+@pytest.mark.slow
+def test_ause_alone_samples_no_set_and_writes_its_section(tiny_checkpoint, tmp_path):
+    """AUSE denoises held-out images, so `--experiments ause` alone has no sample set: the report's header
+    takes its sampler from the AUSE settings (it once indexed an empty list of sets)."""
+    out = tmp_path / "eval"
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--experiments", "ause", *ARGS])
+    report = (out / "report.md").read_text()
+    assert "## (c) Pixel-wise uncertainty" in report and not (out / "sets").exists()
+    assert f"steps={STEPS}" in report

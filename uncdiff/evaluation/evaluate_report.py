@@ -26,7 +26,7 @@ def device_name(device: torch.device) -> str:
 def report_header(args, plan: Plan, inputs, extractor, fabric, command: list[str]) -> dict:
     """What ran: the checkpoint, data, features, sampler, sizes, machine and command."""
     clipped = [s.settings for n, s in plan.stores.items() if n != "bayesdiff"]
-    any_set = (clipped or [s.settings for s in plan.stores.values()])[0]
+    any_set = (clipped or [s.settings for s in plan.stores.values()] or list(plan.ause.values()))[0]  # ause alone
     default_sign = inspect.signature(UncertaintyGuidance).parameters["sign"].default
     # a diffusers folder has no training step
     checkpoint = {} if Path(inputs.checkpoint).is_dir() else load_torch(inputs.checkpoint, "checkpoint", mmap=True)
