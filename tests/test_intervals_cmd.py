@@ -67,7 +67,7 @@ def calibrate(checkpoint, out, *extra):
                   "--sampler.steps", "2", "--progress", "false", "--fabric.accelerator", "cpu", *extra])
 
 
-def test_calibrate_intervals_finds_the_smallest_lambda_that_passes(checkpoints, tmp_path):
+def test_calibrate_intervals_finds_the_smallest_lambda_that_passes(checkpoints, tmp_path, capsys):
     out = tmp_path / "samples.json"
     # the tiny model's samples often agree at a clipped extreme where the truth doesn't: alpha 0.3 can pass
     calibrate(checkpoints["inpaint"], out, "--heuristic.K", "3", "--seed", "5", "--alpha", "0.3")
@@ -92,6 +92,9 @@ def test_calibrate_intervals_finds_the_smallest_lambda_that_passes(checkpoints, 
     assert passes(lam) and record["risk"] == pytest.approx(risk(lam))
     below = DEFAULT_GRID[np.searchsorted(DEFAULT_GRID, lam) - 1]
     assert lam == DEFAULT_GRID[0] or not passes(below)
+    written = out.read_bytes()
+    refused(lambda: calibrate(checkpoints["inpaint"], out), "exists; calibrate_intervals never overwrites it", capsys)
+    assert out.read_bytes() == written
 
 
 def test_restore_writes_the_calibrated_interval_maps(checkpoints, folders, tmp_path):
