@@ -8,8 +8,8 @@ The rule, precisely:
   values and commands are not measurements).
 - A passage is a paragraph, a list item (with its continuation lines) or a table row. A list item
   also carries the links of its lead-in: the paragraph just before its list.
-- Results files: the files of a report folder (docs/*_report/, its sub-folders included; not its
-  hand-written README.md) and of benchmarks/results/. A link to a report folder or to its README.md
+- Results files: the text files (.md, .csv, .json, .txt) of a report folder (docs/*_report/, its
+  sub-folders included; not its hand-written README.md) and of benchmarks/results/. A link to a report folder or to its README.md
   stands for every results file of that folder.
 - Figures: an "a ± b" pair, and any other number with a decimal point (e.g. 27.3, −0.54, 0.097).
   Version strings such as 2.14.1 are not figures.
@@ -91,6 +91,9 @@ def passages(path: Path) -> list[tuple[int, str, list[str]]]:
     return out
 
 
+RESULTS_SUFFIXES = (".md", ".csv", ".json", ".txt")  # a figure, a script or a config holds no measured figure
+
+
 def results_files(document: Path, target: str) -> list[Path]:
     """The results files a link target of `document` stands for (none for other targets)."""
     if re.match(r"^[a-z]+:", target) or target.startswith("#"):
@@ -101,8 +104,8 @@ def results_files(document: Path, target: str) -> list[Path]:
         if folder == report.resolve() or report.resolve() in folder.parents:
             if path.is_dir() or path.name == "README.md":
                 return [p for p in sorted(report.rglob("*")) if p.is_file() and p.name != "README.md"
-                        and p.suffix in (".md", ".csv", ".json", ".txt")]
-            return [path] if path.name != "README.md" else []
+                        and p.suffix in RESULTS_SUFFIXES]
+            return [path] if path.name != "README.md" and path.suffix in RESULTS_SUFFIXES else []
     if (ROOT / "benchmarks" / "results").resolve() in path.parents:
         return [path]
     return []
