@@ -166,3 +166,20 @@ def test_calibrate_intervals_refuses_bad_settings_before_sampling(extra, match, 
     out = tmp_path / "calibration.json"
     refused(lambda: calibrate(checkpoints["inpaint"], out, *extra), match, capsys)
     assert not out.exists() and not (tmp_path / "calibration.json.config.yaml").exists()
+
+
+def test_calibrate_intervals_too_big_for_the_disk_is_refused_before_sampling(checkpoints, tmp_path, capsys,
+                                                                              monkeypatch):
+    import shutil
+
+    from test_space import disk_with
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_with(1024))
+    monkeypatch.setattr("uncdiff.commands.calibrate_intervals.restore_with_heuristic",
+                        lambda *a, **k: pytest.fail("sampled"))
+    out = tmp_path / "calibration.json"
+    with pytest.raises(SystemExit) as error:
+        calibrate(checkpoints["inpaint"], out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert error.value.code == 1 and len(err) == 1 and "this run writes about" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -38,6 +38,7 @@ from uncdiff.evaluation.intervals import HEURISTICS, calibrate_heuristic, restor
 from uncdiff.io.files import InputError, write_atomic, written_together
 from uncdiff.io.interval_calibration import write_calibration
 from uncdiff.io.lock import lock_outputs
+from uncdiff.io.space import check_free_space, interval_calibration_files
 from uncdiff.lightning.image_to_image import restorer
 from uncdiff.lightning.loading import (file_sha256, image_to_image_data, laplace_source, load_module,
                                        load_or_fit_laplace)
@@ -142,6 +143,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_options(parser, argv)
     try:
         plan = calibration_plan(args)
+        check_free_space(args.out, interval_calibration_files(plan["record"]))
         lock = lock_outputs(args.out)  # held until main returns
         fabric = make_fabric(Namespace(accelerator=args.fabric.accelerator, devices=1, num_nodes=1, strategy="auto"))
     except InputError as error:

@@ -153,6 +153,12 @@ def threshold_table_files(settings: dict, image_shape: Sequence[int]) -> list[in
     return [table + record_bytes(settings), 2 * 8 * steps + record_bytes(settings), RECORD_BYTES]
 
 
+def interval_calibration_files(record: dict) -> list[int]:
+    """`calibrate_intervals`' two files: the calibration file (its record, the fit's few numbers and the
+    run's info) and the config."""
+    return [record_bytes(record) + RECORD_BYTES, RECORD_BYTES]
+
+
 def checkpoint_bytes(module: torch.nn.Module) -> int:
     """A Lightning checkpoint of `module` trained with Adam: its state dict (the weights, the EMA copy,
     buffers) and Adam's two moments of every trainable parameter, with torch.save's overheads."""
