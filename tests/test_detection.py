@@ -193,12 +193,11 @@ def test_evaluate_detection_on_a_tiny_shapes_model(tmp_path, shapes_checkpoint):
 @pytest.mark.slow  # trains a 3-step shapes model (shared with the test above)
 def test_evaluate_refuses_fid_experiments_on_a_shapes_model(tmp_path, shapes_checkpoint):
     from uncdiff.commands.evaluate import main as evaluate
-    from uncdiff.io.files import InputError
 
     common = ["--checkpoint", str(shapes_checkpoint), "--out", str(tmp_path / "eval"), "--n", "8",
               "--fabric.accelerator", "cpu"]
-    with pytest.raises(InputError, match="no FID features"):
+    with pytest.raises(SystemExit, match="no FID features"):
         evaluate([*common, "--experiments", "filtering"])
-    with pytest.raises(InputError, match="add detection"):
+    with pytest.raises(SystemExit, match="add detection"):
         evaluate([*common, "--experiments", "sweep"])
     assert not (tmp_path / "eval").exists()
