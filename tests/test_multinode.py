@@ -11,6 +11,8 @@ Independent truths:
 - `sample`: a one-process run of the same command (same files, byte for byte); the seeds each rank
   sampled (every seed once, none twice).
 - `evaluate` (the filtering experiment): a one-process run (the same samples, scores and FIDs).
+- `restore` (inpainting, with calibrated intervals): a one-process run of the same command (same files,
+  byte for byte).
 """
 
 import csv
@@ -28,6 +30,8 @@ import pytest
 import torch
 import yaml
 
+from test_image_to_image_cmd import checkpoints, folders  # noqa: F401 (fixtures)
+from uncdiff.__main__ import main as uncdiff_main
 from uncdiff.commands.evaluate import main as evaluate_main
 from uncdiff.commands.sample import main as sample_main
 from uncdiff.io.images import from_uint8
@@ -296,6 +300,37 @@ def test_two_node_evaluate_equals_one_process(fit_run, tmp_path):
         except ValueError:
             assert rows_two[0][key] == value, key
 
+
+
+
+@pytest.mark.slow  # torchrun process trees that import Lightning, one per node
+def test_two_node_restore_equals_one_process(checkpoints, folders, tmp_path):
+    """An inpainting checkpoint restores 3 conditions with calibrated interval maps on two nodes, file
+    for file what one process writes."""
+    conditions, masks = folders
+    calibration = tmp_path / "aleatoric.json"
+    common = ["--checkpoint", str(checkpoints["inpaint"]), "--sampler.steps", "2", "--estimator.M", "2",
+              "--fabric.accelerator", "cpu", "--progress", "false"]
+    args = [*common, "--conditions", str(conditions), "--masks", str(masks), "--intervals", str(calibration),
+            "--batch_size", "1"]  # chunks 0 and 2 on rank 0, chunk 1 on rank 1
+    one, two = tmp_path / "one-process", tmp_path / "two-nodes"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        uncdiff_main(["calibrate_intervals", "--out", str(calibration), "--n", "30", "--heuristic.name", "aleatoric",
+                      *common])
+        uncdiff_main(["restore", "--out", str(one), *args])
+    finally:
+        torch.set_num_threads(threads)
+    results = run_nodes(["restore", "--out", str(two), *args, *SAMPLE_NODES], cwd=tmp_path)
+    ok(results, "restore")
+    assert "on 2 process(es)" in results[0].stdout
+    names = sorted(p.name for p in (one / "samples").iterdir())
+    assert {name[:6] for name in names} == {f"{seed:06d}" for seed in range(3)}
+    assert {name[6:] for name in names} >= {".png", "_map.npy", "_lower.npy", "_upper.npy", "_width.npy"}
+    assert names == sorted(p.name for p in (two / "samples").iterdir())
+    for name in [f"samples/{n}" for n in names] + ["manifest.csv", "grid.png", "inputs.csv"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 def docs_torchrun_recipe() -> list[list[str]]:
     """The torchrun commands of docs/configs.md (the sbatch script's too), as argument lists."""
