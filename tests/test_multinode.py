@@ -13,6 +13,9 @@ Independent truths:
 - `evaluate` (the filtering experiment): a one-process run (the same samples, scores and FIDs).
 - `restore` (inpainting, with calibrated intervals): a one-process run of the same command (same files,
   byte for byte).
+- SLURM: `fit` and `sample` started as `srun` starts one task per node (SLURM's environment, no
+  torchrun), found by Lightning's and Fabric's own SLURM detection: the torchrun run's weights and the
+  one-process run's samples.
 """
 
 import csv
@@ -110,13 +113,27 @@ def node_command(node_rank: int, port: int, script: str) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port), "--", script]
 
 
-def run_nodes(args: list[str], cwd: Path, script: str = str(REPO / "train.py"), **env_extra) -> list[subprocess.CompletedProcess]:
-    """Both nodes of one run, started together; their exit codes and output once both have ended."""
+def slurm_task_environment(node_rank: int, port: int) -> dict:
+    """What `srun` gives the one task of node `node_rank` of an sbatch job of NODES nodes x 1 task
+    (the variables Lightning's SLURMEnvironment reads), the master on this machine."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "uncdiff-test", "SLURM_NODELIST": "127.0.0.1",
+            "SLURM_NNODES": str(NODES), "SLURM_NTASKS": str(NODES), "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_PROCID": str(node_rank), "SLURM_NODEID": str(node_rank), "SLURM_LOCALID": "0",
+            "MASTER_PORT": str(port)}
+
+
+def run_nodes(args: list[str], cwd: Path, script: str = str(REPO / "train.py"), slurm: bool = False,
+              **env_extra) -> list[subprocess.CompletedProcess]:
+    """Both nodes of one run, started together, by torchrun (or, with `slurm`, as the tasks `srun`
+    starts: `python train.py ...` in SLURM's environment, no torchrun); their exit codes and output
+    once both have ended."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env_extra}
     port = free_port()
-    nodes = [subprocess.Popen([*node_command(rank, port, script), *args], cwd=cwd, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-             for rank in range(NODES)]
+    commands = [[sys.executable, script] if slurm else node_command(rank, port, script) for rank in range(NODES)]
+    nodes = [subprocess.Popen([*command, *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, **(slurm_task_environment(rank, port) if slurm else {})},
+                              start_new_session=True)
+             for rank, command in enumerate(commands)]
     try:
         outputs = [node.communicate(timeout=900)[0] for node in nodes]  # a guard against a hang, not a speed limit
     finally:  # a node left waiting (for a peer that never came) takes its worker with it
@@ -211,6 +228,24 @@ def test_a_killed_node_s_fit_resumes_exactly(fit_run):
     for a, b in zip(resumed["adam"], uninterrupted["adam"], strict=True):
         torch.testing.assert_close(a, b)
 
+
+
+@pytest.mark.slow  # two processes that import Lightning
+def test_fit_and_sample_under_slurm_s_environment_equal_the_torchrun_runs(fit_run, one_process_samples, tmp_path):
+    """`srun python train.py ...` with one task per node: Lightning's and Fabric's own SLURM detection
+    number the processes, and the run is the torchrun run's (weights) and one process's (samples)."""
+    run = tmp_path / "slurm"
+    results = run_nodes(fit_args(run, fit_run / "tiny.yaml"), cwd=fit_run, slurm=True)
+    ok(results, "fit under SLURM")
+    slurm, torchrun = (state(r / "checkpoints" / f"step{STEPS}.ckpt") for r in (run, fit_run / "run"))
+    assert slurm["step"] == STEPS
+    for name, value in torchrun["weights"].items():
+        torch.testing.assert_close(slurm["weights"][name], value, msg=name)
+    out = tmp_path / "samples"
+    results = run_nodes(sample_args(fit_run, out), cwd=fit_run, slurm=True)
+    ok(results, "sample under SLURM")
+    assert "on 2 process(es)" in results[0].stdout
+    same_samples(one_process_samples, out)
 
 @pytest.fixture(scope="module")
 def one_process_samples(fit_run) -> Path:
