@@ -9,6 +9,7 @@ anything is written.
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -299,6 +300,8 @@ def test_study_end_to_end(evaluation):
     (["filtering"], ["aleatoric"], False),
     (["study"], ["aleatoric", "bayesdiff"], True),
     (["guidance", "ause"], ["aleatoric", "mc_dropout", "bayesdiff"], False),
+    (["filtering"], ["x0_trajectory"], False),
+    (["filtering"], ["generative"], True),  # its chains draw their weights from the posterior
 ])
 def test_laplace_is_fitted_exactly_when_a_bayesdiff_set_is_sampled(experiments, estimators, needed):
     from uncdiff.commands.evaluate import build_parser
@@ -319,3 +322,20 @@ def test_ause_alone_samples_no_set_and_writes_its_section(tiny_checkpoint, tmp_p
     report = (out / "report.md").read_text()
     assert "## (c) Pixel-wise uncertainty" in report and not (out / "sets").exists()
     assert f"steps={STEPS}" in report
+
+
+@pytest.mark.slow
+def test_the_peers_sample_level_scores_filter_and_enter_the_study(tiny_checkpoint, tmp_path):
+    """--estimators names the peers' scores (docs/algorithms.md §6c) on a model without a checker: each
+    set's kept-set FID against random subsets, and one study row per score (no per-step totals)."""
+    out = tmp_path / "eval"
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"),
+          "--experiments", "filtering", "study", "--estimators", "[x0_trajectory,generative]", *ARGS,
+          "--sampler.steps", "10"])  # the x0 trajectory's last fifth: 2 steps
+    assert [r["estimator"] for r in read_csv(out / "filtering.csv")] == ["x0_trajectory", "generative"]
+    rows = read_csv(out / "study.csv")
+    assert [(r["estimator"], r["score"], r["window"]) for r in rows] == [
+        ("x0_trajectory", "sum", "x0 variance, its window"), ("generative", "sum", "final disagreement")]
+    for name in ("x0_trajectory", "generative"):  # variances, not all alike
+        scores = np.array([float(r["score"]) for r in read_csv(out / "sets" / name / "manifest.csv")])
+        assert len(scores) == N and (scores >= 0).all() and scores.std() > 0

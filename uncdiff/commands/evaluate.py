@@ -5,7 +5,9 @@ written as a report.
 
 (a) filtering: FID, and improved precision / recall (k = 5, against --filtering.prc_real training
 images), of the set kept by each of --estimators' scores versus random subsets (mean ± std over
---filtering.subset_seeds); (b) guided versus unguided FID from the same seeds, for the gradient
+--filtering.subset_seeds; the default estimators are aleatoric, mc_dropout and bayesdiff, and the
+peers' sample-level scores x0_trajectory and generative join when named, generative scored in pixel
+space as in the run spec); (b) guided versus unguided FID from the same seeds, for the gradient
 rule with both signs and the posterior rule, over --seed_groups; (c) AUSE / AURG of the aleatoric
 and MC-Dropout maps; (d) network evaluations and seconds per image of each method; (e) the
 per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling again: Spearman
@@ -44,8 +46,8 @@ from uncdiff.evaluation.evaluate_report import build_report
 from uncdiff.evaluation.experiments import PRC_NEIGHBOURS, denoised_steps
 from uncdiff.evaluation.fid import datamodule_images, make_extractor, real_feature_stats
 from uncdiff.evaluation.report import Report, log_report, write_report
-from uncdiff.evaluation.sample_sets import (EXPERIMENTS, FILTERING_ESTIMATORS, OPTIONAL_EXPERIMENTS, Plan,
-                                           needs_fid, needs_laplace, set_names, set_overrides)
+from uncdiff.evaluation.sample_sets import (DETECTION_ESTIMATORS, EXPERIMENTS, FILTERING_ESTIMATORS,
+                                           OPTIONAL_EXPERIMENTS, Plan, needs_fid, needs_laplace, set_names, set_overrides)
 from uncdiff.evaluation.sections import ause_map_steps, drop_fraction
 from uncdiff.io.files import InputError
 from uncdiff.io.lock import lock_and_check
@@ -61,8 +63,9 @@ def build_parser() -> ArgumentParser:
     g = parser.add_argument_group("experiments")
     g.add_argument("--experiments", type=Literal[EXPERIMENTS + OPTIONAL_EXPERIMENTS], nargs="+",
                    default=list(EXPERIMENTS), help=f"which to run (not by default: {', '.join(OPTIONAL_EXPERIMENTS)})")
-    g.add_argument("--estimators", type=list[Literal[FILTERING_ESTIMATORS]], default=list(FILTERING_ESTIMATORS),
-                   help="estimators whose scores the filtering experiment and the study rank")
+    g.add_argument("--estimators", type=list[Literal[DETECTION_ESTIMATORS]], default=list(FILTERING_ESTIMATORS),
+                   help="estimators whose scores the filtering experiment and the study rank (the peers' "
+                        "sample-level scores, x0_trajectory and generative, when named)")
     g.add_argument("--filtering.subset_seeds", type=int, default=20,
                    help="random subsets per filtering FID and precision / recall")
     g.add_argument("--filtering.prc_real", type=Optional[int], default=None,
@@ -140,7 +143,7 @@ def check_options(args: Namespace) -> int:
     if not 1 <= args.seed_groups <= args.n // 2:
         raise InputError(f"--seed_groups must lie in [1, n/2], got {args.seed_groups} with --n {args.n}")
     if not args.estimators:
-        raise InputError("--estimators: name at least one of " + ", ".join(FILTERING_ESTIMATORS))
+        raise InputError("--estimators: name at least one of " + ", ".join(DETECTION_ESTIMATORS))
     if "sweep" in args.experiments:
         check_sweep(args)
     if {"study", "detection"} & set(args.experiments) and args.study.resamples < 1000:

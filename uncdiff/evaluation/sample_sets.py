@@ -14,7 +14,7 @@ EXPERIMENTS = ("filtering", "study", "guidance", "ause", "cost")  # the default 
 OPTIONAL_EXPERIMENTS = ("sweep", "detection")  # run only when named: expensive, or for shapes models only
 FID_EXPERIMENTS = ("filtering", "study", "guidance", "sweep")  # the ones that compute FID features
 FILTERING_ESTIMATORS = ("aleatoric", "mc_dropout", "bayesdiff")
-PEER_ESTIMATORS = ("x0_trajectory", "generative")  # sampled for the detection experiment only
+PEER_ESTIMATORS = ("x0_trajectory", "generative")  # sampled for detection, or when --estimators names them
 DETECTION_ESTIMATORS = (*FILTERING_ESTIMATORS, *PEER_ESTIMATORS)
 GUIDED = ["guided-gradient-plus", "guided-gradient-minus", "guided-posterior"]  # the guidance experiment's sets
 # sample set -> how its options differ from the command's (see `set_overrides`)

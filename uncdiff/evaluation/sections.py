@@ -105,6 +105,11 @@ def note_negative_variances(report: Report, stores: dict[str, SampleStore]) -> N
 
 # ------------------------------------------------------------------------------ per-sample study
 
+# the estimators whose score is one number per sample, not a sum of per-step totals -> its "window"
+SAMPLE_LEVEL_SCORES = {"bayesdiff": "final Var[x0]", "x0_trajectory": "x0 variance, its window",
+                       "generative": "final disagreement"}
+
+
 def study_section(report: Report, stores: dict[str, SampleStore], features: dict, real: Tensor, extractor, fid: Fid,
                   names: Sequence[str], resamples: int, subset_seeds: int) -> None:
     """docs/algorithms.md §6b on the filtering sets: every score variant and window from their recorded
@@ -125,8 +130,8 @@ def study_section(report: Report, stores: dict[str, SampleStore], features: dict
             targets["confidence"] = confidence
         else:
             confidence_note = f"The FID extractor {extractor.name} is no classifier: the study has no confidence column."
-        if name == "bayesdiff":  # Var[x0] of the final state: no per-step totals, one score
-            scores = {("sum", "final Var[x0]"): store.load_scores()}
+        if name in SAMPLE_LEVEL_SCORES:  # no per-step totals: one score per sample
+            scores = {("sum", SAMPLE_LEVEL_SCORES[name]): store.load_scores()}
         else:
             totals = torch.tensor(store.record_values("step_totals"), dtype=torch.float64)
             steps = store.record_values("total_steps")[0]
