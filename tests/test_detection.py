@@ -3,6 +3,7 @@ scikit-learn's AUROC and average precision, scipy's exact binomial test, cases c
 power formula checked by simulating the test it describes."""
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from uncdiff.evaluation.detection import (auprc, auroc, bootstrap_interval, detectable_difference, detection_row,
-                                          detection_rows, mcnemar, random_scores, retention)
+from uncdiff.evaluation.detection import (auprc, auroc, bootstrap_interval, detectable_auroc, detectable_difference,
+                                          detection_row, detection_rows, mcnemar, random_scores, retention)
 
 
 def labelled(n=300, seed=0, ties=False):
@@ -102,6 +103,25 @@ def test_the_detectable_difference_has_the_stated_power():
         rejected += binomtest(b, b + c, 0.5).pvalue < 0.05
     assert rejected / 400 == pytest.approx(0.8, abs=0.07)
     assert math.isnan(detectable_difference(n, 0.0))
+
+
+def test_the_detectable_auroc_has_the_stated_power():
+    """Simulate scores whose AUROC is 1/2 + the formula's distance (normal scores, the invalid ones
+    shifted): the test of AUROC = 1/2 against its bootstrap-free null spread rejects about 80 % of the
+    time; the null spread itself is that of random scores' AUROC."""
+    n1, n0 = 250, 750
+    delta = detectable_auroc(n1, n0)
+    null_sd = math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    assert delta == pytest.approx((1.959964 + 0.841621) * null_sd, rel=1e-6)
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(n1, bool), np.zeros(n0, bool)]
+    null = [auroc(rng.random(n1 + n0), labels) for _ in range(400)]
+    assert np.std(null) == pytest.approx(null_sd, rel=0.1)
+    shift = math.sqrt(2) * NormalDist().inv_cdf(0.5 + delta)  # P(X1 > X0) = 1/2 + delta for unit normals
+    rejected = sum(abs(auroc(np.r_[rng.normal(shift, 1, n1), rng.normal(0, 1, n0)], labels) - 0.5)
+                   > 1.959964 * null_sd for _ in range(400))
+    assert rejected / 400 == pytest.approx(0.8, abs=0.07)
+    assert math.isnan(detectable_auroc(0, 10))
 
 
 def test_the_table_has_a_row_per_estimator_then_random():

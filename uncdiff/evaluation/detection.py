@@ -96,11 +96,24 @@ def random_scores(n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).random(n))
 
 
+def detectable_auroc(invalid: int, valid: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest distance of a score's AUROC from 1/2 that `invalid` and `valid` samples detect: the
+    two-sided test of AUROC = 1/2 at `alpha` rejects with probability `power` (normal approximation with
+    the Mann-Whitney statistic's null variance, `Var = (n1 + n0 + 1) / (12 n1 n0)` for untied scores):
+    `(z_{1-alpha/2} + z_power) sqrt(Var)`. NaN without both kinds."""
+    if invalid < 1 or valid < 1:
+        return math.nan
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return z * math.sqrt((invalid + valid + 1) / (12 * invalid * valid))
+
+
 def detection_row(scores, invalid, resamples: int = 1000, seed: int = 0) -> dict:
-    """One row of the detection table: counts, AUROC and AUPRC with their bootstrap 95% intervals, and at
-    each retention of `RETENTIONS` the fractions of invalid samples removed and valid samples kept."""
+    """One row of the detection table: counts, AUROC and AUPRC with their bootstrap 95% intervals, the
+    detectable distance of AUROC from 1/2 (`detectable_auroc`), and at each retention of `RETENTIONS`
+    the fractions of invalid samples removed and valid samples kept."""
     s, y = _arrays(scores, invalid)
-    row: dict = {"n": len(s), "invalid": int(y.sum())}
+    row: dict = {"n": len(s), "invalid": int(y.sum()), "detectable_auroc": detectable_auroc(int(y.sum()),
+                                                                                           int((~y).sum()))}
     for name, metric in (("auroc", auroc), ("auprc", auprc)):
         low, high = bootstrap_interval(metric, s, y, resamples, seed)
         row.update({name: metric(s, y), f"{name}_low": low, f"{name}_high": high})

@@ -294,11 +294,13 @@ def detection_markdown(report: Report) -> list[str]:
             "Each estimator's samples are labelled by the shapes checker; its score (higher = more likely "
             "invalid) is judged at finding the invalid ones: AUROC and AUPRC [stratified bootstrap 95 % interval], "
             "and, keeping the 90 % / 95 % with the lowest scores, the fraction of invalid samples removed and of "
-            "valid samples kept. `random` is a uniform random score on the first set's labels (its AUPRC "
-            "expectation is the invalid rate).", "",
-            table([["estimator", "samples", "invalid", "AUROC", "AUPRC", "removed / kept at 90 %",
+            "valid samples kept. detectable: the smallest distance of AUROC from 1/2 these counts detect at alpha "
+            "0.05 with 80 % power (docs/algorithms.md §6c). `random` is a uniform random score on the first "
+            "set's labels (its AUPRC expectation is the invalid rate).", "",
+            table([["estimator", "samples", "invalid", "AUROC", "detectable", "AUPRC", "removed / kept at 90 %",
                     "removed / kept at 95 %", "evaluations / image", "seconds / image"]]
-                  + [[r["estimator"], str(r["n"]), str(r["invalid"]), interval(r, "auroc"), interval(r, "auprc"),
+                  + [[r["estimator"], str(r["n"]), str(r["invalid"]), interval(r, "auroc"),
+                      f"± {fmt(r['detectable_auroc'])}", interval(r, "auprc"),
                       f"{fmt(r['removed_at_90'])} / {fmt(r['kept_at_90'])}",
                       f"{fmt(r['removed_at_95'])} / {fmt(r['kept_at_95'])}", fmt(r["nfe_per_image"], 1),
                       fmt(r["seconds_per_image"], 4)] for r in report.detection]), ""] + detection_guidance_markdown(report)
