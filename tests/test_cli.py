@@ -43,6 +43,8 @@ def test_quickstart_first_steps_offline_wandb_and_no_overwrite(tmp_path):
     assert list(offline_runs[0].glob("files/media/images/val/ema_samples_*.png"))
 
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    run_id = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["uncdiff_wandb_run_id"]
+    assert offline_runs[0].name.endswith(f"-{run_id}")
     again = train(args, tmp_path)  # the same command again must not overwrite the run
     assert again.returncode != 0 and "--ckpt_path last" in again.stderr
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
@@ -52,7 +54,11 @@ def test_quickstart_first_steps_offline_wandb_and_no_overwrite(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert len(list(run.glob("config-*.yaml"))) == 2
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # a new W&B run; the first is untouched
+    # the resumed fit continues the first W&B run: a folder of its own (the first one untouched) under
+    # the same run id, which `wandb sync` uploads as one run whose charts go on from step 4
+    resumed_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(resumed_runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in resumed_runs)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["uncdiff_wandb_run_id"] == run_id
 
 
 @pytest.mark.slow

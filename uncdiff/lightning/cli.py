@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from uncdiff.io.files import InputError, load_torch, remove_temporary_files
 from uncdiff.io.lock import lock_folder
 from uncdiff.io.space import check_free_space, run_directory_files
+from uncdiff.lightning.wandb_logger import WANDB_RUN_ID_KEY
 
 CONFIG_DIR = Path(str(files("uncdiff.configs")))  # configs/, installed as package data
 # --ckpt_path values Lightning resolves itself rather than as a file path
@@ -129,6 +130,8 @@ class UncdiffCLI(LightningCLI):
         for callback in config.trainer.callbacks or []:
             if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
                 callback.init_args.dirpath = str(Path(root) / "checkpoints")
+        if self.subcommand == "fit":
+            continue_wandb_run(config)
 
     def before_fit(self) -> None:
         """Check that the run directory's disk has room for the checkpoints (`run_directory_files`), lock
@@ -195,6 +198,39 @@ def require_last_checkpoint(folders: list[Path]) -> None:
                      f"(a run killed before its first last.ckpt was written?); its checkpoints: "
                      f"{', '.join(present) or 'none'}. Resume from one with --ckpt_path <that file>, or start "
                      f"a new run in another --trainer.default_root_dir")
+
+
+def resumed_checkpoint(config) -> Optional[Path]:
+    """The file `fit --ckpt_path` resumes from: the newest `last*.ckpt` of the ModelCheckpoint folders for
+    'last', the file itself for a path; None for no resume (and for 'best', 'hpc' and URLs)."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path == "last":
+        folders = [Path(c.init_args.dirpath) for c in config.trainer.callbacks or []
+                   if c.class_path.endswith("ModelCheckpoint") and c.init_args.get("dirpath")]
+        found = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    if ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path:
+        return None
+    return Path(ckpt_path) if Path(ckpt_path).is_file() else None
+
+
+def continue_wandb_run(config) -> None:
+    """A resumed fit logs to the W&B run that wrote its checkpoint (the id the module saved there, with
+    Lightning's resume="allow"), so one run's charts go on from the step they stopped at instead of
+    starting a second run. A logger given an id of its own keeps it."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    wandb = [lg for lg in loggers if getattr(lg, "class_path", "").endswith("WandbLogger") and not lg.init_args.get("id")]
+    path = resumed_checkpoint(config) if wandb else None
+    if path is None:
+        return
+    try:
+        checkpoint = load_torch(path, "checkpoint", mmap=True)
+    except InputError:
+        return  # the resume itself reports it
+    run_id = checkpoint.get(WANDB_RUN_ID_KEY) if isinstance(checkpoint, dict) else None
+    if isinstance(run_id, str):
+        for logger in wandb:
+            logger.init_args.id = run_id
 
 
 def refuse_to_overwrite(checkpoint_callbacks, ckpt_path: Optional[str]) -> None:

@@ -16,6 +16,7 @@ from uncdiff.core.unet import UNet
 from uncdiff.io.diffusers_pipeline import (DiffusersEps, build_unet, load_pretrained, schedule_from_config,
                                            unet_config_of)
 from uncdiff.lightning.progress import step_bar
+from uncdiff.lightning.wandb_logger import WANDB_RUN_ID_KEY, wandb_run_id
 
 MAX_RANKS = 2**12
 MAX_STEPS = 2**28
@@ -277,6 +278,9 @@ class DiffusionModule(L.LightningModule):
             checkpoint.get("hyper_parameters", {}).pop(key, None)
         if self.laplace is not None:
             checkpoint["bayesdiff_laplace"] = self.laplace.state_dict()
+        run_id = wandb_run_id(self._trainer.loggers if self._trainer is not None else [])
+        if run_id is not None:  # `fit --ckpt_path` continues this W&B run (uncdiff.lightning.cli)
+            checkpoint[WANDB_RUN_ID_KEY] = run_id
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "bayesdiff_laplace" in checkpoint:

@@ -84,3 +84,16 @@ def close_run(logger: LightningWandbLogger) -> None:
     if logger._experiment is not None:
         logger._experiment.finish()
         logger._experiment = None
+
+
+# the checkpoint key under which a fit records its W&B run, so that `fit --ckpt_path` continues that run
+WANDB_RUN_ID_KEY = "uncdiff_wandb_run_id"
+
+
+def wandb_run_id(loggers) -> Optional[str]:
+    """The id of the W&B run of the first WandbLogger among `loggers` (None if there is none); its run is
+    not started to learn it."""
+    for logger in loggers:
+        if isinstance(logger, LightningWandbLogger) and logger.version is not None:
+            return str(logger.version)
+    return None
