@@ -41,11 +41,11 @@ from uncdiff.commands.options import (add_estimator_arguments, add_guidance_argu
                                       add_sampler_arguments, config_yaml, new_parser, parse_options, record_config)
 from uncdiff.commands.runtime import (ModelInputs, attach_laplace, generate_run, make_fabric, prepare_model,
                                       run_info)
-from uncdiff.commands.evaluate_checks import check_ause_window, check_options
 from uncdiff.commands.settings import build_sampler, build_settings, estimator_hook
 from uncdiff.evaluation.evaluate_report import build_report
 from uncdiff.evaluation.experiments import PRC_NEIGHBOURS
 from uncdiff.evaluation.fid import datamodule_images, make_extractor, real_feature_stats
+from uncdiff.evaluation.option_checks import check_ause_window, check_options
 from uncdiff.evaluation.report import Report, log_report, write_report
 from uncdiff.evaluation.sample_sets import (DETECTION_ESTIMATORS, EXPERIMENTS, FILTERING_ESTIMATORS,
                                            OPTIONAL_EXPERIMENTS, Plan, needs_fid, needs_laplace, set_names, set_overrides)

@@ -1,5 +1,5 @@
-"""`uncdiff evaluate`'s own options, checked before anything is sampled or written (the sampling
-options are checked where every command's are, `uncdiff.commands.settings`)."""
+"""`uncdiff evaluate`'s own options (the experiments'), checked before anything is sampled or written;
+the sampling options are checked where every command's are, `uncdiff.commands.settings`."""
 
 from pathlib import Path
 
