@@ -48,7 +48,8 @@ from uncdiff.evaluation.fid import datamodule_images, make_extractor, real_featu
 from uncdiff.evaluation.option_checks import check_ause_window, check_options
 from uncdiff.evaluation.report import Report, log_report, write_report
 from uncdiff.evaluation.sample_sets import (DETECTION_ESTIMATORS, EXPERIMENTS, FILTERING_ESTIMATORS,
-                                           OPTIONAL_EXPERIMENTS, Plan, needs_fid, needs_laplace, set_names, set_overrides)
+                                           OPTIONAL_EXPERIMENTS, Plan, needs_fid, needs_laplace, set_names,
+                                           set_overrides)
 from uncdiff.evaluation.sections import drop_fraction
 from uncdiff.io.files import InputError
 from uncdiff.io.lock import lock_and_check

@@ -219,7 +219,8 @@ def continue_wandb_run(config) -> None:
     Lightning's resume="allow"), so one run's charts go on from the step they stopped at instead of
     starting a second run. A logger given an id of its own keeps it."""
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    wandb = [lg for lg in loggers if getattr(lg, "class_path", "").endswith("WandbLogger") and not lg.init_args.get("id")]
+    wandb = [logger for logger in loggers
+             if getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("id")]
     path = resumed_checkpoint(config) if wandb else None
     if path is None:
         return
