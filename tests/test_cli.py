@@ -197,3 +197,25 @@ def test_earlier_spellings_are_refused(old, capsys):
     with pytest.raises(SystemExit) as error:
         parse_options(evaluate.build_parser(), ["--checkpoint", "c", "--out", "o", *old])
     assert error.value.code == 2 and old[0].lstrip("-").split(".")[0] in capsys.readouterr().err
+
+def test_a_resumed_fit_logs_to_the_checkpoint_s_wandb_run_unless_given_an_id(tmp_path):
+    """`continue_wandb_run` on the parsed config: a checkpoint file's recorded run id goes to each
+    WandbLogger without an id of its own; none is set without a resume or without a recorded id."""
+    from jsonargparse import Namespace
+
+    from uncdiff.lightning.cli import continue_wandb_run
+
+    recorded, bare = tmp_path / "recorded.ckpt", tmp_path / "bare.ckpt"
+    torch.save({"global_step": 4, "uncdiff_wandb_run_id": "abc123"}, recorded)
+    torch.save({"global_step": 4}, bare)
+
+    def config(ckpt_path, logger_id=None):
+        logger = Namespace(class_path="uncdiff.lightning.wandb_logger.WandbLogger",
+                           init_args=Namespace(project="p", id=logger_id))
+        return Namespace(ckpt_path=ckpt_path, trainer=Namespace(logger=[logger], callbacks=[]))
+
+    for ckpt_path, given, expected in [(str(recorded), None, "abc123"), (str(recorded), "mine", "mine"),
+                                       (str(bare), None, None), (None, None, None)]:
+        c = config(ckpt_path, given)
+        continue_wandb_run(c)
+        assert c.trainer.logger[0].init_args.id == expected, (ckpt_path, given)
