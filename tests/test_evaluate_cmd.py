@@ -11,11 +11,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tiny_checkpoint import tiny_checkpoint  # noqa: F401 (fixture)
 from uncdiff.commands.evaluate import main
+from uncdiff.core.samplers import make_sampler
+from uncdiff.evaluation.fid import ClassifierFeatures
+from uncdiff.lightning.loading import laplace_cache_path, load_module
 from uncdiff.lightning.module import DiffusionModule
+from uncdiff.uncertainty.bayesdiff import LastLayerLaplace
+from uncdiff.uncertainty.generative import GenerativeUncertainty
 
 STEPS, M, N = 4, 2, 12
 ARGS = ["--n", str(N), "--batch_size", "6", "--sampler.steps", str(STEPS), "--estimator.M", str(M),
@@ -327,7 +333,8 @@ def test_ause_alone_samples_no_set_and_writes_its_section(tiny_checkpoint, tmp_p
 @pytest.mark.slow
 def test_the_peers_sample_level_scores_filter_and_enter_the_study(tiny_checkpoint, tmp_path):
     """--estimators names the peers' scores (docs/algorithms.md §6c) on a model without a checker: each
-    set's kept-set FID against random subsets, and one study row per score (no per-step totals)."""
+    set's kept-set FID against random subsets, and one study row per score (no per-step totals); the
+    generative score in the FID extractor's features, as the estimator computes it by hand."""
     out = tmp_path / "eval"
     main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fid.cache", str(tmp_path / "cache"),
           "--experiments", "filtering", "study", "--estimators", "[x0_trajectory,generative]", *ARGS,
@@ -339,3 +346,15 @@ def test_the_peers_sample_level_scores_filter_and_enter_the_study(tiny_checkpoin
     for name in ("x0_trajectory", "generative"):  # variances, not all alike
         scores = np.array([float(r["score"]) for r in read_csv(out / "sets" / name / "manifest.csv")])
         assert len(scores) == N and (scores >= 0).all() and scores.std() > 0
+    # the generative set scores in the digits classifier's features (the run's FID extractor): its scores
+    # are those of the estimator run by hand on the set's seeds, sampler and cached posterior
+    settings = json.loads((out / "sets" / "generative" / "run.json").read_text())["settings"]
+    assert settings["estimator"] == {"name": "generative", "M": M, "features": "digits-classifier"}
+    module = load_module(tiny_checkpoint)
+    module.laplace = LastLayerLaplace.from_state_dict(torch.load(laplace_cache_path(tiny_checkpoint, 32))["laplace"])
+    sampler = settings["sampler"]
+    _, expected = GenerativeUncertainty(module.ema.ema_model, module.laplace, M=M,
+                                        features=ClassifierFeatures("digits", image_size=8))(
+        make_sampler(module.schedule, sampler.pop("name"), **sampler), module.image_shape, range(N))
+    scores = [float(r["score"]) for r in read_csv(out / "sets" / "generative" / "manifest.csv")]
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-5)

@@ -111,6 +111,44 @@ def test_through_the_module_sample_it_runs_after_the_plain_chain():
         module.sample(n, sampler=spec, estimator=EstimatorSpec("generative"), guidance=GuidanceSpec("posterior"))
 
 
+def test_features_put_the_score_in_the_datasets_feature_space():
+    """`estimator.features digits-classifier` scores the chains' disagreement in the shipped digits
+    classifier's features: what the estimator gives with that extractor passed by hand, not the pixel
+    score; a setting that cannot apply fails before sampling."""
+    from conftest import tiny_model_kwargs
+    from uncdiff.core.samplers import make_sampler
+    from uncdiff.evaluation.fid import ClassifierFeatures
+    from uncdiff.lightning.module import DiffusionModule
+    from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
+
+    torch.manual_seed(0)
+    module = DiffusionModule(**tiny_model_kwargs())
+    with torch.no_grad():
+        for p in module.ema.ema_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    module.fit_laplace(torch.rand(6, 1, 8, 8) * 2 - 1, num_images=6)
+    spec, seeds = SamplerSpec("ddim", 4), [2, 3, 4]
+    result = module.sample(seeds=seeds, sampler=spec, estimator=EstimatorSpec("generative", M=2,
+                                                                             features="digits-classifier"))
+    classifier = ClassifierFeatures("digits", image_size=8)
+    maps, scores = GenerativeUncertainty(module.ema.ema_model.eval(), module.laplace, M=2, features=classifier)(
+        make_sampler(module.schedule, "ddim", steps=4), module.image_shape, seeds)
+    torch.testing.assert_close(result.scores, scores)
+    torch.testing.assert_close(result.maps, maps)  # the map stays the pixels' variance
+    pixels = module.sample(seeds=seeds, sampler=spec, estimator=EstimatorSpec("generative", M=2)).scores
+    torch.testing.assert_close(pixels, maps.flatten(1).sum(1))
+    assert not torch.allclose(scores, pixels)
+    with pytest.raises(ValueError, match="estimator.features digits-classifier applies to the generative "
+                                         "estimator"):
+        EstimatorSpec("aleatoric", features="digits-classifier")
+    rgb = DiffusionModule(**tiny_model_kwargs(in_channels=3))
+    with pytest.raises(ValueError, match="reads 1-channel images; this model makes 3-channel ones"):
+        rgb.generative_features(EstimatorSpec("generative", features="digits-classifier"))
+    large = DiffusionModule(**tiny_model_kwargs(image_size=32, attn_resolutions=()))
+    with pytest.raises(ValueError, match="no digits classifier ships for 32x32 images"):
+        large.generative_features(EstimatorSpec("generative", features="digits-classifier"))
+
+
 def test_an_image_to_image_model_scores_only_the_generated_pixels():
     from conftest import tiny_model_kwargs
     from uncdiff.data.masks import box_mask
@@ -131,3 +169,5 @@ def test_an_image_to_image_model_scores_only_the_generated_pixels():
     assert torch.equal(result.maps * (1 - mask), torch.zeros_like(result.maps))  # the known pixels never vary
     torch.testing.assert_close(result.scores, result.maps.flatten(1).sum(1))
     assert (result.scores > 0).all()
+    with pytest.raises(ValueError, match="estimator.features digits-classifier: an image-to-image model's"):
+        module.sample(condition, mask, sampler=spec, estimator=EstimatorSpec("generative", features="digits-classifier"))

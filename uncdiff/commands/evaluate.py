@@ -6,8 +6,8 @@ written as a report.
 (a) filtering: FID, and improved precision / recall (k = 5, against --filtering.prc_real training
 images), of the set kept by each of --estimators' scores versus random subsets (mean ± std over
 --filtering.subset_seeds; the default estimators are aleatoric, mc_dropout and bayesdiff, and the
-peers' sample-level scores x0_trajectory and generative join when named, generative scored in pixel
-space as in the run spec); (b) guided versus unguided FID from the same seeds, for the gradient
+peers' sample-level scores x0_trajectory and generative join when named, generative scored in the
+FID extractor's features, the dataset's feature space, or in pixels where no FID is computed); (b) guided versus unguided FID from the same seeds, for the gradient
 rule with both signs and the posterior rule, over --seed_groups; (c) AUSE / AURG of the aleatoric
 and MC-Dropout maps; (d) network evaluations and seconds per image of each method; (e) the
 per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling again: Spearman
@@ -67,7 +67,8 @@ def build_parser() -> ArgumentParser:
                    default=list(EXPERIMENTS), help=f"which to run (not by default: {', '.join(OPTIONAL_EXPERIMENTS)})")
     g.add_argument("--estimators", type=list[Literal[DETECTION_ESTIMATORS]], default=list(FILTERING_ESTIMATORS),
                    help="estimators whose scores the filtering experiment and the study rank (the peers' "
-                        "sample-level scores, x0_trajectory and generative, when named)")
+                        "sample-level scores, x0_trajectory and generative, when named; generative in the FID "
+                        "features)")
     g.add_argument("--filtering.subset_seeds", type=int, default=20,
                    help="random subsets per filtering FID and precision / recall")
     g.add_argument("--filtering.prc_real", type=Optional[int], default=None,
@@ -108,10 +109,10 @@ def build_parser() -> ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ plan
 
-def set_arguments(args: Namespace, name: str, dropout: float) -> Namespace:
-    """The options of a `sample` run of the set `name`."""
+def set_arguments(args: Namespace, name: str, dropout: float, features: str = "pixels") -> Namespace:
+    """The options of a `sample` run of the set `name` (`features`: the generative set's)."""
     set_args = args.clone()
-    for key, value in set_overrides(args, name, dropout).items():
+    for key, value in set_overrides(args, name, dropout, features).items():
         set_args[key] = value
     return set_args
 
@@ -141,8 +142,9 @@ def plan_evaluation(args: Namespace, inputs: ModelInputs) -> Plan:
             notes.append("The model was trained without dropout; MC-Dropout ran with rate 0.1 (set "
                          "--estimator.dropout).")
     root = Path(args.out)
+    features = extractor if needs_fid(args, shapes) else "pixels"  # the generative score's feature space
     stores = {name: SampleStore(root / "sets" / name, build_settings(
-        set_arguments(args, name, dropout), inputs.module, inputs.sha256,
+        set_arguments(args, name, dropout, features), inputs.module, inputs.sha256,
         inputs.laplace if name in LAPLACE_ESTIMATORS else None, save_maps=args.save_maps)) for name in set_names(args)}
     ause = {}
     if "ause" in args.experiments:

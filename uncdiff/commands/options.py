@@ -98,9 +98,10 @@ def add_sampler_arguments(parser: ArgumentParser, n: Optional[int] = 64, steps: 
 
 def add_estimator_arguments(parser: ArgumentParser, choose: bool = True) -> None:
     """The estimator (`EstimatorSpec`: --estimator.name, M, variant, window, score, dropout, draws, skip,
-    moments, chunk_size), its score reference file, BayesDiff's Laplace fit and filtering; without
-    `choose` no --estimator.name (evaluate runs them all)."""
-    skip = {"reference", "keep_maps"} | (set() if choose else {"name"})
+    moments, features, chunk_size), its score reference file, BayesDiff's Laplace fit and filtering;
+    without `choose` no --estimator.name and --estimator.features (evaluate runs every estimator, the
+    generative one in its FID features)."""
+    skip = {"reference", "keep_maps"} | (set() if choose else {"name", "features"})
     parser.add_class_arguments(EstimatorSpec, "estimator", skip=skip,
                                help="uncertainty estimator (docs/algorithms.md §3, §5)")
     if choose:

@@ -94,11 +94,13 @@ def check_made_with(option: str, path: str, made: dict, run: dict) -> None:
 def estimator_hook(module, estimator: EstimatorSpec, guidance: Optional[GuidanceSpec] = None, steps=None) -> Any:
     """The sampler hook `sample` builds for these specs (built here to check them before sampling,
     and for the AUSE experiment, which denoises outside `sample`); BayesDiff's and the generative
-    estimator's are checked only by their spec until the posterior is there."""
+    estimator's are checked only by their spec until the posterior is there (the generative feature
+    extractor is built first: one that doesn't fit the model fails here)."""
+    features = module.generative_features(estimator)
     if estimator.needs_laplace and module.laplace is None:
         return None
     return build_hook(estimator, guidance, net=module.ema.ema_model, laplace=module.laplace, steps=steps,
-                      image_shape=module.image_shape)
+                      image_shape=module.image_shape, features=features)
 
 
 def check_seeds(args: Namespace) -> None:
@@ -130,7 +132,7 @@ def build_settings(args: Namespace, module, checkpoint_sha256: str, laplace: Opt
     sampler, estimator, guidance = run_specs(args, module)
     try:
         estimator_hook(module, estimator, guidance, sampler.steps)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: Inception weights, for features
         raise input_error(f"estimator {estimator.name}" + (" (guided)" if guidance.enabled else ""), error) from None
     files = {}
     for name, path in (("score_reference", args.score_reference), ("guidance_table", args.guidance_table)):

@@ -255,7 +255,8 @@ class ClassifierFeatures(nn.Module):
             raise ValueError(f"{self.path} holds a classifier of {trained_on[1]}x{trained_on[1]} {trained_on[0]} "
                              f"images, not {image_size}x{image_size} {dataset}")
         self.name = f"{dataset}-classifier-{self.sha256[:12]}"
-        self.image_size, self.num_features = image_size, info["settings"]["feature_dim"]
+        self.image_size, self.in_channels = image_size, info["in_channels"]
+        self.num_features = info["settings"]["feature_dim"]
         self.val_accuracy = info["val_accuracy"]
         net = _classifier(info["in_channels"], info["settings"]["width"], self.num_features, info["num_classes"])
         net.load_state_dict(state_dict)
@@ -267,8 +268,10 @@ class ClassifierFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """`[B, C, S, S]` in [-1, 1] (S = image_size) -> `[B, feature_dim]`."""
+        """`[B, C, S, S]` in [-1, 1] (S = image_size, C = in_channels) -> `[B, feature_dim]`."""
         _check_images(images)
+        if images.shape[1] != self.in_channels:
+            raise ValueError(f"{self.name} reads {self.in_channels}-channel images, got {images.shape[1]} channels")
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"{self.name} was trained on {self.image_size}x{self.image_size} images, "
                              f"got {tuple(images.shape[-2:])}")

@@ -100,8 +100,9 @@ def needs_fid(options, shapes: bool = False) -> bool:
     return any(name in FID_EXPERIMENTS and not (shapes and name == "sweep") for name in options.experiments)
 
 
-def set_overrides(options, name: str, dropout: float) -> dict:
-    """`{option: value}` of the set `name` that differ from the command's options."""
+def set_overrides(options, name: str, dropout: float, features: str = "pixels") -> dict:
+    """`{option: value}` of the set `name` that differ from the command's options; the generative set
+    scores in `features` (the run's FID extractor, the dataset's feature space, or pixels)."""
     overrides = {"estimator.name": "aleatoric", "guidance.rule": "none", "guidance.sign": 1,
                  **({**SETS, **moments_sets(options)}[name] if name in SETS or name.startswith("bayesdiff")
                     else sweep_sets(options)[name])}
@@ -109,4 +110,6 @@ def set_overrides(options, name: str, dropout: float) -> dict:
         overrides.update({"estimator.score": "sum", "score_reference": None})
     if name == "mc_dropout":
         overrides["estimator.dropout"] = dropout
+    if name == "generative":
+        overrides["estimator.features"] = features
     return overrides

@@ -132,6 +132,9 @@ class ImageToImageModule(DiffusionModule):
         sampler_obj, estimator, guidance = self.sampling_run(sampler, estimator, guidance)
         if estimator.chunk_size is not None:
             raise ValueError("estimator.chunk_size is not supported for image-to-image sampling: lower batch_size")
+        if estimator.features != "pixels":
+            raise ValueError(f"estimator.features {estimator.features}: an image-to-image model's generative score "
+                             f"is measured in its generated pixels (features pixels)")
         if mask is not None and estimator.score != "sum":  # restrict_to_generated sums the masked map
             raise ValueError(f"estimator.score {estimator.score}: with a mask the per-sample score is the sum of the "
                              f"map over the generated pixels (score sum)")

@@ -13,6 +13,7 @@ from uncdiff.uncertainty.sampling import SampleResult, build_hook, generate
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run, spec_from_dict
 from uncdiff.core.schedule import NoiseSchedule
 from uncdiff.core.unet import UNet
+from uncdiff.evaluation.fid import make_extractor
 from uncdiff.io.diffusers_pipeline import (DiffusersEps, build_unet, load_pretrained, schedule_from_config,
                                            unet_config_of)
 from uncdiff.lightning.progress import step_bar
@@ -134,6 +135,7 @@ class DiffusionModule(L.LightningModule):
         make_sampler(self.schedule, sampler, steps=sample_steps)  # fail now on a bad sampler option
         # include_online_model=False: the checkpoint holds the online weights once, under `net`.
         self.laplace: Optional[LastLayerLaplace] = None  # BayesDiff's posterior, once fitted
+        self._feature_extractors: dict[str, torch.nn.Module] = {}  # generative_features' (not in the state)
         self.ema = EMA(self.net, beta=ema_decay, power=ema_warmup_power, update_every=ema_update_every,
                        update_after_step=0, include_online_model=False, use_foreach=True)
 
@@ -215,13 +217,15 @@ class DiffusionModule(L.LightningModule):
           of their fields); the sampler's unset options are the model's (`resolve_sampler`); guided
           sampling estimates with the aleatoric estimator of `estimator`'s M, variant and window;
         - `bayesdiff` and `generative` need the Laplace posterior (`fit_laplace`); `generative` samples
-          each batch plainly, then its M posterior chains (`nfe` counts both).
+          each batch plainly, then its M posterior chains (`nfe` counts both), scored in the feature
+          space of `estimator.features` (`generative_features`).
 
         Returns `SampleResult` (images in [-1, 1], maps, scores, network evaluations `nfe`).
         """
         sampler_obj, estimator, guidance = self.sampling_run(sampler, estimator, guidance)
         hook = build_hook(estimator, guidance, net=self.ema.ema_model, laplace=self.laplace,
-                          steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device)
+                          steps=len(sampler_obj.timesteps), image_shape=self.image_shape, device=self.device,
+                          features=self.generative_features(estimator))
         seeds = list(range(seed, seed + n)) if seeds is None else list(seeds)
         model = self.ema.ema_model
         with eval_mode(model):
@@ -231,6 +235,24 @@ class DiffusionModule(L.LightningModule):
             with torch.inference_mode(False), step_bar(progress, len(sampler_obj.timesteps), len(seeds),
                                                        batch_size) as bar:
                 return generate(eps_model, sampler_obj, self.image_shape, seeds, hook, self.device, batch_size, bar)
+
+    def generative_features(self, estimator: EstimatorSpec) -> Optional[torch.nn.Module]:
+        """The feature extractor the generative estimator scores in, on this model's device: None for
+        `estimator.features` pixels (or another estimator), else that FID extractor
+        (`uncdiff.evaluation.fid.make_extractor`: the digits classifier's shipped weights at this image
+        size; Inception from torch hub's cache), built once per name."""
+        name = estimator.features
+        if estimator.name != "generative" or name == "pixels":
+            return None
+        if name not in self._feature_extractors:
+            extractor = make_extractor(name, **({"image_size": self.image_shape[-1]} if name == "digits-classifier"
+                                                else {}))
+            channels = getattr(extractor, "in_channels", self.image_shape[0])
+            if channels != self.image_shape[0]:
+                raise ValueError(f"estimator.features {name} reads {channels}-channel images; this model makes "
+                                 f"{self.image_shape[0]}-channel ones")
+            self._feature_extractors[name] = extractor
+        return self._feature_extractors[name].to(self.device)
 
     def sampling_run(self, sampler=None, estimator=None, guidance=None) -> tuple[Sampler, EstimatorSpec, GuidanceSpec]:
         """The sampler of `sampler` (resolved by `resolve_sampler`) and the estimator and guidance specs,

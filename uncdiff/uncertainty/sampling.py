@@ -10,7 +10,7 @@ import torch
 from uncdiff.core.samplers import EpsModel, Progress, SampleNoise, Sampler, StepContext, sample
 from uncdiff.uncertainty.bayesdiff import BayesDiffUncertainty
 from uncdiff.uncertainty.estimators import AleatoricUncertainty, MCDropoutUncertainty, window_steps
-from uncdiff.uncertainty.generative import GenerativeUncertainty
+from uncdiff.uncertainty.generative import Features, GenerativeUncertainty
 from uncdiff.uncertainty.guidance import UncertaintyGuidance
 from uncdiff.uncertainty.spec import EstimatorSpec, GuidanceSpec, SamplerSpec, check_run
 from uncdiff.uncertainty.trajectory import X0TrajectoryUncertainty
@@ -118,7 +118,8 @@ def noise_norms(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 
 def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[GuidanceSpec] = None, *,
                net: Optional[torch.nn.Module] = None, laplace: Any = None, steps: Optional[int] = None,
-               image_shape: Optional[Sequence[int]] = None, device: torch.device | str | None = None):
+               image_shape: Optional[Sequence[int]] = None, device: torch.device | str | None = None,
+               features: Optional[Features] = None):
     """The sampler hook of a run's specs (None for no estimator and no guidance): the one place where
     they become an estimator.
 
@@ -131,8 +132,9 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
       `eps_model`). A score `reference` is checked to cover `steps` where given.
     - `x0_trajectory` (§6c): `X0TrajectoryUncertainty` over the estimation window, checked to hold two
       of `steps` where given.
-    - `generative` (§6c): `GenerativeUncertainty` of `net` and `laplace` with `M` chains, scored in pixel
-      space; not a step hook, `generate` runs it after the plain chain.
+    - `generative` (§6c): `GenerativeUncertainty` of `net` and `laplace` with `M` chains, scored in
+      `features` (the extractor of `estimator.features`, on the samples' device; none for `pixels`); not a
+      step hook, `generate` runs it after the plain chain.
     A setting that doesn't fit is a ValueError naming the option, before anything is sampled.
     """
     estimator = EstimatorSpec() if estimator is None else estimator
@@ -179,6 +181,9 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
         raise ValueError(f"estimator.name {e.name} needs a fitted Laplace posterior: call fit_laplace() or load a "
                          f"checkpoint that holds one")
     if e.name == "generative":
-        return GenerativeUncertainty(net, laplace if device is None else laplace.to(device), e.M)
+        if (features is None) != (e.features == "pixels"):
+            raise ValueError(f"estimator.features {e.features} needs " + ("its feature extractor (features)" if
+                             features is None else "no feature extractor: the pixels are the features"))
+        return GenerativeUncertainty(net, laplace if device is None else laplace.to(device), e.M, features=features)
     return BayesDiffUncertainty(net, laplace if device is None else laplace.to(device), e.draws, e.skip, e.moments,
                                 e.keep_maps, e.chunk_size)

@@ -39,6 +39,7 @@ from uncdiff.uncertainty.trajectory import DEFAULT_WINDOW as TRAJECTORY_WINDOW
 SAMPLER_NAMES = ("ddim", "ddpm")
 ESTIMATOR_NAMES = ("none", "aleatoric", "mc_dropout", "bayesdiff", "x0_trajectory", "generative")
 LAPLACE_ESTIMATORS = ("bayesdiff", "generative")  # the estimators that need the last-layer Laplace posterior
+GENERATIVE_FEATURES = ("pixels", "digits-classifier", "inception")  # the feature spaces of the generative score
 GUIDANCE_RULES = ("none", *RULES)
 
 
@@ -164,7 +165,9 @@ class EstimatorSpec:
     - `x0_trajectory` (§6c, Aithal et al.): the variance of the sampler's x0 estimate over the steps of
       `window`; no network evaluations beyond sampling;
     - `generative` (§6c, Jazbec et al.): `M` more chains from the same x_T under last-layer weights drawn
-      from BayesDiff's Laplace posterior, scored by the disagreement of their final samples' pixels.
+      from BayesDiff's Laplace posterior, scored by the disagreement of their final samples in the
+      feature space `features`: `pixels`, or an FID feature extractor's (`digits-classifier`,
+      `inception`; `uncdiff.evaluation.fid.make_extractor`), the dataset's own feature space.
     `window` null means the estimator's own default (`default_window`): every step, `(0, 1)`, for
     `aleatoric` and `mc_dropout`; the last fifth, `(0.8, 1)`, for `x0_trajectory`; `estimation_window`
     is the one the run uses.
@@ -183,6 +186,7 @@ class EstimatorSpec:
     draws: int = 10
     skip: int = 5
     moments: Literal["regression", "paper"] = "regression"
+    features: Literal["pixels", "digits-classifier", "inception"] = "pixels"
     chunk_size: Optional[int] = None
     keep_maps: bool = False
 
@@ -208,6 +212,10 @@ class EstimatorSpec:
         _set(self, "draws", _integer("estimator.draws", self.draws, 2))
         _set(self, "skip", _integer("estimator.skip", self.skip, 1))
         _one_of("estimator.moments", self.moments, MOMENT_ESTIMATORS)
+        _one_of("estimator.features", self.features, GENERATIVE_FEATURES)
+        if self.features != "pixels" and self.name != "generative":
+            raise ValueError(f"estimator.features {self.features} applies to the generative estimator (the space "
+                             f"its chains' disagreement is measured in); estimator.name is {self.name}")
         if self.chunk_size is not None:
             _set(self, "chunk_size", _integer("estimator.chunk_size", self.chunk_size, 1))
         _set(self, "keep_maps", bool(self.keep_maps))
@@ -240,7 +248,7 @@ class EstimatorSpec:
     def settings(self) -> dict:
         """The options of this estimator as plain values (a run's `estimator` record): name and what
         applies to it; the score variant only when it is not `sum` (its statistics are recorded by
-        the file's hash, not here)."""
+        the file's hash, not here), the generative feature space only when it is not `pixels`."""
         own = {"none": (), "aleatoric": ("M", "variant", "window"), "mc_dropout": ("M", "dropout", "window"),
                "bayesdiff": ("draws", "skip", "moments"), "x0_trajectory": ("window",),
                "generative": ("M",)}[self.name]
@@ -249,6 +257,8 @@ class EstimatorSpec:
             record["window"] = list(self.estimation_window)
         if self.score != "sum":
             record["score"] = self.score
+        if self.features != "pixels":
+            record["features"] = self.features
         return record
 
 
