@@ -21,9 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from test_data import write_cifar_fixture
 
@@ -117,3 +120,39 @@ def test_config_fits_resumes_and_validates(config_path, tmp_path):
         torch.testing.assert_close(after_resume["weights"][name], value, msg=name)
     for a, b in zip(after_resume["adam"], uninterrupted["adam"], strict=True):
         torch.testing.assert_close(a, b)
+
+
+class KillAt(Callback):
+    """Stands in for a run killed (node failure, time limit) at the start of an epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"killed at epoch {self.epoch}")
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_a_killed_run_leaves_its_last_checkpoint(config_path, tmp_path):
+    """The config's `save_last` checkpoint is written during the run, not only when it ends: Lightning
+    writes last.ckpt at an epoch interval only when the same callback saved a top-k file there, so
+    `save_top_k: 0` with `every_n_epochs` left a run killed mid-way nothing to resume from. The
+    callback runs as configured, its interval shortened, beside a tiny model killed after two
+    intervals."""
+    config = yaml.safe_load(config_path.read_text())
+    options = [dict(init_args(c)) for c in config["trainer"]["callbacks"]
+               if c["class_path"].endswith("ModelCheckpoint") and init_args(c).get("save_last")]
+    assert len(options) == 1, "one ModelCheckpoint writes last.ckpt"
+    interval = options[0]
+    for key, short in (("every_n_epochs", 2), ("every_n_train_steps", 4)):
+        if key in interval:
+            interval[key] = short
+    check_val = 1 if config["trainer"].get("check_val_every_n_epoch", 1) == 1 else 2
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
+                        check_val_every_n_epoch=check_val, max_epochs=10,
+                        callbacks=[ModelCheckpoint(**interval), KillAt(epoch=4)])
+    with pytest.raises(RuntimeError, match="killed at epoch 4"):
+        trainer.fit(BoringModel())
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
