@@ -4,7 +4,7 @@ results file must be found, verbatim, in the file it links to.
 The rule, precisely:
 
 - Documents checked: README.md, docs/*.md and the hand-written README.md of each report folder
-  (docs/*_report/README.md). Fenced code blocks and inline code spans are left out (flags, config
+  (docs/*_report/README.md and those of its sub-folders). Fenced code blocks and inline code spans are left out (flags, config
   values and commands are not measurements).
 - A passage is a paragraph, a list item (with its continuation lines) or a table row. A list item
   also carries the links of its lead-in: the paragraph just before its list.
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*_report/README.md")])
+DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*_report/**/README.md")])
 
 PAIR = re.compile(r"(?<![\w.])([-+−]?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)(?!\w|\.\d)")
 DECIMAL = re.compile(r"(?<![\w.])[-+−]?\d+\.\d+(?!\.?\d)")
