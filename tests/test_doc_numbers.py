@@ -4,8 +4,8 @@ results file must be found, verbatim, in the file it links to.
 The rule, precisely:
 
 - Documents checked: README.md, docs/*.md and the hand-written README.md of each report folder
-  (docs/*_report/README.md and those of its sub-folders). Fenced code blocks and inline code spans are left out (flags, config
-  values and commands are not measurements).
+  (docs/*_report/README.md and those of its sub-folders). Fenced code blocks and inline code spans
+  are left out (flags, config values and commands are not measurements).
 - A passage is a paragraph, a list item (with its continuation lines) or a table row. A list item
   also carries the links of its lead-in: the paragraph just before its list.
 - Results files: the text files (.md, .csv, .json, .txt) of a report folder (docs/*_report/, its

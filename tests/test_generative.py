@@ -119,6 +119,7 @@ def test_features_put_the_score_in_the_datasets_feature_space():
     from uncdiff.core.samplers import make_sampler
     from uncdiff.evaluation.fid import ClassifierFeatures
     from uncdiff.lightning.module import DiffusionModule
+    from uncdiff.uncertainty.sampling import build_hook
     from uncdiff.uncertainty.spec import EstimatorSpec, SamplerSpec
 
     torch.manual_seed(0)
@@ -141,6 +142,9 @@ def test_features_put_the_score_in_the_datasets_feature_space():
     with pytest.raises(ValueError, match="estimator.features digits-classifier applies to the generative "
                                          "estimator"):
         EstimatorSpec("aleatoric", features="digits-classifier")
+    with pytest.raises(ValueError, match="estimator.features digits-classifier needs its feature extractor"):
+        build_hook(EstimatorSpec("generative", features="digits-classifier"), net=module.ema.ema_model,
+                   laplace=module.laplace)
     rgb = DiffusionModule(**tiny_model_kwargs(in_channels=3))
     with pytest.raises(ValueError, match="reads 1-channel images; this model makes 3-channel ones"):
         rgb.generative_features(EstimatorSpec("generative", features="digits-classifier"))
@@ -170,4 +174,5 @@ def test_an_image_to_image_model_scores_only_the_generated_pixels():
     torch.testing.assert_close(result.scores, result.maps.flatten(1).sum(1))
     assert (result.scores > 0).all()
     with pytest.raises(ValueError, match="estimator.features digits-classifier: an image-to-image model's"):
-        module.sample(condition, mask, sampler=spec, estimator=EstimatorSpec("generative", features="digits-classifier"))
+        module.sample(condition, mask, sampler=spec,
+                      estimator=EstimatorSpec("generative", features="digits-classifier"))

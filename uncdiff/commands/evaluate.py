@@ -7,8 +7,9 @@ written as a report.
 images), of the set kept by each of --estimators' scores versus random subsets (mean ± std over
 --filtering.subset_seeds; the default estimators are aleatoric, mc_dropout and bayesdiff, and the
 peers' sample-level scores x0_trajectory and generative join when named, generative scored in the
-FID extractor's features, the dataset's feature space, or in pixels where no FID is computed); (b) guided versus unguided FID from the same seeds, for the gradient
-rule with both signs and the posterior rule, over --seed_groups; (c) AUSE / AURG of the aleatoric
+FID extractor's features, the dataset's feature space, or in pixels where no FID is computed); (b)
+guided versus unguided FID from the same seeds, for the gradient rule with both signs and the
+posterior rule, over --seed_groups; (c) AUSE / AURG of the aleatoric
 and MC-Dropout maps; (d) network evaluations and seconds per image of each method; (e) the
 per-sample study (docs/algorithms.md §6b) on the filtering sets, without sampling again: Spearman
 correlations of each score variant and window with |x_T|^2, realism and classifier confidence, and

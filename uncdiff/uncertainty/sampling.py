@@ -181,9 +181,8 @@ def build_hook(estimator: Optional[EstimatorSpec] = None, guidance: Optional[Gui
         raise ValueError(f"estimator.name {e.name} needs a fitted Laplace posterior: call fit_laplace() or load a "
                          f"checkpoint that holds one")
     if e.name == "generative":
-        if (features is None) != (e.features == "pixels"):
-            raise ValueError(f"estimator.features {e.features} needs " + ("its feature extractor (features)" if
-                             features is None else "no feature extractor: the pixels are the features"))
+        if features is None and e.features != "pixels":
+            raise ValueError(f"estimator.features {e.features} needs its feature extractor (features)")
         return GenerativeUncertainty(net, laplace if device is None else laplace.to(device), e.M, features=features)
     return BayesDiffUncertainty(net, laplace if device is None else laplace.to(device), e.draws, e.skip, e.moments,
                                 e.keep_maps, e.chunk_size)
