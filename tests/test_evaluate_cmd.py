@@ -351,7 +351,8 @@ def test_the_peers_sample_level_scores_filter_and_enter_the_study(tiny_checkpoin
     settings = json.loads((out / "sets" / "generative" / "run.json").read_text())["settings"]
     assert settings["estimator"] == {"name": "generative", "M": M, "features": "digits-classifier"}
     module = load_module(tiny_checkpoint)
-    module.laplace = LastLayerLaplace.from_state_dict(torch.load(laplace_cache_path(tiny_checkpoint, 32))["laplace"])
+    cached = torch.load(laplace_cache_path(tiny_checkpoint, 32), weights_only=True)
+    module.laplace = LastLayerLaplace.from_state_dict(cached["laplace"])
     sampler = settings["sampler"]
     _, expected = GenerativeUncertainty(module.ema.ema_model, module.laplace, M=M,
                                         features=ClassifierFeatures("digits", image_size=8))(
